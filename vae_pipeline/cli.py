@@ -1,0 +1,314 @@
+"""`vae-pipeline`: thin subcommands over vae_pipeline.pipeline.
+
+Every subcommand reads params.yaml (--params), takes `--set section.key=value` overrides and
+rejects an invalid value, naming the field, before doing any work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+from pathlib import Path
+
+from vae_pipeline import __version__
+from vae_pipeline.config import Config, ConfigError, apply_quiet_offline_defaults, load_config
+from vae_pipeline.logs import setup_logging
+
+log = logging.getLogger("vae_pipeline.cli")
+
+CHAMPION_URI = "models:/{name}@champion"
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--params",
+        type=Path,
+        default=Path("params.yaml"),
+        help="params file (default: params.yaml)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one param, e.g. --set train.epochs=1 (repeatable)",
+    )
+
+
+def _model_arg(p: argparse.ArgumentParser, default_help: str) -> None:
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"model.pt file, a train out dir, or an MLflow URI; default: {default_help}",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vae-pipeline",
+        description="Retrain, evaluate, register and promote convolutional VAEs.",
+        epilog="Run `vae-pipeline COMMAND --help` for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"vae-pipeline {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _common(p)
+        return p
+
+    p = add("ingest", "Snapshot data.source into data.raw_dir and version it with DVC.")
+    p.add_argument("--no-push", action="store_true", help="do not push to the DVC remote")
+    add("prepare", "Decode the raw snapshot into uint8 train/val/test splits.")
+    p = add("train", "Train the ConvVAE under torchrun (train.nproc_per_node ranks).")
+    p.add_argument("--out-dir", type=Path, default=None, help="default: train.out_dir")
+    p.add_argument("--mlflow-run-id", default=None, help="log per-epoch metrics into this run")
+    p = add("evaluate", "Evaluate a model on the test split: reports/metrics.json and PNG grids.")
+    _model_arg(p, "train.out_dir")
+    p = add("register", "Log a trained model and its evaluation to MLflow and register it.")
+    _model_arg(p, "train.out_dir")
+    p = add("promote", "Apply the promotion gate to a registered version (moves `champion`).")
+    p.add_argument("--version", dest="model_version", required=True, help="model version number")
+    add("retrain", "Run the whole retrain flow (Prefect): ingest -> ... -> promote.")
+    p = add("sample", "Decode samples from the prior into a PNG grid.")
+    _model_arg(p, "the champion")
+    p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--out", type=Path, default=Path("samples.png"), help="PNG path")
+    for name, what in (
+        ("encode", "latent means (one row per image)"),
+        ("score", "per-image anomaly score: negative ELBO in nats"),
+    ):
+        p = add(name, f"Images -> {what}, as CSV.")
+        _model_arg(p, "the champion")
+        src = p.add_mutually_exclusive_group(required=True)
+        src.add_argument("--images", type=Path, help="a folder of images")
+        src.add_argument("--split", choices=("train", "val", "test"), help="a prepared split")
+        p.add_argument("--out", type=Path, required=True, help="CSV path")
+    return parser
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+
+def cmd_ingest(cfg: Config, args) -> None:
+    from vae_pipeline import pipeline
+
+    print(pipeline.ingest(cfg, push=not args.no_push))
+
+
+def cmd_prepare(cfg: Config, args) -> None:
+    from vae_pipeline import pipeline
+
+    print(json.dumps(pipeline.prepare_data(cfg)["counts"]))
+
+
+def cmd_train(cfg: Config, args) -> None:
+    from vae_pipeline import pipeline
+
+    print(pipeline.train(cfg, out_dir=args.out_dir, run_id=args.mlflow_run_id))
+
+
+def cmd_evaluate(cfg: Config, args) -> None:
+    from vae_pipeline import pipeline
+
+    metrics = pipeline.evaluate_model(cfg, args.model or cfg.train.out_dir)
+    print(json.dumps(metrics, indent=2))
+
+
+def cmd_register(cfg: Config, args) -> None:
+    from vae_pipeline import pipeline, tracking, versioning
+    from vae_pipeline.config import tracking_uri
+    from vae_pipeline.train.checkpoint import load
+
+    model_dir = Path(args.model or cfg.train.out_dir)
+    weights = model_dir / "model.pt" if model_dir.is_dir() else model_dir
+    metrics_path = Path(cfg.evaluate.reports_dir) / "metrics.json"
+    if not metrics_path.is_file():
+        raise FileNotFoundError(f"{metrics_path} not found: run `vae-pipeline evaluate` first")
+    metrics = json.loads(metrics_path.read_text())
+    meta = load(weights)
+    uri = tracking_uri(cfg)
+    run_id = tracking.start_run(
+        cfg,
+        uri,
+        Path("."),
+        "register",
+        {"data_version": str(meta.get("data_version")), "git_commit": versioning.git_commit()},
+    )
+    version = pipeline.register(cfg, run_id, weights, metrics)
+    tracking.finish_run(uri, run_id)
+    print(version)
+
+
+def cmd_promote(cfg: Config, args) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from vae_pipeline import pipeline
+    from vae_pipeline.config import tracking_uri
+
+    client = MlflowClient(tracking_uri(cfg), registry_uri=tracking_uri(cfg))
+    mv = client.get_model_version(cfg.registry.model_name, args.model_version)
+    tags = mv.tags or {}
+    if "iw_nll" not in tags:
+        raise ValueError(
+            f"version {args.model_version} has no iw_nll tag: register it with "
+            "vae-pipeline register"
+        )
+    metrics = {
+        "iw_nll": float(tags["iw_nll"]),
+        "elbo": -float(tags["elbo_nll"]),
+        "data_version": tags.get("test_data_version"),
+    }
+    decision = pipeline.promote(cfg, args.model_version, metrics)
+    print(json.dumps(decision.__dict__, indent=2))
+
+
+def cmd_retrain(cfg: Config, args) -> None:
+    from flows.retrain import retrain
+
+    retrain(params=str(args.params), overrides=args.overrides)
+
+
+def _load(cfg: Config, ref: str | None):
+    from vae_pipeline import pipeline
+
+    return pipeline.load_model_ref(cfg, ref or CHAMPION_URI.format(name=cfg.registry.model_name))
+
+
+def cmd_sample(cfg: Config, args) -> None:
+    import torch
+    from torchvision.utils import save_image
+
+    model, _ = _load(cfg, args.model)
+    gen = torch.Generator().manual_seed(args.seed)
+    with torch.no_grad():
+        images = model.decode(torch.randn(args.n, model.latent_dim, generator=gen))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    save_image(images, args.out, nrow=max(1, int(args.n**0.5)), padding=2, pad_value=0.5)
+    print(args.out)
+
+
+def _images(cfg: Config, args):
+    """(names, uint8 tensor) from --images DIR or --split NAME."""
+    import numpy as np
+    import torch
+
+    from vae_pipeline.data.dataset import PreparedSplit
+    from vae_pipeline.data.errors import DataError
+    from vae_pipeline.data.images import BadImage, decode_image, list_images
+
+    if args.split:
+        split = PreparedSplit(Path(cfg.data.prepared_dir), args.split)
+        return [f"{args.split}[{i}]" for i in range(len(split))], split.tensor()
+    if not args.images.is_dir():
+        raise DataError(f"--images {args.images} is not a folder")
+    names, arrays = [], []
+    for path in list_images(args.images):
+        try:
+            arrays.append(decode_image(path, cfg.data.image_size, cfg.data.channels))
+            names.append(str(path.relative_to(args.images)))
+        except BadImage as exc:
+            if cfg.data.on_bad_image == "fail":
+                raise DataError(f"{exc} (set data.on_bad_image=skip to skip it)") from None
+            log.warning("skipping %s", exc)
+    if not arrays:
+        raise DataError(f"--images {args.images} holds no readable images")
+    return names, torch.from_numpy(np.stack(arrays))
+
+
+def _write_csv(path: Path, header: list[str], rows) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(rows)
+    print(path)
+
+
+def cmd_encode(cfg: Config, args) -> None:
+    import torch
+
+    from vae_pipeline.data.dataset import to_unit_float
+
+    model, _ = _load(cfg, args.model)
+    names, images = _images(cfg, args)
+    with torch.no_grad():
+        mu = torch.cat(
+            [
+                model.encode(to_unit_float(images[i : i + 512]))[0]
+                for i in range(0, len(images), 512)
+            ]
+        )
+    header = ["image"] + [f"mu_{j}" for j in range(mu.shape[1])]
+    _write_csv(args.out, header, ([n, *row] for n, row in zip(names, mu.tolist(), strict=True)))
+
+
+def cmd_score(cfg: Config, args) -> None:
+    import torch
+
+    from vae_pipeline.data.dataset import to_unit_float
+    from vae_pipeline.elbo import elbo_terms
+
+    model, _ = _load(cfg, args.model)
+    names, images = _images(cfg, args)
+    torch.manual_seed(cfg.evaluate.seed)
+    with torch.no_grad():
+        scores = torch.cat(
+            [
+                -elbo_terms(model, to_unit_float(images[i : i + 512]))["elbo"]
+                for i in range(0, len(images), 512)
+            ]
+        )
+    _write_csv(args.out, ["image", "neg_elbo_nats"], zip(names, scores.tolist(), strict=True))
+
+
+COMMANDS = {
+    "ingest": cmd_ingest,
+    "prepare": cmd_prepare,
+    "train": cmd_train,
+    "evaluate": cmd_evaluate,
+    "register": cmd_register,
+    "promote": cmd_promote,
+    "retrain": cmd_retrain,
+    "sample": cmd_sample,
+    "encode": cmd_encode,
+    "score": cmd_score,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    apply_quiet_offline_defaults()
+    try:
+        cfg = load_config(args.params, args.overrides)
+    except ConfigError as exc:
+        print(f"vae-pipeline {args.command}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        COMMANDS[args.command](cfg, args)
+    except Exception as exc:
+        if not _is_user_facing(exc):
+            raise
+        print(f"vae-pipeline {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _is_user_facing(exc: Exception) -> bool:
+    """Errors whose message already says what is wrong: print it, no traceback."""
+    known: tuple[type, ...] = (FileNotFoundError, ValueError, RuntimeError)
+    if "mlflow" in sys.modules:
+        from mlflow.exceptions import MlflowException
+
+        known += (MlflowException,)
+    return isinstance(exc, known)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

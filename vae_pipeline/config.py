@@ -1,0 +1,225 @@
+"""One typed, validated configuration object, built from params.yaml plus `--set` overrides.
+
+Nothing else in the package reads params.yaml or the environment: commands build a `Config`
+here once and pass it down.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class ConfigError(ValueError):
+    """A params file or override that cannot be used; the message names the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    source: str = "fashion-mnist"
+    """"fashion-mnist" or a path to a folder of images."""
+    fashion_mnist_dir: str | None = "/usr/share/datasets/fashion-mnist"
+    """Folder with the Fashion-MNIST IDX .gz files; None lets torchvision download them."""
+    raw_dir: str = "data/raw"
+    prepared_dir: str = "data/prepared"
+    image_size: int = Field(32, ge=8, le=1024)
+    channels: Literal[1, 3] = 1
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    limit: int | None = Field(None, ge=1)
+    on_bad_image: Literal["skip", "fail"] = "skip"
+    remote: Literal["local", "s3"] = "local"
+    s3_url: str | None = None
+
+    @field_validator("s3_url")
+    @classmethod
+    def _s3_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("s3://"):
+            raise ValueError("must start with s3:// (e.g. s3://bucket/prefix)")
+        return value
+
+
+class ModelConfig(_Section):
+    latent_dim: int = Field(32, ge=1, le=4096)
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(4, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0.0, le=1.0)
+    seed: int = Field(0, ge=0)
+    nproc_per_node: int = Field(2, ge=1, le=256)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_every: int = Field(100, ge=1)
+    num_workers: int = Field(0, ge=0)
+    out_dir: str = "models"
+
+
+class EvaluateConfig(_Section):
+    iw_samples: int = Field(16, ge=1)
+    iw_chunk: int = Field(16, ge=1)
+    batch_size: int = Field(500, ge=1)
+    seed: int = Field(0, ge=0)
+    active_unit_threshold: float = Field(0.01, gt=0.0)
+    n_samples: int = Field(64, ge=1, le=1024)
+    reports_dir: str = "reports"
+
+
+class RegistryConfig(_Section):
+    tracking_uri: str | None = None
+    experiment: str = Field("vae-pipeline", min_length=1)
+    model_name: str = Field("conv-vae", min_length=1)
+
+
+class PromotionConfig(_Section):
+    enabled: bool = True
+    metric: Literal["iw_nll", "elbo_nll"] = "iw_nll"
+    min_improvement_nats: float = Field(0.0, ge=0.0)
+
+
+class Config(_Section):
+    """The root configuration: one section per pipeline step."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig)
+
+    def params_hash(self) -> str:
+        """Short, stable hash of every value: same params -> same hash (a lineage tag)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def flat(self) -> dict[str, Any]:
+        """`{"train.lr": 0.001, ...}`: the form MLflow params and `--set` use."""
+        return {
+            f"{section}.{key}": value
+            for section, values in self.model_dump(mode="json").items()
+            for key, value in values.items()
+        }
+
+
+def _format_error(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid configuration in {origin}:"]
+    for item in err.errors():
+        field = ".".join(str(p) for p in item["loc"])
+        got = item.get("input")
+        msg = item["msg"]
+        if item["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling against params.yaml)"
+        lines.append(f"  {field}: {msg} (got {got!r})")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split `section.key=value`; the value is read as YAML (1e-3, true, null, [1, 2])."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    dotted, raw = text.split("=", 1)
+    keys = dotted.strip().split(".")
+    if len(keys) != 2 or not all(keys):
+        raise ConfigError(f"override {text!r}: the key must be section.key, e.g. train.lr=0.001")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
+    return keys, value
+
+
+def build_config(
+    values: dict[str, Any], overrides: list[str] = (), origin: str = "params"
+) -> Config:
+    """Validate a params mapping plus overrides into a `Config`; errors name every bad field."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{origin} must be a mapping of sections (data, model, train, ...)")
+    merged: dict[str, Any] = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
+    for text in overrides:
+        (section, key), value = parse_override(text)
+        if section not in Config.model_fields:
+            allowed = ", ".join(Config.model_fields)
+            raise ConfigError(f"override {text!r}: unknown section {section!r} (one of {allowed})")
+        merged.setdefault(section, {})
+        if not isinstance(merged[section], dict):
+            raise ConfigError(f"{origin}: section {section!r} must be a mapping")
+        merged[section][key] = value
+    try:
+        return Config.model_validate(merged)
+    except ValidationError as err:
+        where = origin + (" with overrides " + " ".join(overrides) if overrides else "")
+        raise ConfigError(_format_error(err, where)) from None
+
+
+def load_config(path: str | os.PathLike = DEFAULT_PARAMS, overrides: list[str] = ()) -> Config:
+    """Read params.yaml (or the config a launcher wrote) and apply `--set` overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(
+            f"params file {path} not found: run from the project root or pass --params PATH"
+        )
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"params file {path} is not valid YAML: {exc}") from exc
+    return build_config(values, list(overrides), origin=str(path))
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    return path
+
+
+# --- environment: the one place that reads it --------------------------------------------------
+
+_QUIET_OFFLINE = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_UI_ENABLED": "false",
+    # The default 20 s can time out on 2 cores.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+    "PREFECT_LOGGING_LEVEL": "WARNING",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "DO_NOT_TRACK": "true",
+    "DVC_NO_ANALYTICS": "1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "GIT_PYTHON_REFRESH": "quiet",
+}
+
+
+def apply_quiet_offline_defaults(workdir: str | os.PathLike = ".") -> None:
+    """Keep Prefect, MLflow and DVC offline and quiet unless the user already chose otherwise.
+
+    Must run before prefect is imported (it reads its settings at import).
+    """
+    for key, value in _QUIET_OFFLINE.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("PREFECT_HOME", str(Path(workdir, ".prefect").resolve()))
+
+
+def tracking_uri(cfg: Config, workdir: str | os.PathLike = ".") -> str:
+    """registry.tracking_uri, else MLFLOW_TRACKING_URI, else an SQLite store in the workdir."""
+    if cfg.registry.tracking_uri:
+        return cfg.registry.tracking_uri
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return "sqlite:///" + str(Path(workdir, "mlflow.db").resolve())
+
+
+def s3_endpoint_url() -> str | None:
+    """The S3 endpoint (MinIO, moto) from the standard AWS variables; None = AWS itself."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")

@@ -1,0 +1,86 @@
+"""ELBO terms in nats per example (sum over pixels and latent dims, mean over examples).
+
+References: Kingma & Welling 2014, "Auto-Encoding Variational Bayes", Appendix B (closed-form
+Gaussian KL); Burda, Grosse & Salakhutdinov 2016, "Importance Weighted Autoencoders" (the bound
+log p(x) >= E[log (1/K) sum_k p(x, z_k) / q(z_k | x)]).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+def bernoulli_log_likelihood(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """log p(x | z) per example for Bernoulli pixels with these logits; x in [0, 1].
+
+    BCE-with-logits is the numerically stable form of sigmoid followed by BCE.
+    """
+    bce = F.binary_cross_entropy_with_logits(logits, x, reduction="none")
+    return -bce.flatten(1).sum(dim=1)
+
+
+def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)) per example: 0.5 * sum(mu^2 + var - 1 - logvar)."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=1)
+
+
+def gaussian_kl_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """The KL above, kept per latent dimension: shape (batch, latent_dim)."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
+
+
+def log_normal_diag(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """log N(z; mu, diag(exp(logvar))), summed over the last dimension."""
+    return -0.5 * (LOG_2PI + logvar + (z - mu).pow(2) * torch.exp(-logvar)).sum(dim=-1)
+
+
+def log_standard_normal(z: torch.Tensor) -> torch.Tensor:
+    return -0.5 * (LOG_2PI + z.pow(2)).sum(dim=-1)
+
+
+def terms_from_outputs(
+    logits: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, x: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """One-sample ELBO per example: {"recon": -log p(x|z), "kl": KL, "elbo": log p(x|z) - KL}."""
+    log_px_z = bernoulli_log_likelihood(logits, x)
+    kl = gaussian_kl(mu, logvar)
+    return {"recon": -log_px_z, "kl": kl, "elbo": log_px_z - kl}
+
+
+def elbo_terms(model, x: torch.Tensor, eps: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Per-example ELBO terms of `model` on `x` (one posterior sample), plus mu and logvar."""
+    logits, mu, logvar = model.forward_logits(x, eps)
+    return {**terms_from_outputs(logits, mu, logvar, x), "mu": mu, "logvar": logvar}
+
+
+@torch.no_grad()
+def iw_log_likelihood(
+    model, x: torch.Tensor, k: int, chunk: int = 16, mu_logvar=None
+) -> torch.Tensor:
+    """Importance-weighted lower bound on log p(x) per example with K posterior samples.
+
+    log p(x) >= log (1/K) sum_k exp(log p(x|z_k) + log p(z_k) - log q(z_k|x)), z_k ~ q(z|x)
+    (Burda et al. 2016, eq. 8). Samples are drawn `chunk` at a time and decoded in one batched
+    pass; the log-mean-exp is accumulated across chunks, so memory is bounded by chunk, not K.
+    """
+    mu, logvar = mu_logvar if mu_logvar is not None else model.encode(x)
+    batch = x.shape[0]
+    std = torch.exp(0.5 * logvar)
+    log_w_chunks = []
+    done = 0
+    while done < k:
+        n = min(chunk, k - done)
+        eps = torch.randn((n, *mu.shape), device=mu.device, dtype=mu.dtype)
+        z = mu.unsqueeze(0) + eps * std.unsqueeze(0)  # (n, batch, latent)
+        logits = model.decode_logits(z.reshape(n * batch, -1))
+        x_rep = x.unsqueeze(0).expand(n, *x.shape).reshape(n * batch, *x.shape[1:])
+        log_px_z = bernoulli_log_likelihood(logits, x_rep).view(n, batch)
+        log_w = log_px_z + log_standard_normal(z) - log_normal_diag(z, mu, logvar)
+        log_w_chunks.append(torch.logsumexp(log_w, dim=0))
+        done += n
+    return torch.logsumexp(torch.stack(log_w_chunks), dim=0) - math.log(k)

@@ -1,0 +1,177 @@
+"""Evaluation on the held-out test split: ELBO components, the IW bound, pictures, metrics JSON.
+
+Units: every ELBO component is nats per example (sum over pixels / latent dims, mean over test
+examples). `elbo` is the bound itself (a log-likelihood, negative); `recon`, `kl` and `iw_nll`
+are positive costs. bits/dim = iw_nll / (D ln 2), D = C*H*W.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.utils import save_image
+
+from vae_pipeline.config import Config, EvaluateConfig
+from vae_pipeline.data.dataset import PreparedSplit, to_unit_float
+from vae_pipeline.elbo import iw_log_likelihood, terms_from_outputs
+from vae_pipeline.model import ConvVAE
+
+log = logging.getLogger(__name__)
+
+METRIC_KEYS = ("elbo", "recon", "kl", "iw_nll", "bits_per_dim", "active_units")
+
+
+def _stderr(values: np.ndarray) -> float:
+    return float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else math.nan
+
+
+@torch.no_grad()
+def per_example_terms(
+    model: ConvVAE, images: torch.Tensor, ecfg: EvaluateConfig, device: torch.device
+) -> dict[str, np.ndarray]:
+    """recon, kl, elbo (one posterior sample) and the IW bound for every image; plus mu."""
+    model.eval().to(device)
+    out: dict[str, list] = {"recon": [], "kl": [], "elbo": [], "iw_log_px": [], "mu": []}
+    # Own RNG stream: the same seed gives the same numbers, whatever ran before.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(ecfg.seed)
+        for start in range(0, len(images), ecfg.batch_size):
+            x = to_unit_float(images[start : start + ecfg.batch_size].to(device))
+            mu, logvar = model.encode(x)
+            z = model.reparameterize(mu, logvar)
+            terms = terms_from_outputs(model.decode_logits(z), mu, logvar, x)
+            iw = iw_log_likelihood(model, x, ecfg.iw_samples, ecfg.iw_chunk, (mu, logvar))
+            for key in ("recon", "kl", "elbo"):
+                out[key].append(terms[key].double().cpu())
+            out["iw_log_px"].append(iw.double().cpu())
+            out["mu"].append(mu.double().cpu())
+    return {k: torch.cat(v).numpy() for k, v in out.items()}
+
+
+def summarize(terms: dict[str, np.ndarray], ecfg: EvaluateConfig, dims: int) -> dict:
+    """Metrics (means over examples) and their standard errors."""
+    iw_nll = -terms["iw_log_px"]
+    mu_var = terms["mu"].var(axis=0, ddof=0)  # Cov_x(E_q[z_u]) for each unit u
+    metrics = {
+        "elbo": float(terms["elbo"].mean()),
+        "recon": float(terms["recon"].mean()),
+        "kl": float(terms["kl"].mean()),
+        "iw_nll": float(iw_nll.mean()),
+        "bits_per_dim": float(iw_nll.mean() / (dims * math.log(2))),
+        "active_units": int((mu_var > ecfg.active_unit_threshold).sum()),
+        "elbo_stderr": _stderr(terms["elbo"]),
+        "recon_stderr": _stderr(terms["recon"]),
+        "kl_stderr": _stderr(terms["kl"]),
+        "iw_nll_stderr": _stderr(iw_nll),
+        "iw_k": ecfg.iw_samples,
+        "n_examples": int(len(iw_nll)),
+    }
+    return metrics
+
+
+@torch.no_grad()
+def save_grids(
+    model: ConvVAE, images: torch.Tensor, ecfg: EvaluateConfig, out_dir: Path, device: torch.device
+) -> dict[str, Path]:
+    """recon.png: test inputs (odd rows) over their reconstructions (even rows);
+    samples.png: decoder means of z ~ N(0, I)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.eval().to(device)
+    n = min(32, len(images))
+    x = to_unit_float(images[:n].to(device))
+    mu, _ = model.encode(x)
+    recon = model.decode(mu)
+    rows = []
+    for start in range(0, n, 8):
+        rows += [x[start : start + 8], recon[start : start + 8]]
+    paths = {"recon": out_dir / "recon.png", "samples": out_dir / "samples.png"}
+    save_image(_upscale(torch.cat(rows)), paths["recon"], nrow=8, padding=2, pad_value=0.5)
+    gen = torch.Generator().manual_seed(ecfg.seed)
+    z = torch.randn(ecfg.n_samples, model.latent_dim, generator=gen).to(device)
+    samples = model.decode(z)
+    save_image(
+        _upscale(samples),
+        paths["samples"],
+        nrow=int(math.sqrt(ecfg.n_samples)) or 1,
+        padding=2,
+        pad_value=0.5,
+    )
+    return paths
+
+
+def _upscale(x: torch.Tensor, min_side: int = 64) -> torch.Tensor:
+    """Nearest-neighbour upscaling of tiny images so the grids are readable."""
+    factor = max(1, min_side // x.shape[-1])
+    return (
+        torch.nn.functional.interpolate(x, scale_factor=factor, mode="nearest") if factor > 1 else x
+    )
+
+
+def plot_loss_curves(history: list[dict], path: Path) -> Path | None:
+    if not history:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train -ELBO")
+    if all("val_loss" in h for h in history):
+        ax.plot(epochs, [h["val_loss"] for h in history], marker="o", label="val -ELBO")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("nats per example")
+    ax.set_title("ConvVAE loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def evaluate(
+    cfg: Config,
+    model: ConvVAE,
+    workdir: Path = Path("."),
+    history: list[dict] | None = None,
+    device: torch.device = torch.device("cpu"),
+) -> dict:
+    """Evaluate on the prepared test split; write reports/metrics.json and the PNGs."""
+    test = PreparedSplit(workdir / cfg.data.prepared_dir, "test")
+    images = test.tensor()
+    t0 = time.perf_counter()
+    terms = per_example_terms(model, images, cfg.evaluate, device)
+    dims = int(np.prod(images.shape[1:]))
+    metrics = summarize(terms, cfg.evaluate, dims)
+    metrics["data_version"] = test.manifest.get("data_version", "unversioned")
+    metrics["eval_seconds"] = time.perf_counter() - t0
+    reports = workdir / cfg.evaluate.reports_dir
+    reports.mkdir(parents=True, exist_ok=True)
+    (reports / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    np.save(reports / "per_example_iw_nll.npy", -terms["iw_log_px"])
+    save_grids(model, images, cfg.evaluate, reports, device)
+    if history:
+        plot_loss_curves(history, reports / "loss_curve.png")
+    log.info(
+        "test: elbo %.2f  recon %.2f  kl %.2f  iw_nll(K=%d) %.2f  %.4f bits/dim  %d active units"
+        "  (%d images, %.1f s)",
+        metrics["elbo"],
+        metrics["recon"],
+        metrics["kl"],
+        metrics["iw_k"],
+        metrics["iw_nll"],
+        metrics["bits_per_dim"],
+        metrics["active_units"],
+        metrics["n_examples"],
+        metrics["eval_seconds"],
+    )
+    return metrics

@@ -1,0 +1,99 @@
+"""The retrain's steps as plain functions: the CLI and the Prefect tasks are thin wrappers.
+
+ingest -> prepare -> train -> evaluate -> register -> promote
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from vae_pipeline import registry, tracking, versioning
+from vae_pipeline.config import Config, tracking_uri
+from vae_pipeline.data import prepare, snapshot_source
+from vae_pipeline.evaluate import evaluate
+from vae_pipeline.model import ConvVAE
+from vae_pipeline.train import load_model
+from vae_pipeline.train.launch import launch
+
+log = logging.getLogger(__name__)
+
+
+def ingest(cfg: Config, workdir: Path = Path("."), push: bool = True) -> str:
+    """Snapshot the source into the raw area and version it with DVC; returns the data version."""
+    snapshot_source(cfg, workdir)
+    return versioning.version_data(cfg, workdir, push=push)
+
+
+def prepare_data(cfg: Config, workdir: Path = Path(".")) -> dict:
+    version = versioning.read_data_version(cfg, workdir) or "unversioned"
+    return prepare(cfg, workdir, data_version=version)
+
+
+def train(
+    cfg: Config, workdir: Path = Path("."), out_dir: Path | None = None, run_id: str | None = None
+) -> Path:
+    """torchrun with `train.nproc_per_node` ranks; rank 0 logs epochs into MLflow run `run_id`."""
+    out_dir = Path(out_dir or cfg.train.out_dir)
+    worker_args = []
+    if run_id:
+        worker_args = ["--mlflow-run-id", run_id, "--tracking-uri", tracking_uri(cfg, workdir)]
+    return launch(cfg, out_dir, workdir, worker_args)
+
+
+def load_model_ref(cfg: Config, ref: str, workdir: Path = Path(".")) -> tuple[ConvVAE, dict]:
+    """A model from a local file/dir (model.pt) or an MLflow URI (models:/conv-vae@champion)."""
+    if "://" in ref or ref.startswith("models:/") or ref.startswith("runs:/"):
+        weights = tracking.download_weights(tracking_uri(cfg, workdir), ref)
+    else:
+        path = workdir / ref
+        weights = path / "model.pt" if path.is_dir() else path
+    return load_model(weights)
+
+
+def evaluate_model(cfg: Config, model_ref: str, workdir: Path = Path(".")) -> dict:
+    model, _ = load_model_ref(cfg, model_ref, workdir)
+    history_path = (
+        (workdir / model_ref / "history.json") if (workdir / model_ref).is_dir() else None
+    )
+    history = (
+        json.loads(history_path.read_text()) if history_path and history_path.is_file() else None
+    )
+    device = torch.device(
+        "cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu"
+    )
+    return evaluate(cfg, model, workdir, history=history, device=device)
+
+
+def register(
+    cfg: Config,
+    run_id: str,
+    weights: Path,
+    metrics: dict,
+    workdir: Path = Path("."),
+    extra_tags: dict[str, str] | None = None,
+) -> str:
+    """Log evaluation + model into the run, register it with lineage tags; returns the version."""
+    uri = tracking_uri(cfg, workdir)
+    tracking.log_evaluation(uri, run_id, metrics, workdir / cfg.evaluate.reports_dir)
+    model_uri = tracking.log_model(uri, run_id, weights)
+    tags = {
+        "git_commit": versioning.git_commit(workdir),
+        "data_version": str(metrics.get("data_version")),
+        "test_data_version": str(metrics.get("data_version")),
+        "params_hash": cfg.params_hash(),
+        "iw_nll": f"{metrics['iw_nll']:.6f}",
+        "elbo_nll": f"{-metrics['elbo']:.6f}",
+        "iw_k": str(metrics["iw_k"]),
+        **(extra_tags or {}),
+    }
+    return registry.register(uri, cfg.registry.model_name, model_uri, run_id, tags)
+
+
+def promote(
+    cfg: Config, version: str, metrics: dict, workdir: Path = Path(".")
+) -> registry.Decision:
+    return registry.promote_if_better(cfg, tracking_uri(cfg, workdir), version, metrics, workdir)

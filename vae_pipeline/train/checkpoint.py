@@ -1,0 +1,40 @@
+"""Checkpoints and final model files: atomic writes, `torch.load(weights_only=True)` reads."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vae_pipeline.model import ConvVAE
+
+
+def atomic_save(obj: dict[str, Any], path: Path) -> None:
+    """Write to a temporary file and rename: a crash mid-write leaves the old file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load(path: Path) -> dict[str, Any]:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}: train first (vae-pipeline train)")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def save_model(model: ConvVAE, path: Path, **metadata: Any) -> None:
+    """The final model: constructor arguments + weights + lineage metadata (plain values)."""
+    atomic_save({"hparams": model.hparams(), "state_dict": model.state_dict(), **metadata}, path)
+
+
+def load_model(path: Path) -> tuple[ConvVAE, dict[str, Any]]:
+    blob = load(path)
+    model = ConvVAE(**blob["hparams"])
+    model.load_state_dict(blob["state_dict"])
+    model.eval()
+    meta = {k: v for k, v in blob.items() if k not in ("state_dict",)}
+    return model, meta

@@ -1,0 +1,52 @@
+"""`vae-pipeline train` launches torchrun itself; the worker module is `vae_pipeline.worker`.
+
+The effective config (params.yaml plus overrides) is written to `<out_dir>/config.yaml` and every
+rank reads that file, so all ranks, and a torchrun restart, train with the same values.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+from vae_pipeline.config import Config, save_config
+from vae_pipeline.train.trainer import TrainingError
+
+log = logging.getLogger(__name__)
+
+WORKER_MODULE = "vae_pipeline.worker"
+
+
+def torchrun_command(
+    config_path: Path, out_dir: Path, nproc_per_node: int, worker_args: list[str] = ()
+) -> list[str]:
+    """`python -m torch.distributed.run --standalone ... -m vae_pipeline.worker ...`"""
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        "--standalone", "--nnodes=1", f"--nproc_per_node={nproc_per_node}",
+        "-m", WORKER_MODULE, "--config", str(config_path), "--out-dir", str(out_dir),
+        *worker_args,
+    ]  # fmt: skip
+
+
+def launch(
+    cfg: Config, out_dir: Path, workdir: Path = Path("."), worker_args: list[str] = ()
+) -> Path:
+    """Run training under torchrun with `train.nproc_per_node` ranks; returns model.pt's path.
+
+    torchrun sets OMP_NUM_THREADS=1 per rank when it starts more than one, so ranks do not
+    oversubscribe the cores; export it yourself to choose otherwise.
+    """
+    out_dir = Path(out_dir)
+    config_path = save_config(cfg, (workdir / out_dir) / "config.yaml")
+    cmd = torchrun_command(config_path.resolve(), out_dir, cfg.train.nproc_per_node, worker_args)
+    log.info("launching %d rank(s): %s", cfg.train.nproc_per_node, " ".join(cmd[2:]))
+    result = subprocess.run(cmd, cwd=workdir)
+    if result.returncode != 0:
+        raise TrainingError(
+            f"training failed (torchrun exit code {result.returncode}); the rank's error is "
+            "printed above. A restart resumes from the last checkpoint in " + str(out_dir)
+        )
+    return workdir / out_dir / "model.pt"

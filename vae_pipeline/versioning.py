@@ -1,0 +1,109 @@
+"""Data versioning with DVC (local folder remote by default, S3 by `data.remote: s3`) and git lineage.
+
+The data version is the DVC hash of the raw snapshot (`outs[0].md5` in `<raw_dir>.dvc`):
+the same content gives the same version and stores nothing new.
+S3 settings go to `.dvc/config.local` (git-ignored); credentials are never written anywhere:
+DVC reads them from the standard AWS environment/profile chain.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from vae_pipeline.config import Config, s3_endpoint_url
+
+log = logging.getLogger(__name__)
+
+LOCAL_REMOTE = "local"
+S3_REMOTE = "s3"
+
+
+class VersioningError(RuntimeError):
+    """A DVC or git operation failed; the message carries DVC's own explanation."""
+
+
+def dvc(args: list[str], workdir: Path, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "dvc", *args]
+    result = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise VersioningError(
+            f"`dvc {' '.join(args)}` failed in {workdir}:\n{(result.stderr or result.stdout).strip()}"
+        )
+    return result
+
+
+def ensure_repo(workdir: Path) -> None:
+    """Make `workdir` a DVC repo with the default local remote, if it is not one yet."""
+    if not (workdir / ".dvc").is_dir():
+        scm = [] if (workdir / ".git").exists() else ["--no-scm"]
+        dvc(["init", "-q", *scm], workdir)
+        log.info("initialised a DVC repo in %s", workdir)
+    remotes = dvc(["remote", "list"], workdir).stdout
+    if not any(line.split()[:1] == [LOCAL_REMOTE] for line in remotes.splitlines()):
+        dvc(
+            ["remote", "add", "-d", LOCAL_REMOTE, str((workdir / ".dvc-storage").resolve())],
+            workdir,
+        )
+
+
+def configure_s3_remote(cfg: Config, workdir: Path) -> str:
+    if not cfg.data.s3_url:
+        raise VersioningError("data.remote=s3 needs data.s3_url (s3://bucket/prefix)")
+    dvc(["remote", "add", "--local", "-f", S3_REMOTE, cfg.data.s3_url], workdir)
+    endpoint = s3_endpoint_url()
+    if endpoint:
+        dvc(["remote", "modify", "--local", S3_REMOTE, "endpointurl", endpoint], workdir)
+    return S3_REMOTE
+
+
+def pointer_file(cfg: Config, workdir: Path) -> Path:
+    return workdir / f"{cfg.data.raw_dir.rstrip('/')}.dvc"
+
+
+def read_data_version(cfg: Config, workdir: Path = Path(".")) -> str | None:
+    """The DVC hash of the raw snapshot, from its .dvc file; None if it was never versioned."""
+    path = pointer_file(cfg, workdir)
+    if not path.is_file():
+        return None
+    outs = (yaml.safe_load(path.read_text()) or {}).get("outs") or [{}]
+    md5 = outs[0].get("md5")
+    return md5.removesuffix(".dir") if md5 else None
+
+
+def version_data(cfg: Config, workdir: Path = Path("."), push: bool = True) -> str:
+    """`dvc add` the raw snapshot, push it to the configured remote; returns the data version."""
+    ensure_repo(workdir)
+    dvc(["add", "-q", cfg.data.raw_dir], workdir)
+    version = read_data_version(cfg, workdir)
+    if version is None:
+        raise VersioningError(f"dvc add wrote no hash to {pointer_file(cfg, workdir)}")
+    if push:
+        remote = configure_s3_remote(cfg, workdir) if cfg.data.remote == "s3" else LOCAL_REMOTE
+        dvc(
+            ["push", "-q", "-r", remote, str(pointer_file(cfg, workdir).relative_to(workdir))],
+            workdir,
+        )
+        log.info("data version %s pushed to DVC remote %r", version, remote)
+    return version
+
+
+def git_commit(workdir: Path = Path(".")) -> str:
+    """HEAD's commit, with `-dirty` when tracked files changed; "unknown" outside git."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=workdir, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=workdir,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "")

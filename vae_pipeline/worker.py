@@ -1,0 +1,68 @@
+"""One training rank. torchrun runs this module (so can an external torchrun or a PyTorchJob):
+
+    torchrun --nproc_per_node=2 -m vae_pipeline.worker --config params.yaml --out-dir models
+
+Rank 0 alone writes files and, given --mlflow-run-id, logs per-epoch metrics to that run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from vae_pipeline.config import ConfigError, load_config
+from vae_pipeline.logs import setup_logging
+from vae_pipeline.train import Trainer, TrainingError, distributed
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m vae_pipeline.worker",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", type=Path, default=Path("params.yaml"), help="params file")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a param (repeatable)",
+    )
+    p.add_argument("--out-dir", type=Path, default=None, help="default: train.out_dir")
+    p.add_argument("--mlflow-run-id", default=None, help="MLflow run to log epochs into")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI of that run")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    env, device = distributed.setup(cfg.train.device)
+    callbacks = ()
+    if env.is_main and args.mlflow_run_id:
+        from vae_pipeline.tracking import EpochLogger
+
+        callbacks = (EpochLogger(args.tracking_uri, args.mlflow_run_id),)
+    try:
+        trainer = Trainer(
+            cfg, args.out_dir or Path(cfg.train.out_dir), env, device, callbacks=callbacks
+        )
+        trainer.fit()
+    except TrainingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        distributed.teardown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
