@@ -55,7 +55,7 @@ class ModelConfig(_Section):
 
 
 class TrainConfig(_Section):
-    epochs: int = Field(4, ge=1)
+    epochs: int = Field(2, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(1e-3, gt=0.0, le=1.0)
     seed: int = Field(0, ge=0)

@@ -85,8 +85,8 @@ def register(
         "data_version": str(metrics.get("data_version")),
         "test_data_version": str(metrics.get("data_version")),
         "params_hash": cfg.params_hash(),
-        "iw_nll": f"{metrics['iw_nll']:.6f}",
-        "elbo_nll": f"{-metrics['elbo']:.6f}",
+        "iw_nll": repr(float(metrics["iw_nll"])),
+        "elbo_nll": repr(-float(metrics["elbo"])),
         "iw_k": str(metrics["iw_k"]),
         **(extra_tags or {}),
     }

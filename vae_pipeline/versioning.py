@@ -41,7 +41,7 @@ def ensure_repo(workdir: Path) -> None:
     """Make `workdir` a DVC repo with the default local remote, if it is not one yet."""
     if not (workdir / ".dvc").is_dir():
         scm = [] if (workdir / ".git").exists() else ["--no-scm"]
-        dvc(["init", "-q", *scm], workdir)
+        dvc(["init", *scm], workdir)
         log.info("initialised a DVC repo in %s", workdir)
     remotes = dvc(["remote", "list"], workdir).stdout
     if not any(line.split()[:1] == [LOCAL_REMOTE] for line in remotes.splitlines()):
@@ -78,7 +78,7 @@ def read_data_version(cfg: Config, workdir: Path = Path(".")) -> str | None:
 def version_data(cfg: Config, workdir: Path = Path("."), push: bool = True) -> str:
     """`dvc add` the raw snapshot, push it to the configured remote; returns the data version."""
     ensure_repo(workdir)
-    dvc(["add", "-q", cfg.data.raw_dir], workdir)
+    dvc(["add", cfg.data.raw_dir], workdir)
     version = read_data_version(cfg, workdir)
     if version is None:
         raise VersioningError(f"dvc add wrote no hash to {pointer_file(cfg, workdir)}")

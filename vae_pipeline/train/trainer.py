@@ -208,12 +208,14 @@ class Trainer:
         """Negative ELBO on the validation split, sharded rank::world and summed across ranks."""
         self.model.eval()
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        # Noise per validation image, not per rank: the same numbers for any world size.
         gen = torch.Generator().manual_seed(self.cfg.train.seed + 7)
+        noise = torch.randn(len(self.val_set), self.cfg.model.latent_dim, generator=gen)
         idx = torch.arange(self.env.rank, len(self.val_set), self.env.world_size)
         for start in range(0, len(idx), 1024):
             rows = idx[start : start + 1024]
             x = to_unit_float(torch.from_numpy(self.val_set.images[rows.numpy()]).to(self.device))
-            eps = torch.randn(len(rows), self.cfg.model.latent_dim, generator=gen).to(self.device)
+            eps = noise[rows].to(self.device)
             terms = terms_from_outputs(*self.model.forward_logits(x, eps), x)
             sums += torch.stack([-terms["elbo"].sum(), terms["recon"].sum(), terms["kl"].sum()])
         count = torch.tensor([float(len(idx))], dtype=torch.float64, device=self.device)

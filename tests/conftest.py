@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny configs and throwaway git+DVC workspaces, all on CPU."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vae_pipeline.config import apply_quiet_offline_defaults, build_config
+
+REPO = Path(__file__).resolve().parents[1]
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+# Small enough for seconds on 2 cores, real enough to train: the real Fashion-MNIST images.
+TINY = {
+    "data": {"limit": 256},
+    "model": {"latent_dim": 8},
+    "train": {"epochs": 1, "batch_size": 64, "nproc_per_node": 2, "log_every": 1000},
+    "evaluate": {"iw_samples": 4, "iw_chunk": 4, "batch_size": 128, "n_samples": 16},
+}
+
+
+def tiny_params(**sections) -> dict:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section, values in {**TINY}.items():
+        params[section].update(values)
+    for section, values in sections.items():
+        params[section].update(values)
+    return params
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _quiet_env(tmp_path_factory):
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    apply_quiet_offline_defaults()
+
+
+def make_workspace(root: Path, **sections) -> Path:
+    """A fresh git repo with params.yaml (tiny values), like a user's clone of the project."""
+    root.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run(["git", "config", "user.email", "ci@example.com"], cwd=root, check=True)
+    subprocess.run(["git", "config", "user.name", "ci"], cwd=root, check=True)
+    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(**sections), sort_keys=False))
+    return root
+
+
+@pytest.fixture
+def workspace(tmp_path) -> Path:
+    return make_workspace(tmp_path / "ws")
+
+
+@pytest.fixture
+def tiny_cfg():
+    return build_config(tiny_params())
+
+
+def copy_project_files(dest: Path, *names: str) -> None:
+    for name in names:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dest / name)

@@ -1,0 +1,137 @@
+"""End to end: the Prefect retrain flow (ephemeral) on a tiny real subset, with the real MLflow
+SQLite store, a real git + DVC repo and its local remote; then the CLI against the champion."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from vae_pipeline.config import load_config, tracking_uri
+from vae_pipeline.versioning import read_data_version
+
+from .conftest import make_workspace
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The retrain flow run twice in one workspace: (workspace, first summary, second summary)."""
+    from flows.retrain import retrain
+
+    ws = make_workspace(tmp_path_factory.mktemp("e2e") / "ws")
+    first = retrain(workdir=str(ws))
+    second = retrain(workdir=str(ws))
+    return ws, first, second
+
+
+def _client(ws):
+    uri = tracking_uri(load_config(ws / "params.yaml"), ws)
+    assert uri.startswith("sqlite:///") and uri.endswith("mlflow.db")
+    return MlflowClient(uri, registry_uri=uri)
+
+
+def test_first_run_registers_a_champion_with_lineage(runs):
+    ws, first, _ = runs
+    client = _client(ws)
+    champion = client.get_model_version_by_alias("conv-vae", "champion")
+    assert str(champion.version) == first["model_version"] == "1"
+    assert first["decision"]["promoted"] and first["decision"]["reason"] == "no champion yet"
+    data_version = read_data_version(load_config(ws / "params.yaml"), ws)
+    assert champion.tags["data_version"] == first["data_version"] == data_version
+    assert len(champion.tags["params_hash"]) == 16
+    assert champion.tags["git_commit"] != ""
+    assert champion.tags["flow_run_id"] != ""
+    assert float(champion.tags["iw_nll"]) == pytest.approx(first["metrics"]["iw_nll"], abs=1e-5)
+    assert champion.run_id == first["run_id"]
+
+
+def test_run_holds_params_epoch_metrics_evaluation_and_pictures(runs):
+    ws, first, _ = runs
+    client = _client(ws)
+    run = client.get_run(first["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.epochs"] == "1"
+    assert run.data.params["data.limit"] == "256"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1]
+    assert run.data.metrics["test_iw_nll"] == pytest.approx(first["metrics"]["iw_nll"])
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "reports")}
+    assert {"reports/recon.png", "reports/samples.png", "reports/metrics.json"} <= artifacts
+
+
+def test_metrics_json_and_grids_on_disk(runs):
+    ws, first, second = runs
+    metrics = json.loads((ws / "reports/metrics.json").read_text())
+    for key in (
+        "elbo",
+        "recon",
+        "kl",
+        "iw_nll",
+        "bits_per_dim",
+        "active_units",
+        "iw_k",
+        "data_version",
+    ):
+        assert key in metrics
+    assert metrics["elbo"] == pytest.approx(-(metrics["recon"] + metrics["kl"]))
+    assert metrics["bits_per_dim"] == pytest.approx(metrics["iw_nll"] / (1024 * 0.693147), rel=1e-5)
+    assert metrics["iw_k"] == 4 and metrics["n_examples"] == 256
+    for name in ("recon.png", "samples.png", "loss_curve.png"):
+        assert (ws / "reports" / name).stat().st_size > 500
+
+
+def test_second_run_registers_v2_and_the_gate_keeps_the_champion(runs):
+    ws, first, second = runs
+    client = _client(ws)
+    assert second["model_version"] == "2"
+    assert second["data_version"] == first["data_version"]  # same content, same data version
+    # Same data, params and seed: the same model, so it is not better and must not be promoted.
+    assert second["metrics"]["iw_nll"] == pytest.approx(first["metrics"]["iw_nll"], rel=1e-6)
+    assert not second["decision"]["promoted"]
+    assert str(client.get_model_version_by_alias("conv-vae", "champion").version) == "1"
+    challenger = client.get_model_version_by_alias("conv-vae", "challenger")
+    assert str(challenger.version) == "2"
+    assert challenger.tags["gate_reason"].startswith("not better")
+
+
+def test_data_went_to_the_dvc_remote(runs):
+    ws, first, _ = runs
+    stored = [p for p in (ws / ".dvc-storage").rglob("*") if p.is_file()]
+    assert len(stored) >= 5  # 4 IDX files + the directory manifest
+    assert (ws / "data/raw.dvc").is_file()
+
+
+def _cli(ws, *args):
+    return subprocess.run(
+        [sys.executable, "-m", "vae_pipeline.cli", *args],
+        cwd=ws,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_cli_sample_encode_score_use_the_champion(runs, tmp_path):
+    ws, *_ = runs
+    result = _cli(ws, "sample", "--n", "16", "--out", str(tmp_path / "s.png"))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "s.png").stat().st_size > 200
+    result = _cli(ws, "encode", "--split", "test", "--out", str(tmp_path / "z.csv"))
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.reader(open(tmp_path / "z.csv")))
+    assert rows[0] == ["image"] + [f"mu_{i}" for i in range(8)] and len(rows) == 257
+    result = _cli(ws, "score", "--split", "test", "--out", str(tmp_path / "score.csv"))
+    assert result.returncode == 0, result.stderr
+    scores = [float(r["neg_elbo_nats"]) for r in csv.DictReader(open(tmp_path / "score.csv"))]
+    assert len(scores) == 256 and all(s > 0 for s in scores)
+
+
+def test_cli_rejects_bad_params_before_work(runs):
+    ws, *_ = runs
+    result = _cli(ws, "train", "--set", "train.batch_size=0")
+    assert result.returncode == 2
+    assert "train.batch_size" in result.stderr and "greater than or equal to 1" in result.stderr
+    assert not (ws / "models").exists()

@@ -1,0 +1,78 @@
+"""The trainer in-process (world size 1): checkpoints, exact resume, bad settings."""
+
+import json
+
+import pytest
+import torch
+
+from vae_pipeline.config import build_config
+from vae_pipeline.data import prepare, snapshot_source
+from vae_pipeline.train import Trainer, TrainingError, load_model
+from vae_pipeline.train.checkpoint import load
+
+from ..conftest import tiny_params
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prepared")
+    cfg = build_config(tiny_params())
+    snapshot_source(cfg, root)
+    prepare(cfg, root, data_version="test-version")
+    return root
+
+
+def _cfg(**train):
+    params = tiny_params()
+    params["train"].update(train)
+    return build_config(params)
+
+
+def test_fit_writes_checkpoint_model_and_history(prepared):
+    out = prepared / "run-a"
+    history = Trainer(_cfg(epochs=2), out, workdir=prepared).fit()
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert history[1]["train_loss"] < history[0]["train_loss"]  # it learns
+    assert json.loads((out / "history.json").read_text()) == history
+    state = load(out / "checkpoint.pt")  # weights_only=True
+    assert state["epoch"] == 2 and state["data_version"] == "test-version"
+    model, meta = load_model(out / "model.pt")
+    assert meta["hparams"] == {"in_channels": 1, "image_size": 32, "latent_dim": 8}
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, state["model"][name], rtol=0, atol=0)
+
+
+def test_resume_from_checkpoint_gives_the_same_weights(prepared):
+    straight = prepared / "straight"
+    Trainer(_cfg(epochs=2), straight, workdir=prepared).fit()
+    resumed = prepared / "resumed"
+    Trainer(_cfg(epochs=1), resumed, workdir=prepared).fit()
+    trainer = Trainer(_cfg(epochs=2), resumed, workdir=prepared)  # a restart, asked for 2 epochs
+    history = trainer.fit()
+    assert [h["epoch"] for h in history] == [1, 2]
+    a, _ = load_model(straight / "model.pt")
+    b, _ = load_model(resumed / "model.pt")
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, msg=name)
+
+
+def test_checkpoint_from_other_params_is_refused(prepared):
+    out = prepared / "other"
+    Trainer(_cfg(epochs=1), out, workdir=prepared).fit()
+    with pytest.raises(TrainingError, match="other data/model/train params"):
+        Trainer(_cfg(epochs=2, lr=0.01), out, workdir=prepared).fit()
+
+
+def test_batch_larger_than_data_is_refused(prepared):
+    with pytest.raises(TrainingError, match="train.batch_size"):
+        Trainer(_cfg(batch_size=100_000), prepared / "big", workdir=prepared)
+
+
+def test_non_finite_loss_stops_without_writing_a_checkpoint(prepared):
+    out = prepared / "diverged"
+    trainer = Trainer(_cfg(epochs=1), out, workdir=prepared)
+    with torch.no_grad():
+        trainer.model.fc_logvar.bias.fill_(float("nan"))
+    with pytest.raises(TrainingError, match="non-finite loss in epoch 1"):
+        trainer.fit()
+    assert not (out / "checkpoint.pt").exists()
