@@ -17,14 +17,12 @@ pytestmark = pytest.mark.slow
 def test_dvc_repro_reproduces_the_chain(workspace):
     copy_project_files(workspace, "dvc.yaml", "vae_pipeline")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    run = lambda *cmd: subprocess.run(
-        cmd,
-        cwd=workspace,
-        env=env,
-        capture_output=True,  # noqa: E731
-        text=True,
-        timeout=600,
-    )
+
+    def run(*cmd):
+        return subprocess.run(
+            cmd, cwd=workspace, env=env, capture_output=True, text=True, timeout=600
+        )
+
     ingest = run(sys.executable, "-m", "vae_pipeline.cli", "ingest")
     assert ingest.returncode == 0, ingest.stderr
     data_version = ingest.stdout.strip().splitlines()[-1]

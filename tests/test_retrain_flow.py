@@ -121,11 +121,14 @@ def test_cli_sample_encode_score_use_the_champion(runs, tmp_path):
     assert (tmp_path / "s.png").stat().st_size > 200
     result = _cli(ws, "encode", "--split", "test", "--out", str(tmp_path / "z.csv"))
     assert result.returncode == 0, result.stderr
-    rows = list(csv.reader(open(tmp_path / "z.csv")))
+    rows = list(csv.reader((tmp_path / "z.csv").read_text().splitlines()))
     assert rows[0] == ["image"] + [f"mu_{i}" for i in range(8)] and len(rows) == 257
     result = _cli(ws, "score", "--split", "test", "--out", str(tmp_path / "score.csv"))
     assert result.returncode == 0, result.stderr
-    scores = [float(r["neg_elbo_nats"]) for r in csv.DictReader(open(tmp_path / "score.csv"))]
+    scores = [
+        float(r["neg_elbo_nats"])
+        for r in csv.DictReader((tmp_path / "score.csv").read_text().splitlines())
+    ]
     assert len(scores) == 256 and all(s > 0 for s in scores)
 
 
