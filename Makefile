@@ -48,12 +48,12 @@ test: install data  ## the test suite
 	$(BIN)/python -m pytest -q
 
 lint: install  ## ruff check + format check
-	$(BIN)/ruff check vae_pipeline flows tests bench
-	$(BIN)/ruff format --check vae_pipeline flows tests bench
+	$(BIN)/ruff check vae_pipeline flows tests
+	$(BIN)/ruff format --check vae_pipeline flows tests
 
 format: install
-	$(BIN)/ruff format vae_pipeline flows tests bench
-	$(BIN)/ruff check --fix vae_pipeline flows tests bench
+	$(BIN)/ruff format vae_pipeline flows tests
+	$(BIN)/ruff check --fix vae_pipeline flows tests
 
 clean:  ## remove run outputs (keeps .venv, the DVC cache and the MLflow store)
 	rm -rf runs reports models data/prepared

@@ -37,6 +37,9 @@ def tiny_params(**sections) -> dict:
 def _quiet_env(tmp_path_factory):
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    # Prefect's ephemeral server logs its shutdown at interpreter exit, after pytest has closed
+    # the captured streams; keep its logger quiet in tests.
+    os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
     apply_quiet_offline_defaults()
 
 

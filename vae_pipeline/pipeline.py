@@ -36,12 +36,13 @@ def prepare_data(cfg: Config, workdir: Path = Path(".")) -> dict:
 def train(
     cfg: Config, workdir: Path = Path("."), out_dir: Path | None = None, run_id: str | None = None
 ) -> Path:
-    """torchrun with `train.nproc_per_node` ranks; rank 0 logs epochs into MLflow run `run_id`."""
+    """torchrun with `train.nproc_per_node` ranks; rank 0 logs epochs into MLflow run `run_id`.
+
+    The tracking URI is not passed on the command line (it may hold credentials): the ranks
+    resolve it from the same config, environment and working directory as this process.
+    """
     out_dir = Path(out_dir or cfg.train.out_dir)
-    worker_args = []
-    if run_id:
-        worker_args = ["--mlflow-run-id", run_id, "--tracking-uri", tracking_uri(cfg, workdir)]
-    return launch(cfg, out_dir, workdir, worker_args)
+    return launch(cfg, out_dir, workdir, ["--mlflow-run-id", run_id] if run_id else [])
 
 
 def load_model_ref(cfg: Config, ref: str, workdir: Path = Path(".")) -> tuple[ConvVAE, dict]:

@@ -1,7 +1,7 @@
 """The registered model as MLflow pyfunc: images in, latent means / anomaly scores out.
 
 Logged as "models from code" (this file is the model's code, nothing is pickled), and its
-weights are loaded with `torch.load(weights_only=True)`. `predict` takes a float array (N, C, H, W) in [0, 1] (or uint8 0-255) and returns, per
+weights are loaded with `torch.load(weights_only=True)`. `predict` takes a float32 array (N, C, H, W) of intensities in [0, 1] and returns, per
 `params={"output": ...}`: "latent_mean" (default, N x latent_dim), "score" (negative ELBO per
 image in nats, the anomaly score) or "reconstruction" (N x C*H*W).
 """
@@ -32,7 +32,9 @@ class VAEPyfunc(mlflow.pyfunc.PythonModel):
 
         self.model, self.meta = load_model(context.artifacts["weights"])
 
-    def predict(self, context, model_input, params: dict | None = None):
+    # np.ndarray is a hint MLflow accepts without inferring a schema from it; the tensor
+    # signature (N, C, H, W) and the `output` param are logged explicitly instead.
+    def predict(self, context, model_input: np.ndarray, params: dict | None = None) -> np.ndarray:
         from vae_pipeline.elbo import elbo_terms
 
         output = (params or {}).get("output", "latent_mean")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -110,19 +109,32 @@ def log_evaluation(uri: str, run_id: str, metrics: dict, reports_dir: Path) -> N
 def log_model(uri: str, run_id: str, weights: Path) -> str:
     """Log the model as pyfunc with our weights file as its artifact; returns its model URI."""
     client_for(uri)
-    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-        # predict() takes arrays of any image size, so it has no type-hint signature.
-        warnings.filterwarnings("ignore", message=".*type hints.*")
-        from vae_pipeline import pyfunc
+    from vae_pipeline import pyfunc
 
+    signature, example = _signature(weights)
+    with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name=MODEL_ARTIFACT,
+            signature=signature,
+            input_example=example,
             python_model=pyfunc.__file__,
             artifacts={"weights": str(weights)},
             # Explicit requirements: inferring them costs ~10 s per log.
             pip_requirements=pyfunc.pip_requirements(),
         )
     return info.model_uri
+
+
+def _signature(weights: Path):
+    """Tensor signature (N, C, H, W) -> (N, latent_dim) with the `output` param declared (MLflow
+    drops predict params that the signature does not declare), and a one-image input example."""
+    import torch
+    from mlflow.models import infer_signature
+
+    hp = torch.load(weights, map_location="cpu", weights_only=True)["hparams"]
+    example = np.zeros((1, hp["in_channels"], hp["image_size"], hp["image_size"]), np.float32)
+    output = np.zeros((1, hp["latent_dim"]), np.float32)
+    return infer_signature(example, output, params={"output": "latent_mean"}), example
 
 
 def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:

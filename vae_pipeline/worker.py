@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from vae_pipeline.config import ConfigError, load_config
+from vae_pipeline.config import ConfigError, load_config, tracking_uri
 from vae_pipeline.logs import setup_logging
 from vae_pipeline.train import Trainer, TrainingError, distributed
 
@@ -33,7 +33,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--out-dir", type=Path, default=None, help="default: train.out_dir")
     p.add_argument("--mlflow-run-id", default=None, help="MLflow run to log epochs into")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI of that run")
     return p.parse_args(argv)
 
 
@@ -50,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     if env.is_main and args.mlflow_run_id:
         from vae_pipeline.tracking import EpochLogger
 
-        callbacks = (EpochLogger(args.tracking_uri, args.mlflow_run_id),)
+        callbacks = (EpochLogger(tracking_uri(cfg), args.mlflow_run_id),)
     try:
         trainer = Trainer(
             cfg, args.out_dir or Path(cfg.train.out_dir), env, device, callbacks=callbacks
