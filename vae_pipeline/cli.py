@@ -22,7 +22,8 @@ log = logging.getLogger("vae_pipeline.cli")
 CHAMPION_URI = "models:/{name}@champion"
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def add_params_arguments(p: argparse.ArgumentParser) -> None:
+    """--params and --set: every entry point (subcommands, the torchrun worker) takes them."""
     p.add_argument(
         "--params",
         type=Path,
@@ -58,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add(name: str, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
-        _common(p)
+        add_params_arguments(p)
         return p
 
     p = add("ingest", "Snapshot data.source into data.raw_dir and version it with DVC.")

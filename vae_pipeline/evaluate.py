@@ -120,6 +120,7 @@ def plot_loss_curves(history: list[dict], path: Path) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [h["epoch"] for h in history]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -127,6 +128,7 @@ def plot_loss_curves(history: list[dict], path: Path) -> Path | None:
     if all("val_loss" in h for h in history):
         ax.plot(epochs, [h["val_loss"] for h in history], marker="o", label="val -ELBO")
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("nats per example")
     ax.set_title("ConvVAE loss")
     ax.grid(alpha=0.3)

@@ -1,6 +1,6 @@
 """One training rank. torchrun runs this module (so can an external torchrun or a PyTorchJob):
 
-    torchrun --nproc_per_node=2 -m vae_pipeline.worker --config params.yaml --out-dir models
+    torchrun --nproc_per_node=2 -m vae_pipeline.worker --params params.yaml --out-dir models
 
 Rank 0 alone writes files and, given --mlflow-run-id, logs per-epoch metrics to that run.
 """
@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from vae_pipeline.cli import add_params_arguments
 from vae_pipeline.config import ConfigError, load_config, tracking_uri
 from vae_pipeline.logs import setup_logging
 from vae_pipeline.train import Trainer, TrainingError, distributed
@@ -22,15 +23,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", type=Path, default=Path("params.yaml"), help="params file")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a param (repeatable)",
-    )
+    add_params_arguments(p)
     p.add_argument("--out-dir", type=Path, default=None, help="default: train.out_dir")
     p.add_argument("--mlflow-run-id", default=None, help="MLflow run to log epochs into")
     return p.parse_args(argv)
@@ -40,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.params, args.overrides)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

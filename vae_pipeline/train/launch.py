@@ -26,7 +26,7 @@ def torchrun_command(
     return [
         sys.executable, "-m", "torch.distributed.run",
         "--standalone", "--nnodes=1", f"--nproc_per_node={nproc_per_node}",
-        "-m", WORKER_MODULE, "--config", str(config_path), "--out-dir", str(out_dir),
+        "-m", WORKER_MODULE, "--params", str(config_path), "--out-dir", str(out_dir),
         *worker_args,
     ]  # fmt: skip
 
