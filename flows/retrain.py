@@ -28,6 +28,11 @@ NETWORK = {"retries": 2, "retry_delay_seconds": 5, "cache_policy": NO_CACHE}
 LOCAL = {"cache_policy": NO_CACHE}
 
 
+@task(name="preflight", **NETWORK)
+def preflight(cfg: Config, workdir: Path) -> None:
+    tracking.preflight(tracking_uri(cfg, workdir))
+
+
 @task(name="version-data", **NETWORK)
 def version_data(cfg: Config, workdir: Path) -> str:
     return pipeline.ingest(cfg, workdir)
@@ -68,8 +73,9 @@ def register(cfg: Config, workdir: Path, run_id: str, weights: Path, metrics: di
 
 
 @task(name="promote", **NETWORK)
-def promote(cfg: Config, workdir: Path, version: str, metrics: dict) -> dict:
-    return decision_dict(pipeline.promote(cfg, version, metrics, workdir))
+def promote(cfg: Config, workdir: Path, version: str) -> dict:
+    actor = f"prefect flow run {flow_run.id}" if flow_run.id else None
+    return decision_dict(pipeline.promote(cfg, version, workdir, actor))
 
 
 @flow(name="retrain")
@@ -79,6 +85,7 @@ def retrain(
     """Retrain the ConvVAE on the current data and promote it if it is better."""
     root = Path(workdir).resolve()
     cfg = load_config(root / params, overrides or [])
+    preflight(cfg, root)  # an unreachable MLflow fails here, not after training
     data_version = version_data(cfg, root)
     prepare(cfg, root)
     run_id = open_run(cfg, root, data_version)
@@ -88,7 +95,7 @@ def retrain(
         weights = train(cfg, root, out_dir, run_id)
         metrics = evaluate(cfg, root, out_dir)
         version = register(cfg, root, run_id, weights, metrics)
-        decision = promote(cfg, root, version, metrics) if cfg.promotion.enabled else None
+        decision = promote(cfg, root, version) if cfg.promotion.enabled else None
     except BaseException:
         tracking.finish_run(uri, run_id, "FAILED")
         raise

@@ -1,31 +1,176 @@
-"""The gate's rule, as a pure function (the end-to-end tests drive it through MLflow)."""
+"""Registration, the gate through MLflow, aliases, history, rollback and the lock, on the real
+embedded SQLite store (the HTTP server case is in test_registry_server.py)."""
 
-import math
+import threading
+import time
 
 import pytest
 
-from vae_pipeline.registry import decide
+from vae_pipeline import registry
+from vae_pipeline.registry import PromotionError, history, promote_if_better, rollback
+from vae_pipeline.tracking import client_for
+
+from .registry_helpers import NAME, add_version, evidence, registry_cfg
 
 
-def test_first_model_is_promoted():
-    assert decide(300.0, None, 0.0) == (True, "no champion yet")
+@pytest.fixture
+def store(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    return uri, client_for(uri)
 
 
-@pytest.mark.parametrize(
-    ("candidate", "champion", "margin", "promoted"),
-    [
-        (299.0, 300.0, 0.0, True),  # lower iw_nll is better
-        (300.0, 300.0, 0.0, False),  # a tie is not an improvement
-        (301.0, 300.0, 0.0, False),
-        (299.5, 300.0, 1.0, False),  # better, but not by the required margin
-        (298.5, 300.0, 1.0, True),
-    ],
-)
-def test_candidate_must_beat_champion_by_the_margin(candidate, champion, margin, promoted):
-    assert decide(candidate, champion, margin)[0] is promoted
+def _alias(client, alias):
+    mv = registry.alias_version(client, NAME, alias)
+    return None if mv is None else str(mv.version)
 
 
-@pytest.mark.parametrize("bad", [math.nan, math.inf])
-def test_non_finite_candidate_is_never_promoted(bad):
-    promoted, reason = decide(bad, None, 0.0)
-    assert not promoted and "not finite" in reason
+def test_promote_reject_rollback_and_the_history(store, tmp_path):
+    uri, client = store
+    cfg = registry_cfg(uri)
+    v1 = add_version(client, evidence(1))
+    v2 = add_version(client, evidence(2, shift=-1.0))  # 1 nat better on every image
+    v3 = add_version(client, evidence(3, shift=+0.5))  # worse
+    v4 = add_version(client, evidence(4, shift=-5.0), active_units=0)  # "better" but collapsed
+
+    first = promote_if_better(cfg, uri, v1, tmp_path, actor="tester")
+    assert first.promoted and first.reason == "no champion yet"
+    second = promote_if_better(cfg, uri, v2, tmp_path, actor="tester")
+    assert second.promoted and second.champion_version == v1 and second.upper_bound < 0
+    assert (_alias(client, "champion"), _alias(client, "previous-champion")) == (v2, v1)
+    third = promote_if_better(cfg, uri, v3, tmp_path, actor="tester")
+    assert not third.promoted and third.reason.startswith("not better")
+    fourth = promote_if_better(cfg, uri, v4, tmp_path, actor="tester")
+    assert not fourth.promoted and "posterior collapse guard" in fourth.reason
+    assert (_alias(client, "champion"), _alias(client, "challenger")) == (v2, v4)
+    assert client.get_model_version(NAME, v3).tags["gate_decision"] == "rejected"
+    assert client.get_model_version(NAME, v2).tags["gate_decision"] == "promoted"
+
+    event = rollback(cfg, uri, "v2 breaks a consumer", actor="oncall")
+    assert (event["from_champion"], event["version"]) == (v2, v1)
+    assert _alias(client, "champion") == v1
+    assert _alias(client, "previous-champion") is None  # v1 had no champion before it
+    assert "rolled_back_at" in client.get_model_version(NAME, v2).tags
+    with pytest.raises(PromotionError, match="no previous-champion alias; pass --to VERSION"):
+        rollback(cfg, uri, "again", actor="oncall")
+    rollback(cfg, uri, "consumer fixed", to_version=v2, actor="oncall")
+    # Restoring v2 restores what preceded it in the history, too.
+    assert (_alias(client, "champion"), _alias(client, "previous-champion")) == (v2, v1)
+
+    events = history(client, NAME)
+    assert [(e["seq"], e["action"], e["version"], e["from_champion"]) for e in events] == [
+        (1, "promote", v1, None),
+        (2, "promote", v2, v1),
+        (3, "reject", v3, v2),
+        (4, "reject", v4, v2),
+        (5, "rollback", v1, v2),
+        (6, "rollback", v2, v1),
+    ]
+    assert events[1]["by"] == "tester" and events[4]["by"] == "oncall"
+    assert events[4]["reason"] == "v2 breaks a consumer"
+    # Metrics on both sides are recorded with each move.
+    assert events[1]["candidate"]["iw_nll"] == pytest.approx(evidence(2, shift=-1.0).mean())
+    assert events[1]["champion"]["iw_nll"] == pytest.approx(evidence(1).mean())
+    assert events[1]["upper_bound"] == pytest.approx(second.upper_bound)
+
+
+def test_promoting_a_former_challenger_clears_that_alias(store, tmp_path):
+    uri, client = store
+    v1 = add_version(client, evidence(1))
+    v2 = add_version(client, evidence(2, shift=-1.0))
+    promote_if_better(registry_cfg(uri), uri, v1, tmp_path)
+    # With a demanding margin v2 is rejected; with the default it is promoted.
+    assert not promote_if_better(registry_cfg(uri, min_improvement_nats=3.0), uri, v2).promoted
+    assert _alias(client, "challenger") == v2
+    assert promote_if_better(registry_cfg(uri), uri, v2, tmp_path).promoted
+    assert _alias(client, "champion") == v2 and _alias(client, "challenger") is None
+
+
+def test_a_version_without_evaluation_tags_is_refused_and_nothing_moves(store, tmp_path):
+    uri, client = store
+    v1 = add_version(client, evidence(1))
+    promote_if_better(registry_cfg(uri), uri, v1, tmp_path)
+    bare = client.create_model_version(NAME, source="file:///nowhere/model").version
+    with pytest.raises(PromotionError, match="carries no evaluation tags"):
+        promote_if_better(registry_cfg(uri), uri, str(bare), tmp_path)
+    assert _alias(client, "champion") == v1 and len(history(client, NAME)) == 1
+
+
+def test_register_is_idempotent_by_run_id(store, tmp_path):
+    uri, client = store
+    v1 = add_version(client, evidence(1))
+    run_id = client.get_model_version(NAME, v1).run_id
+    again = registry.register(uri, NAME, f"runs:/{run_id}/model", run_id, {"k": "v"})
+    assert again == v1
+    assert len(client.search_model_versions(f"name='{NAME}'")) == 1
+
+
+def test_the_lock_excludes_a_second_promoter_then_times_out(store):
+    uri, client = store
+    cfg = registry_cfg(uri, lock_timeout_s=0.5)
+    with registry.promotion_lock(client, NAME, cfg, "first"):
+        started = time.monotonic()
+        with (
+            pytest.raises(PromotionError, match=r"\(by first\) holds the lock 'conv-vae--promo"),
+            registry.promotion_lock(client, NAME, cfg, "second"),
+        ):
+            pass
+        assert time.monotonic() - started >= 0.5
+    with registry.promotion_lock(client, NAME, cfg, "second"):  # released: free again
+        pass
+    assert registry._get_registered_model(client, NAME + registry.LOCK_SUFFIX) is None
+
+
+def test_a_waiting_promoter_gets_the_lock_when_it_is_released(store):
+    uri, client = store
+    cfg = registry_cfg(uri, lock_timeout_s=30)
+    order = []
+    inside = threading.Event()
+
+    def holder():
+        with registry.promotion_lock(client_for(uri), NAME, cfg, "holder"):
+            inside.set()
+            time.sleep(1.0)
+            order.append("holder done")
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    inside.wait(10)
+    with registry.promotion_lock(client, NAME, cfg, "waiter"):
+        order.append("waiter in")
+    thread.join()
+    assert order == ["holder done", "waiter in"]
+
+
+def test_an_abandoned_lock_is_broken_after_lock_stale_s(store):
+    uri, client = store
+    client.create_registered_model(NAME + registry.LOCK_SUFFIX, tags={"owner": "a dead process"})
+    time.sleep(1.2)
+    cfg = registry_cfg(uri, lock_timeout_s=5, lock_stale_s=1.0)
+    with registry.promotion_lock(client, NAME, cfg, "new owner"):
+        held = client.get_registered_model(NAME + registry.LOCK_SUFFIX)
+        assert held.tags["owner"] == "new owner"
+
+
+def test_using_a_store_does_not_change_which_store_the_config_resolves(tmp_path, monkeypatch):
+    from vae_pipeline.config import build_config, tracking_uri
+
+    from .conftest import tiny_params
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = build_config(tiny_params())
+    client_for(f"sqlite:///{tmp_path}/other.db")  # MLflow itself would export this URI
+    assert tracking_uri(cfg, tmp_path / "ws") == f"sqlite:///{tmp_path}/ws/mlflow.db"
+
+
+def test_lineage_gives_the_checkout_and_warns_about_uncommitted_changes(store):
+    uri, client = store
+    v1 = add_version(client, evidence(1))
+    client.set_model_version_tag(NAME, v1, "git_commit", "0123abcd-dirty")
+    client.set_model_version_tag(NAME, v1, "data_version", "feedbeef")
+    info = registry.lineage(client, NAME, v1)
+    assert info["reproduce"][:2] == [
+        "git checkout 0123abcd",
+        "# trained with uncommitted changes: the checkout may differ",
+    ]
+    assert info["reproduce"][2].startswith("dvc pull") and "feedbeef" in info["reproduce"][2]
+    assert info["tags"]["eval_key"] and info["run_id"] == client.get_model_version(NAME, v1).run_id

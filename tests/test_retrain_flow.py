@@ -95,6 +95,65 @@ def test_second_run_registers_v2_and_the_gate_keeps_the_champion(runs):
     challenger = client.get_model_version_by_alias("conv-vae", "challenger")
     assert str(challenger.version) == "2"
     assert challenger.tags["gate_reason"].startswith("not better")
+    # Identical per-example values: the paired difference and its bootstrap bound are exactly 0.
+    assert second["decision"]["mean_diff"] == 0.0 == second["decision"]["upper_bound"]
+    assert second["decision"]["champion_evidence"] == "stored"
+
+
+def test_alias_history_records_both_decisions(runs):
+    ws, first, second = runs
+    from vae_pipeline.registry import history
+
+    events = history(_client(ws), "conv-vae")
+    assert [(e["action"], e["alias"], e["version"]) for e in events[:2]] == [
+        ("promote", "champion", "1"),
+        ("reject", "challenger", "2"),
+    ]
+    assert events[0]["from_champion"] is None and events[1]["from_champion"] == "1"
+    assert events[1]["by"].startswith("prefect flow run ")
+    assert events[1]["reason"] == second["decision"]["reason"]
+    assert float(events[1]["champion"]["iw_nll"]) == pytest.approx(first["metrics"]["iw_nll"])
+    result = _cli(ws, "history")
+    assert result.returncode == 0, result.stderr
+    assert "promote  champion" in result.stdout and "reject   challenger" in result.stdout
+
+
+def test_lineage_cli_prints_tags_and_how_to_reproduce(runs):
+    ws, first, _ = runs
+    result = _cli(ws, "lineage", "1")
+    assert result.returncode == 0, result.stderr
+    # The test workspace is a git repo without commits: lineage says so instead of a checkout.
+    assert _client(ws).get_model_version("conv-vae", "1").tags["git_commit"] == "unknown"
+    for expected in (
+        "# no git commit was recorded",
+        f"dvc pull            # data version {first['data_version']}",
+        "dvc repro",
+        "params_hash",
+        "binarize             none",
+        "aliases: champion",
+    ):
+        assert expected in result.stdout
+
+
+def test_pytorch_flavor_gives_the_module(runs):
+    import mlflow.pytorch
+    import torch
+
+    from vae_pipeline.data.dataset import PreparedSplit, to_unit_float
+    from vae_pipeline.pipeline import load_model_ref
+
+    ws, _, _ = runs
+    client = _client(ws)
+    mv = client.get_model_version_by_alias("conv-vae", "champion")
+    module = mlflow.pytorch.load_model(mv.tags["pytorch_model_uri"])
+    cfg = load_config(ws / "params.yaml")
+    model, _ = load_model_ref(cfg, "models:/conv-vae@champion", ws)
+    x = to_unit_float(PreparedSplit(ws / "data/prepared", "test").tensor()[:1])
+    with torch.no_grad():
+        _, mu, logvar = module(x)
+        expected_mu, expected_logvar = model.encode(x)
+    torch.testing.assert_close(mu, expected_mu)
+    torch.testing.assert_close(logvar, expected_logvar)
 
 
 def test_data_went_to_the_dvc_remote(runs):
@@ -169,9 +228,11 @@ def test_champion_loads_as_pyfunc_and_matches_the_model(runs):
 def test_promote_cli_re_evaluates_a_champion_measured_on_other_test_data(runs):
     ws, first, _ = runs
     client = _client(ws)
-    recorded = client.get_model_version("conv-vae", "1").tags["iw_nll"]
-    client.set_model_version_tag("conv-vae", "1", "test_data_version", "some-older-version")
-    client.set_model_version_tag("conv-vae", "1", "iw_nll", "1e9")  # must not be trusted now
+    tags = client.get_model_version("conv-vae", "1").tags
+    recorded, key = tags["iw_nll"], tags["eval_key"]
+    # As if v1 had been evaluated on an older test data version: its stored per-example
+    # values must not be paired with v2's, so the gate re-evaluates v1.
+    client.set_model_version_tag("conv-vae", "1", "eval_key", "data=some-older-version|K=4")
     try:
         result = _cli(ws, "promote", "--version", "2")
         assert result.returncode == 0, result.stderr
@@ -179,9 +240,9 @@ def test_promote_cli_re_evaluates_a_champion_measured_on_other_test_data(runs):
         assert "re-evaluating" in result.stderr
         # v1 re-evaluated on the current test split reproduces its original number exactly
         # (deterministic evaluation), so the identical v2 is still not better.
-        assert decision["champion_value"] == float(recorded)
-        assert decision["promoted"] is False
+        assert decision["champion_evidence"] == "re-evaluated"
+        assert decision["champion_value"] == pytest.approx(float(recorded), rel=1e-12)
+        assert decision["promoted"] is False and decision["upper_bound"] == 0.0
         assert str(client.get_model_version_by_alias("conv-vae", "champion").version) == "1"
     finally:
-        client.set_model_version_tag("conv-vae", "1", "test_data_version", first["data_version"])
-        client.set_model_version_tag("conv-vae", "1", "iw_nll", recorded)
+        client.set_model_version_tag("conv-vae", "1", "eval_key", key)

@@ -74,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(p, "train.out_dir")
     p = add("promote", "Apply the promotion gate to a registered version (moves `champion`).")
     p.add_argument("--version", dest="model_version", required=True, help="model version number")
+    p = add("rollback", "Move `champion` back to `previous-champion` (or --to VERSION).")
+    p.add_argument("--to", dest="to_version", default=None, help="version to restore")
+    p.add_argument("--reason", required=True, help="why (recorded in the alias history)")
+    p = add("history", "Every alias move (champion, challenger, previous-champion), oldest first.")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p = add("lineage", "A version's lineage tags and the commands that reproduce it.")
+    p.add_argument("model_version", metavar="VERSION", help="model version number")
+    p.add_argument("--json", action="store_true", help="print JSON")
     add("retrain", "Run the whole retrain flow (Prefect): ingest -> ... -> promote.")
     p = add("sample", "Decode samples from the prior into a PNG grid.")
     _model_arg(p, "the champion")
@@ -147,26 +155,77 @@ def cmd_register(cfg: Config, args) -> None:
 
 
 def cmd_promote(cfg: Config, args) -> None:
-    from mlflow.tracking import MlflowClient
-
     from vae_pipeline import pipeline
+
+    decision = pipeline.promote(cfg, args.model_version)
+    print(json.dumps(decision.__dict__, indent=2))
+
+
+def _registry_client(cfg: Config):
+    from vae_pipeline.config import tracking_uri
+    from vae_pipeline.tracking import client_for
+
+    return client_for(tracking_uri(cfg))
+
+
+def cmd_rollback(cfg: Config, args) -> None:
+    from vae_pipeline import registry
     from vae_pipeline.config import tracking_uri
 
-    client = MlflowClient(tracking_uri(cfg), registry_uri=tracking_uri(cfg))
-    mv = client.get_model_version(cfg.registry.model_name, args.model_version)
-    tags = mv.tags or {}
-    if "iw_nll" not in tags:
-        raise ValueError(
-            f"version {args.model_version} has no iw_nll tag: register it with "
-            "vae-pipeline register"
+    event = registry.rollback(cfg, tracking_uri(cfg), args.reason, args.to_version)
+    print(
+        f"{cfg.registry.model_name}: champion v{event['from_champion']} -> v{event['version']} "
+        f"(rollback #{event['seq']}: {event['reason']})"
+    )
+
+
+def cmd_history(cfg: Config, args) -> None:
+    from vae_pipeline import registry
+
+    events = registry.history(_registry_client(cfg), cfg.registry.model_name)
+    if args.json:
+        for event in events:
+            print(json.dumps(event))
+        return
+    if not events:
+        print(f"{cfg.registry.model_name}: no alias moves yet")
+    for e in events:
+        metric = e.get("metric", "iw_nll")
+        cand, champ = e.get("candidate") or {}, e.get("champion") or {}
+        sides = f"v{cand.get('version')} {metric} {_num(cand.get(metric))}"
+        if champ:
+            sides += f" | champion v{champ.get('version')} {metric} {_num(champ.get(metric))}"
+        print(
+            f"#{e['seq']:<3} {e['at']}  {e['action']:<8} {e['alias']:<10} -> v{e['version']:<4} "
+            f"by {e.get('by')}\n      {sides}\n      why: {e.get('reason')}"
         )
-    metrics = {
-        "iw_nll": float(tags["iw_nll"]),
-        "elbo": -float(tags["elbo_nll"]),
-        "data_version": tags.get("test_data_version"),
-    }
-    decision = pipeline.promote(cfg, args.model_version, metrics)
-    print(json.dumps(decision.__dict__, indent=2))
+
+
+def _num(value) -> str:
+    try:
+        return f"{float(value):.3f}"
+    except (TypeError, ValueError):
+        return "?"
+
+
+def cmd_lineage(cfg: Config, args) -> None:
+    from vae_pipeline import registry
+
+    info = registry.lineage(_registry_client(cfg), cfg.registry.model_name, args.model_version)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    print(f"{info['name']} v{info['version']}  aliases: {', '.join(info['aliases']) or '-'}")
+    print(f"  run {info['run_id']}  source {info['source']}")
+    for key in sorted(info["tags"]):
+        if not key.startswith("gate_"):
+            print(f"  {key:<20} {info['tags'][key]}")
+    for key in ("gate_decision", "gate_reason"):
+        if key in info["tags"]:
+            print(f"  {key:<20} {info['tags'][key]}")
+    print("reproduce:")
+    for command in info["reproduce"]:
+        print(f"  {command}")
 
 
 def cmd_retrain(cfg: Config, args) -> None:
@@ -275,6 +334,9 @@ COMMANDS = {
     "evaluate": cmd_evaluate,
     "register": cmd_register,
     "promote": cmd_promote,
+    "rollback": cmd_rollback,
+    "history": cmd_history,
+    "lineage": cmd_lineage,
     "retrain": cmd_retrain,
     "sample": cmd_sample,
     "encode": cmd_encode,

@@ -74,6 +74,9 @@ class EvaluateConfig(_Section):
     active_unit_threshold: float = Field(0.01, gt=0.0)
     n_samples: int = Field(64, ge=1, le=1024)
     reports_dir: str = "reports"
+    binarize: Literal["none", "fixed", "dynamic"] = "none"
+    """How [0, 1] intensities meet the Bernoulli likelihood: as they are, thresholded at 0.5,
+    or sampled once (seeded). Recorded with the metrics: published NLLs differ by it."""
 
 
 class RegistryConfig(_Section):
@@ -86,6 +89,12 @@ class PromotionConfig(_Section):
     enabled: bool = True
     metric: Literal["iw_nll", "elbo_nll"] = "iw_nll"
     min_improvement_nats: float = Field(0.0, ge=0.0)
+    confidence: float = Field(0.95, gt=0.5, lt=1.0)
+    bootstrap_samples: int = Field(2000, ge=100, le=100_000)
+    bootstrap_seed: int = Field(0, ge=0)
+    min_active_units: int = Field(1, ge=0)
+    lock_timeout_s: float = Field(300.0, gt=0.0)
+    lock_stale_s: float = Field(900.0, gt=0.0)
 
 
 class Config(_Section):

@@ -31,6 +31,16 @@ def _stderr(values: np.ndarray) -> float:
     return float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else math.nan
 
 
+def binarize(x: torch.Tensor, ecfg: EvaluateConfig) -> torch.Tensor:
+    """`evaluate.binarize`: none (as is), fixed (x > 0.5) or dynamic (one Bernoulli draw per
+    pixel from the current, seeded RNG stream)."""
+    if ecfg.binarize == "fixed":
+        return (x > 0.5).to(x.dtype)
+    if ecfg.binarize == "dynamic":
+        return torch.bernoulli(x)
+    return x
+
+
 @torch.no_grad()
 def per_example_terms(
     model: ConvVAE, images: torch.Tensor, ecfg: EvaluateConfig, device: torch.device
@@ -42,7 +52,7 @@ def per_example_terms(
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(ecfg.seed)
         for start in range(0, len(images), ecfg.batch_size):
-            x = to_unit_float(images[start : start + ecfg.batch_size].to(device))
+            x = binarize(to_unit_float(images[start : start + ecfg.batch_size].to(device)), ecfg)
             mu, logvar = model.encode(x)
             z = model.reparameterize(mu, logvar)
             terms = terms_from_outputs(model.decode_logits(z), mu, logvar, x)
@@ -52,6 +62,11 @@ def per_example_terms(
             out["iw_log_px"].append(iw.double().cpu())
             out["mu"].append(mu.double().cpu())
     return {k: torch.cat(v).numpy() for k, v in out.items()}
+
+
+def per_example_metrics(terms: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The promotion metrics per test example (lower is better), in test-split order."""
+    return {"iw_nll": -terms["iw_log_px"], "elbo_nll": -terms["elbo"]}
 
 
 def summarize(terms: dict[str, np.ndarray], ecfg: EvaluateConfig, dims: int) -> dict:
@@ -70,6 +85,8 @@ def summarize(terms: dict[str, np.ndarray], ecfg: EvaluateConfig, dims: int) -> 
         "kl_stderr": _stderr(terms["kl"]),
         "iw_nll_stderr": _stderr(iw_nll),
         "iw_k": ecfg.iw_samples,
+        "binarize": ecfg.binarize,
+        "eval_seed": ecfg.seed,
         "n_examples": int(len(iw_nll)),
     }
     return metrics
@@ -159,7 +176,8 @@ def evaluate(
     reports = workdir / cfg.evaluate.reports_dir
     reports.mkdir(parents=True, exist_ok=True)
     (reports / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    np.save(reports / "per_example_iw_nll.npy", -terms["iw_log_px"])
+    for key, values in per_example_metrics(terms).items():
+        np.save(reports / f"per_example_{key}.npy", values)
     save_grids(model, images, cfg.evaluate, reports, device)
     if history:
         plot_loss_curves(history, reports / "loss_curve.png")

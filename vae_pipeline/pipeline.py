@@ -17,6 +17,7 @@ from vae_pipeline.data import prepare, snapshot_source
 from vae_pipeline.evaluate import evaluate
 from vae_pipeline.model import ConvVAE
 from vae_pipeline.train import load_model
+from vae_pipeline.train.checkpoint import load as load_weights_meta
 from vae_pipeline.train.launch import launch
 
 log = logging.getLogger(__name__)
@@ -80,21 +81,20 @@ def register(
     """Log evaluation + model into the run, register it with lineage tags; returns the version."""
     uri = tracking_uri(cfg, workdir)
     tracking.log_evaluation(uri, run_id, metrics, workdir / cfg.evaluate.reports_dir)
-    model_uri = tracking.log_model(uri, run_id, weights)
+    model_uri, torch_uri = tracking.log_model(uri, run_id, weights)
     tags = {
         "git_commit": versioning.git_commit(workdir),
-        "data_version": str(metrics.get("data_version")),
-        "test_data_version": str(metrics.get("data_version")),
+        # The data the weights were trained on (their own record); the test side is in version_tags.
+        "data_version": str(load_weights_meta(weights).get("data_version", "unknown")),
         "params_hash": cfg.params_hash(),
-        "iw_nll": repr(float(metrics["iw_nll"])),
-        "elbo_nll": repr(-float(metrics["elbo"])),
-        "iw_k": str(metrics["iw_k"]),
+        "pytorch_model_uri": torch_uri,
+        **registry.version_tags(metrics),
         **(extra_tags or {}),
     }
     return registry.register(uri, cfg.registry.model_name, model_uri, run_id, tags)
 
 
 def promote(
-    cfg: Config, version: str, metrics: dict, workdir: Path = Path(".")
+    cfg: Config, version: str, workdir: Path = Path("."), actor: str | None = None
 ) -> registry.Decision:
-    return registry.promote_if_better(cfg, tracking_uri(cfg, workdir), version, metrics, workdir)
+    return registry.promote_if_better(cfg, tracking_uri(cfg, workdir), version, workdir, actor)

@@ -1,42 +1,101 @@
-"""Model registry: register a candidate with lineage tags; move `champion` only for a better model.
+"""Model registry: registration with lineage, the promotion gate, aliases, their history, rollback.
 
-The gate (skeleton rule, deepened by the promotion issue): promote when there is no champion,
-or when the candidate's `promotion.metric` (lower is better) beats the champion's by more than
-`promotion.min_improvement_nats` on the *same* test data version. When the champion was
-evaluated on another test data version, it is re-evaluated on the candidate's test split first.
-A candidate that is not promoted gets the `challenger` alias and a tag with the reason.
+Aliases on the registered model (`registry.model_name`):
+  champion           what consumers load (models:/conv-vae@champion)
+  challenger         the latest candidate the gate did not promote
+  previous-champion  the champion before the current one (what `rollback` returns to)
+
+The rule is in `vae_pipeline.gate`. The evidence is per-example test metrics of candidate and
+champion on the same evaluation (test data version, K, binarization, seed): each registered
+version's run holds `reports/per_example_<metric>.npy`; a champion evaluated otherwise is
+re-evaluated on the candidate's test split first.
+
+Every alias move is appended to the registered model's tags (`history.000001`, ... as JSON):
+who, when, why, and the metrics on both sides; `history()` reads them back. Moves are serialised
+by a lock held in the registry itself (see `promotion_lock`), so two flows finishing together
+cannot both win or leave the aliases inconsistent, whether on SQLite or a shared server.
 """
 
 from __future__ import annotations
 
+import contextlib
+import getpass
+import json
 import logging
-import math
+import random
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import mlflow
+import numpy as np
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from vae_pipeline import gate
 from vae_pipeline.config import Config
 from vae_pipeline.data.dataset import PreparedSplit
-from vae_pipeline.evaluate import per_example_terms, summarize
+from vae_pipeline.data.errors import DataError
+from vae_pipeline.evaluate import METRIC_KEYS, per_example_metrics, per_example_terms, summarize
 from vae_pipeline.tracking import client_for, download_weights
 from vae_pipeline.train.checkpoint import load_model
 
 log = logging.getLogger(__name__)
 
-CHAMPION, CHALLENGER = "champion", "challenger"
+CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
+HISTORY_PREFIX = "history."
+LOCK_SUFFIX = "--promotion-lock"
+PER_EXAMPLE = "reports/per_example_{metric}.npy"
 
 
-@dataclass(frozen=True)
-class Decision:
-    promoted: bool
-    reason: str
-    candidate_version: str
-    candidate_value: float
-    champion_version: str | None = None
-    champion_value: float | None = None
+class PromotionError(RuntimeError):
+    """A promotion, rollback or lock that cannot proceed; the message says what to do."""
+
+
+# --- registration ------------------------------------------------------------------------------
+
+
+def eval_key(metrics_or_tags: dict) -> str:
+    """What must match for two evaluations to be paired example by example."""
+    m = metrics_or_tags
+    return (
+        f"data={m.get('data_version') if 'data_version' in m else m.get('test_data_version')}"
+        f"|K={m.get('iw_k')}|binarize={m.get('binarize')}|seed={m.get('eval_seed')}"
+        f"|n={m.get('n_examples')}"
+    )
+
+
+def current_eval_key(cfg: Config, workdir: Path) -> str | None:
+    """The eval_key an evaluation with `cfg` would get on the prepared test split (None when
+    there is no prepared test split in `workdir`)."""
+    try:
+        test = PreparedSplit(workdir / cfg.data.prepared_dir, "test")
+    except (OSError, ValueError, DataError):
+        return None
+    return eval_key(
+        {
+            "data_version": test.manifest.get("data_version", "unversioned"),
+            "iw_k": cfg.evaluate.iw_samples,
+            "binarize": cfg.evaluate.binarize,
+            "eval_seed": cfg.evaluate.seed,
+            "n_examples": len(test),
+        }
+    )
+
+
+def version_tags(metrics: dict) -> dict[str, str]:
+    """Evaluation tags of a model version: metrics, the evaluation's settings, its key."""
+    tags = {key: repr(float(metrics[key])) for key in METRIC_KEYS if key in metrics}
+    tags["elbo_nll"] = repr(-float(metrics["elbo"]))
+    tags["test_data_version"] = str(metrics.get("data_version"))
+    for key in ("iw_k", "binarize", "eval_seed", "n_examples"):
+        tags[key] = str(metrics.get(key))
+    tags["eval_key"] = eval_key(metrics)
+    return tags
 
 
 def register(uri: str, name: str, model_uri: str, run_id: str, tags: dict[str, str]) -> str:
@@ -57,98 +116,364 @@ def register(uri: str, name: str, model_uri: str, run_id: str, tags: dict[str, s
     return str(version)
 
 
-def champion(client: MlflowClient, name: str):
+def alias_version(client: MlflowClient, name: str, alias: str):
     try:
-        return client.get_model_version_by_alias(name, CHAMPION)
+        return client.get_model_version_by_alias(name, alias)
     except MlflowException:
         return None
 
 
-def _metric_on(cfg: Config, uri: str, version, workdir: Path, test_version: str) -> float:
-    """The champion's metric on the candidate's test data: its tag if that version matches,
-    else a fresh evaluation of its weights on the current test split."""
-    tags = version.tags or {}
-    if tags.get("test_data_version") == test_version and cfg.promotion.metric in tags:
-        return float(tags[cfg.promotion.metric])
+def champion(client: MlflowClient, name: str):
+    return alias_version(client, name, CHAMPION)
+
+
+# --- evidence ----------------------------------------------------------------------------------
+
+
+def per_example(cfg: Config, uri: str, mv, workdir: Path, key: str) -> tuple[np.ndarray, int, str]:
+    """(per-example promotion metric, active units, where it came from) for model version `mv`
+    on the evaluation `key`: its run's stored values when it was evaluated that way, else a
+    fresh evaluation of its weights on the prepared test split in `workdir`."""
+    tags = mv.tags or {}
+    metric = cfg.promotion.metric
+    if tags.get("eval_key") == key and mv.run_id:
+        try:
+            local = mlflow.artifacts.download_artifacts(
+                run_id=mv.run_id,
+                artifact_path=PER_EXAMPLE.format(metric=metric),
+                dst_path=tempfile.mkdtemp(prefix="vae-gate-"),
+                tracking_uri=uri,
+            )
+            return np.load(local), int(float(tags.get("active_units", 0))), "stored"
+        except (MlflowException, OSError) as exc:
+            log.warning("v%s: stored per-example values unavailable (%s)", mv.version, exc)
     log.info(
-        "champion v%s was evaluated on test data %s; re-evaluating on %s",
-        version.version,
-        tags.get("test_data_version"),
-        test_version,
+        "%s v%s was evaluated as %s; re-evaluating it as %s",
+        mv.name,
+        mv.version,
+        tags.get("eval_key"),
+        key,
     )
-    weights = download_weights(uri, f"models:/{version.name}/{version.version}")
-    model, _ = load_model(weights)
+    model, _ = load_model(download_weights(uri, f"models:/{mv.name}/{mv.version}"))
     test = PreparedSplit(workdir / cfg.data.prepared_dir, "test")
     images = test.tensor()
-    metrics = summarize(
-        per_example_terms(model, images, cfg.evaluate, _cpu()), cfg.evaluate, int(images[0].numel())
-    )
-    return float(
-        metrics[cfg.promotion.metric] if cfg.promotion.metric != "elbo_nll" else -metrics["elbo"]
-    )
-
-
-def _cpu():
     import torch
 
-    return torch.device("cpu")
+    terms = per_example_terms(model, images, cfg.evaluate, torch.device("cpu"))
+    summary = summarize(terms, cfg.evaluate, int(images[0].numel()))
+    return per_example_metrics(terms)[metric], int(summary["active_units"]), "re-evaluated"
 
 
-def decide(candidate: float, incumbent: float | None, min_improvement: float) -> tuple[bool, str]:
-    """Lower is better. Pure function: the rule in one place."""
-    if not math.isfinite(candidate):
-        return False, f"candidate metric is not finite ({candidate})"
-    if incumbent is None:
-        return True, "no champion yet"
-    margin = incumbent - candidate
-    if margin > min_improvement:
-        return True, f"better by {margin:.3f} nats (> {min_improvement})"
-    return (
-        False,
-        f"not better: {candidate:.3f} vs champion {incumbent:.3f} (needs > {min_improvement} nats lower)",
-    )
+# --- the lock ----------------------------------------------------------------------------------
+
+
+def _actor() -> str:
+    with contextlib.suppress(Exception):
+        return f"{getpass.getuser()}@{socket.gethostname()}"
+    return "unknown"
+
+
+@contextlib.contextmanager
+def promotion_lock(client: MlflowClient, name: str, cfg: Config, actor: str) -> Iterator[None]:
+    """Mutual exclusion for alias moves, kept in the registry so it works on a shared server.
+
+    The lock is a registered model named `<name>--promotion-lock`: creating a registered model
+    is atomic in the store (its name is unique), so exactly one of several racing creators
+    succeeds. The holder deletes it on exit. A lock older than `promotion.lock_stale_s` (a holder
+    that died) is broken; waiting longer than `promotion.lock_timeout_s` is an error.
+    """
+    lock_name = name + LOCK_SUFFIX
+    deadline = time.monotonic() + cfg.promotion.lock_timeout_s
+    while True:
+        try:
+            mine = client.create_registered_model(
+                lock_name,
+                tags={"owner": actor, "acquired_at": _now()},
+                description=f"Lock for alias moves on {name}; delete it only if its owner is gone.",
+            )
+            break
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        held = _get_registered_model(client, lock_name)
+        if held is not None:
+            age_s = time.time() - held.creation_timestamp / 1000.0
+            if age_s > cfg.promotion.lock_stale_s:
+                log.warning(
+                    "breaking a promotion lock held by %s for %.0f s (> promotion.lock_stale_s)",
+                    (held.tags or {}).get("owner"),
+                    age_s,
+                )
+                again = _get_registered_model(client, lock_name)
+                if again is not None and again.creation_timestamp == held.creation_timestamp:
+                    with contextlib.suppress(MlflowException):
+                        client.delete_registered_model(lock_name)
+                continue
+        if time.monotonic() > deadline:
+            owner = (held.tags or {}).get("owner") if held is not None else "?"
+            raise PromotionError(
+                f"another promotion of {name} (by {owner}) holds the lock {lock_name!r} for more "
+                f"than promotion.lock_timeout_s={cfg.promotion.lock_timeout_s:g}s; if that "
+                f"process is gone, delete the registered model {lock_name!r} and retry"
+            )
+        time.sleep(0.2 + random.random() * 0.3)
+    try:
+        yield
+    finally:
+        # Release only our own lock: if it was broken as stale meanwhile, it is someone else's.
+        held = _get_registered_model(client, lock_name)
+        if held is not None and held.creation_timestamp == mine.creation_timestamp:
+            with contextlib.suppress(MlflowException):
+                client.delete_registered_model(lock_name)
+        elif held is not None:
+            log.warning("the promotion lock was taken over while held; leaving the new one")
+
+
+def _get_registered_model(client: MlflowClient, name: str):
+    try:
+        return client.get_registered_model(name)
+    except MlflowException:
+        return None
+
+
+# --- history -----------------------------------------------------------------------------------
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def history(client: MlflowClient, name: str) -> list[dict]:
+    """Every alias move on `name`, oldest first."""
+    model = _get_registered_model(client, name)
+    if model is None:
+        return []
+    tags = model.tags or {}
+    return [json.loads(tags[k]) for k in sorted(tags) if k.startswith(HISTORY_PREFIX)]
+
+
+def _record(client: MlflowClient, name: str, event: dict) -> dict:
+    """Append an event (call with the lock held: the sequence number is read, then written)."""
+    seq = max((int(e.get("seq", 0)) for e in history(client, name)), default=0) + 1
+    event = {"seq": seq, "at": _now(), **event}
+    client.set_registered_model_tag(name, f"{HISTORY_PREFIX}{seq:06d}", json.dumps(event))
+    return event
+
+
+def _side(mv, metric: str, value: float | None = None) -> dict | None:
+    if mv is None:
+        return None
+    tags = mv.tags or {}
+    side = {"version": str(mv.version), "run_id": mv.run_id}
+    for key in (metric, "active_units", "test_data_version"):
+        if key in tags:
+            side[key] = tags[key]
+    if value is not None:
+        side[metric] = value
+    return side
+
+
+# --- promotion ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Decision:
+    promoted: bool
+    reason: str
+    candidate_version: str
+    candidate_value: float
+    champion_version: str | None = None
+    champion_value: float | None = None
+    mean_diff: float | None = None
+    upper_bound: float | None = None
+    champion_evidence: str | None = None
 
 
 def promote_if_better(
-    cfg: Config, uri: str, version: str, metrics: dict, workdir: Path = Path(".")
+    cfg: Config,
+    uri: str,
+    version: str,
+    workdir: Path = Path("."),
+    actor: str | None = None,
 ) -> Decision:
-    """Apply the gate to a registered candidate and move the aliases accordingly."""
+    """Apply the gate to registered `version` and move the aliases; records the move.
+
+    The evidence (possibly a re-evaluation) is gathered without the lock; under the lock the
+    champion is read again and, if another promotion moved it meanwhile, the evidence is
+    gathered again for the new champion.
+    """
     name = cfg.registry.model_name
     client = client_for(uri)
-    key = cfg.promotion.metric
-    value = float(metrics[key] if key != "elbo_nll" else -metrics["elbo"])
-    current = champion(client, name)
-    incumbent = None
-    if current is not None and str(current.version) != str(version):
-        incumbent = _metric_on(cfg, uri, current, workdir, str(metrics["data_version"]))
-    elif current is not None:
-        return Decision(True, "already champion", version, value, str(current.version), value)
-    promoted, reason = decide(value, incumbent, cfg.promotion.min_improvement_nats)
-    decision = Decision(
-        promoted,
-        reason,
-        version,
-        value,
-        None if current is None else str(current.version),
-        incumbent,
-    )
-    if promoted:
-        client.set_registered_model_alias(name, CHAMPION, version)
+    actor = actor or _actor()
+    candidate = client.get_model_version(name, str(version))
+    ctags = candidate.tags or {}
+    if "eval_key" not in ctags:
+        raise PromotionError(
+            f"{name} v{version} carries no evaluation tags (eval_key): it was not registered by "
+            "vae-pipeline; evaluate and register it with `vae-pipeline register`"
+        )
+    # Pair on the evaluation this config would run now, on this workdir's test split; a
+    # candidate evaluated otherwise is re-evaluated too. Without prepared data, its own.
+    key = current_eval_key(cfg, workdir) or ctags["eval_key"]
+    cand_values, cand_active, _ = per_example(cfg, uri, candidate, workdir, key)
+    for _attempt in range(5):
+        incumbent = champion(client, name)
+        if incumbent is not None and str(incumbent.version) == str(version):
+            return Decision(True, "already champion", str(version), float(cand_values.mean()))
+        champ_values, source = None, None
+        if incumbent is not None:
+            champ_values, _, source = per_example(cfg, uri, incumbent, workdir, key)
+        with promotion_lock(client, name, cfg, actor):
+            now = champion(client, name)
+            if (now and str(now.version)) != (incumbent and str(incumbent.version)):
+                log.info("the champion moved while gathering evidence; gathering it again")
+                continue
+            result = gate.decide(cand_values, champ_values, cand_active, cfg.promotion)
+            decision = Decision(
+                result.promoted,
+                result.reason,
+                str(version),
+                result.candidate_value,
+                None if incumbent is None else str(incumbent.version),
+                result.champion_value,
+                result.mean_diff,
+                result.upper_bound,
+                source,
+            )
+            _apply(client, name, cfg, decision, candidate, incumbent, actor)
+            return decision
+    raise PromotionError(f"the {name} champion kept moving during promotion of v{version}; retry")
+
+
+def _apply(client, name, cfg: Config, d: Decision, candidate, incumbent, actor: str) -> None:
+    metric = cfg.promotion.metric
+    if d.promoted:
+        client.set_registered_model_alias(name, CHAMPION, d.candidate_version)
+        if incumbent is not None:
+            client.set_registered_model_alias(name, PREVIOUS, str(incumbent.version))
+        held = alias_version(client, name, CHALLENGER)
+        if held is not None and str(held.version) == d.candidate_version:
+            client.delete_registered_model_alias(name, CHALLENGER)
+        alias = CHAMPION
     else:
-        client.set_registered_model_alias(name, CHALLENGER, version)
+        client.set_registered_model_alias(name, CHALLENGER, d.candidate_version)
+        alias = CHALLENGER
     client.set_model_version_tag(
-        name, version, "gate_decision", "promoted" if promoted else "rejected"
+        name, d.candidate_version, "gate_decision", "promoted" if d.promoted else "rejected"
     )
-    client.set_model_version_tag(name, version, "gate_reason", reason)
+    client.set_model_version_tag(name, d.candidate_version, "gate_reason", d.reason)
+    _record(
+        client,
+        name,
+        {
+            "action": "promote" if d.promoted else "reject",
+            "alias": alias,
+            "version": d.candidate_version,
+            "from_champion": d.champion_version,
+            "by": actor,
+            "reason": d.reason,
+            "metric": metric,
+            "candidate": _side(candidate, metric, d.candidate_value),
+            "champion": _side(incumbent, metric, d.champion_value),
+            "mean_diff": d.mean_diff,
+            "upper_bound": d.upper_bound,
+            "confidence": cfg.promotion.confidence,
+        },
+    )
     log.info(
         "gate: %s v%s %s (%s)",
         name,
-        version,
-        "-> champion" if promoted else "stays challenger",
-        reason,
+        d.candidate_version,
+        "-> champion" if d.promoted else "stays challenger",
+        d.reason,
     )
-    return decision
+
+
+def rollback(
+    cfg: Config, uri: str, reason: str, to_version: str | None = None, actor: str | None = None
+) -> dict:
+    """Move `champion` back to `previous-champion` (or to `to_version`); recorded in history.
+
+    Afterwards `previous-champion` points at the champion that preceded the restored one (from
+    the history), or is removed when there was none.
+    """
+    name = cfg.registry.model_name
+    client = client_for(uri)
+    actor = actor or _actor()
+    if not reason.strip():
+        raise PromotionError("rollback needs a --reason: it is recorded in the history")
+    with promotion_lock(client, name, cfg, actor):
+        current = champion(client, name)
+        if current is None:
+            raise PromotionError(f"{name} has no champion to roll back")
+        if to_version is None:
+            target = alias_version(client, name, PREVIOUS)
+            if target is None:
+                raise PromotionError(
+                    f"{name} has no previous-champion alias; pass --to VERSION to choose one"
+                )
+        else:
+            target = client.get_model_version(name, str(to_version))
+        if str(target.version) == str(current.version):
+            raise PromotionError(f"{name} v{target.version} is already the champion")
+        before = None
+        for event in reversed(history(client, name)):
+            if event.get("action") == "promote" and event.get("version") == str(target.version):
+                before = event.get("from_champion")
+                break
+        client.set_registered_model_alias(name, CHAMPION, str(target.version))
+        if before and before != str(target.version):
+            client.set_registered_model_alias(name, PREVIOUS, before)
+        elif alias_version(client, name, PREVIOUS) is not None:
+            client.delete_registered_model_alias(name, PREVIOUS)
+        client.set_model_version_tag(name, str(current.version), "rolled_back_at", _now())
+        metric = cfg.promotion.metric
+        return _record(
+            client,
+            name,
+            {
+                "action": "rollback",
+                "alias": CHAMPION,
+                "version": str(target.version),
+                "from_champion": str(current.version),
+                "by": actor,
+                "reason": reason,
+                "metric": metric,
+                "candidate": _side(target, metric),
+                "champion": _side(current, metric),
+            },
+        )
 
 
 def decision_dict(decision: Decision) -> dict:
     return asdict(decision)
+
+
+# --- lineage -----------------------------------------------------------------------------------
+
+
+def lineage(client: MlflowClient, name: str, version: str) -> dict:
+    """A version's lineage tags, aliases and the commands that reproduce it."""
+    mv = client.get_model_version(name, str(version))
+    tags = dict(mv.tags or {})
+    commit = tags.get("git_commit", "unknown")
+    commands = []
+    if commit == "unknown":
+        commands.append("# no git commit was recorded: check out the code by other means")
+    else:
+        commands.append(f"git checkout {commit.removesuffix('-dirty')}")
+        if commit.endswith("-dirty"):
+            commands.append("# trained with uncommitted changes: the checkout may differ")
+    commands += [
+        "dvc pull            # data version " + tags.get("data_version", "?"),
+        "dvc repro           # prepare -> train -> evaluate with that commit's params.yaml",
+    ]
+    return {
+        "name": name,
+        "version": str(mv.version),
+        "aliases": list(mv.aliases or []),
+        "run_id": mv.run_id,
+        "source": mv.source,
+        "tags": tags,
+        "reproduce": commands,
+    }

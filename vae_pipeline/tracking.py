@@ -8,6 +8,7 @@ so loading it needs no unpickling of torch modules: `torch.load(weights_only=Tru
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from vae_pipeline.config import Config
 log = logging.getLogger(__name__)
 
 MODEL_ARTIFACT = "model"
+TORCH_ARTIFACT = "pytorch"
 WEIGHTS_FILE = "model.pt"
 
 
@@ -38,9 +40,59 @@ def redact(value: Any) -> Any:
     return value
 
 
+class TrackingUnavailable(RuntimeError):
+    """The MLflow tracking/registry store cannot be reached; raised before any work starts."""
+
+
+def preflight(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, before data or training work, when the tracking store is unusable.
+
+    http(s): the server's /health endpoint must answer (one try, `timeout_s`); sqlite: the
+    database's folder must exist and be writable. Other schemes are left to MLflow.
+    """
+    import requests
+
+    scheme = urlsplit(uri).scheme
+    shown = redact(uri)
+    if scheme in ("http", "https"):
+        url = uri.rstrip("/") + "/health"
+        try:
+            response = requests.get(url, timeout=timeout_s)
+        except requests.RequestException as exc:
+            raise TrackingUnavailable(
+                f"MLflow tracking server {shown} is not reachable ({type(exc).__name__}): start it "
+                "(`mlflow server ...` or `make stack-up`) or point registry.tracking_uri / "
+                "MLFLOW_TRACKING_URI at a running one"
+            ) from None
+        if response.status_code != 200:
+            raise TrackingUnavailable(
+                f"MLflow tracking server {shown} answered /health with HTTP "
+                f"{response.status_code}: check the server and its logs"
+            )
+    elif scheme == "sqlite":
+        path = Path(uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else "")
+        folder = path.parent if path.name else Path(".")
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise TrackingUnavailable(
+                f"MLflow store {shown}: folder {folder} does not exist or is not writable"
+            )
+
+
 def client_for(uri: str) -> MlflowClient:
+    """A client for `uri`, also made MLflow's process-wide default (fluent APIs use it).
+
+    `mlflow.set_tracking_uri` also exports the URI to the environment; the user's own
+    MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI are put back, so that `config.tracking_uri` keeps
+    resolving from what the user configured (not from whichever store this process used last).
+    """
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
@@ -100,14 +152,18 @@ def log_evaluation(uri: str, run_id: str, metrics: dict, reports_dir: Path) -> N
         metrics=[Metric(f"test_{k}", v, now, 0) for k, v in numeric.items()],
         tags=[RunTag("test_data_version", str(metrics.get("data_version")))],
     )
-    for name in ("metrics.json", "recon.png", "samples.png", "loss_curve.png"):
+    names = ["metrics.json", "recon.png", "samples.png", "loss_curve.png"]
+    names += [p.name for p in sorted(reports_dir.glob("per_example_*.npy"))]
+    for name in names:
         path = reports_dir / name
         if path.is_file():
             client.log_artifact(run_id, str(path), artifact_path="reports")
 
 
-def log_model(uri: str, run_id: str, weights: Path) -> str:
-    """Log the model as pyfunc with our weights file as its artifact; returns its model URI."""
+def log_model(uri: str, run_id: str, weights: Path) -> tuple[str, str]:
+    """Log the model twice into the run: as pyfunc (what is registered and served; its artifact
+    is our weights file) and in MLflow's PyTorch flavor (torch.export "pt2", no pickle) for those
+    who want the module. Returns (pyfunc model URI, PyTorch model URI)."""
     client_for(uri)
     from vae_pipeline import pyfunc
 
@@ -122,7 +178,46 @@ def log_model(uri: str, run_id: str, weights: Path) -> str:
             # Explicit requirements: inferring them costs ~10 s per log.
             pip_requirements=pyfunc.pip_requirements(),
         )
-    return info.model_uri
+        torch_info = _log_pytorch_flavor(weights, example)
+    return info.model_uri, torch_info.model_uri
+
+
+def _log_pytorch_flavor(weights: Path, example: np.ndarray):
+    import mlflow.pytorch
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    from vae_pipeline.train.checkpoint import load_model
+
+    model, _ = load_model(weights)
+    # Batch 2: torch.export makes a size-1 dimension static; this keeps the batch dynamic.
+    batch = np.repeat(example, 2, axis=0)
+    c, h, w = example.shape[1:]
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, c, h, w))]),
+        outputs=Schema(
+            [
+                TensorSpec(np.dtype(np.float32), (-1, c, h, w), "reconstruction"),
+                TensorSpec(np.dtype(np.float32), (-1, model.latent_dim), "mu"),
+                TensorSpec(np.dtype(np.float32), (-1, model.latent_dim), "logvar"),
+            ]
+        ),
+    )
+    return mlflow.pytorch.log_model(
+        model.eval(),
+        name=TORCH_ARTIFACT,
+        signature=signature,
+        input_example=batch,
+        validate_serving_input=False,  # its pyfunc wants one output tensor; ours is a tuple
+        serialization_format="pt2",
+        pip_requirements=_torch_requirements(),
+    )
+
+
+def _torch_requirements() -> list[str]:
+    from vae_pipeline import pyfunc
+
+    return [r for r in pyfunc.pip_requirements() if r.split("==")[0] in ("torch", "numpy")]
 
 
 def _signature(weights: Path):
