@@ -79,7 +79,8 @@ def test_promoting_a_former_challenger_clears_that_alias(store, tmp_path):
     v2 = add_version(client, evidence(2, shift=-1.0))
     promote_if_better(registry_cfg(uri), uri, v1, tmp_path)
     # With a demanding margin v2 is rejected; with the default it is promoted.
-    assert not promote_if_better(registry_cfg(uri, min_improvement_nats=3.0), uri, v2).promoted
+    demanding = registry_cfg(uri, min_improvement_nats=3.0)
+    assert not promote_if_better(demanding, uri, v2, tmp_path).promoted
     assert _alias(client, "challenger") == v2
     assert promote_if_better(registry_cfg(uri), uri, v2, tmp_path).promoted
     assert _alias(client, "champion") == v2 and _alias(client, "challenger") is None

@@ -235,10 +235,10 @@ def test_mlflow_models_serve_answers_a_real_request(registered, server, tmp_path
         images = PreparedSplit(ws / cfg.data.prepared_dir, "test").tensor()[:3]
         x = images.float().numpy() / 255.0
         answers = {}
-        for output in ("latent_mean", "score"):
+        for output in ("latent_mean", "score", "iw_score"):
             response = requests.post(
                 f"http://127.0.0.1:{port}/invocations",
-                json={"inputs": x.tolist(), "params": {"output": output}},
+                json={"inputs": x.tolist(), "params": {"output": output, "k": 8}},
                 timeout=60,
             )
             assert response.status_code == 200, response.text
@@ -246,8 +246,9 @@ def test_mlflow_models_serve_answers_a_real_request(registered, server, tmp_path
         tracking.client_for(server)
         local = mlflow.pyfunc.load_model("models:/conv-vae@champion")
         np.testing.assert_allclose(answers["latent_mean"], local.predict(x), rtol=1e-5, atol=1e-5)
-        expected = local.predict(x, params={"output": "score"})
-        np.testing.assert_allclose(answers["score"], expected, rtol=1e-5)
+        for output in ("score", "iw_score"):
+            expected = local.predict(x, params={"output": output, "k": 8})
+            np.testing.assert_allclose(answers[output], expected, rtol=1e-5)
         assert answers["latent_mean"].shape == (3, cfg.model.latent_dim)
     finally:
         stop(proc)
@@ -258,11 +259,12 @@ RACER = """
 import json, sys
 from vae_pipeline import registry
 from tests.registry_helpers import registry_cfg
-uri, version, go = sys.argv[1:4]
+uri, version, go, workdir = sys.argv[1:5]
 import pathlib, time
 while not pathlib.Path(go).exists():
     time.sleep(0.01)
-decision = registry.promote_if_better(registry_cfg(uri, "race-vae"), uri, version, actor=version)
+cfg = registry_cfg(uri, "race-vae")
+decision = registry.promote_if_better(cfg, uri, version, pathlib.Path(workdir), actor=version)
 print(json.dumps(decision.__dict__))
 """
 
@@ -273,12 +275,12 @@ def test_two_racing_promotions_are_serialised(server, tmp_path):
     v1 = add_version(client, evidence(1), name=name)
     v2 = add_version(client, evidence(2, shift=-1.0), name=name)
     v3 = add_version(client, evidence(3, shift=-2.0), name=name)  # best
-    registry.promote_if_better(registry_cfg(server, name), server, v1, actor="setup")
+    registry.promote_if_better(registry_cfg(server, name), server, v1, tmp_path, actor="setup")
     go = tmp_path / "go"
     repo = Path(__file__).resolve().parents[1]
     racers = [
         subprocess.Popen(
-            [sys.executable, "-c", RACER, server, version, str(go)],
+            [sys.executable, "-c", RACER, server, version, str(go), str(tmp_path)],
             cwd=repo,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -219,6 +219,12 @@ def test_champion_loads_as_pyfunc_and_matches_the_model(runs):
     np.testing.assert_allclose(pyfunc.predict(x), expected, rtol=1e-5, atol=1e-6)
     scores = pyfunc.predict(x, params={"output": "score"})
     assert scores.shape == (5,) and (scores > 0).all()
+    np.testing.assert_array_equal(scores, pyfunc.predict(x, params={"output": "score"}))  # seeded
+    # The IW bound is tighter than the ELBO (Burda et al. 2016), so its score is lower on average.
+    x64 = PreparedSplit(ws / "data/prepared", "test").tensor(0, 64).numpy() / np.float32(255)
+    iw_scores = pyfunc.predict(x64, params={"output": "iw_score", "k": 32})
+    elbo_scores = pyfunc.predict(x64, params={"output": "score"})
+    assert iw_scores.shape == (64,) and iw_scores.mean() < elbo_scores.mean()
     recon = pyfunc.predict(x, params={"output": "reconstruction"})
     assert recon.shape == (5, 1024) and recon.min() >= 0.0 and recon.max() <= 1.0
     with pytest.raises(Exception, match="float32"):  # the signature guards the input type

@@ -3,7 +3,9 @@
 Logged as "models from code" (this file is the model's code, nothing is pickled), and its
 weights are loaded with `torch.load(weights_only=True)`. `predict` takes a float32 array (N, C, H, W) of intensities in [0, 1] and returns, per
 `params={"output": ...}`: "latent_mean" (default, N x latent_dim), "score" (negative ELBO per
-image in nats, the anomaly score) or "reconstruction" (N x C*H*W).
+image in nats, the anomaly score), "iw_score" (negative importance-weighted bound with
+`params={"k": K}` samples, default 64: a tighter anomaly score) or "reconstruction" (N x C*H*W).
+Scores are seeded, so the same images always get the same score.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import mlflow.models
 import mlflow.pyfunc
 import numpy as np
 import torch
+
+DEFAULT_IW_K = 64
 
 
 def pip_requirements() -> list[str]:
@@ -35,21 +39,27 @@ class VAEPyfunc(mlflow.pyfunc.PythonModel):
     # np.ndarray is a hint MLflow accepts without inferring a schema from it; the tensor
     # signature (N, C, H, W) and the `output` param are logged explicitly instead.
     def predict(self, context, model_input: np.ndarray, params: dict | None = None) -> np.ndarray:
-        from vae_pipeline.elbo import elbo_terms
+        from vae_pipeline.elbo import elbo_terms, iw_log_likelihood
 
         output = (params or {}).get("output", "latent_mean")
         x = torch.as_tensor(np.asarray(model_input))
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-        with torch.no_grad():
+        # Seeded in a forked RNG: same images, same scores; the caller's RNG is left alone.
+        with torch.no_grad(), torch.random.fork_rng():
+            torch.manual_seed(0)
             if output == "latent_mean":
                 return self.model.encode(x)[0].numpy()
             if output == "score":
-                torch.manual_seed(0)
                 return (-elbo_terms(self.model, x)["elbo"]).numpy()
+            if output == "iw_score":
+                k = int((params or {}).get("k", DEFAULT_IW_K))
+                if k < 1:
+                    raise ValueError(f"params.k must be >= 1, not {k}")
+                return (-iw_log_likelihood(self.model, x, k, min(k, 64))).numpy()
             if output == "reconstruction":
                 return self.model.decode(self.model.encode(x)[0]).flatten(1).numpy()
         raise ValueError(
-            f"params.output must be latent_mean, score or reconstruction, not {output!r}"
+            f"params.output must be latent_mean, score, iw_score or reconstruction, not {output!r}"
         )
 
 

@@ -90,6 +90,8 @@ def current_eval_key(cfg: Config, workdir: Path) -> str | None:
 def version_tags(metrics: dict) -> dict[str, str]:
     """Evaluation tags of a model version: metrics, the evaluation's settings, its key."""
     tags = {key: repr(float(metrics[key])) for key in METRIC_KEYS if key in metrics}
+    if "active_units" in metrics:
+        tags["active_units"] = str(int(metrics["active_units"]))
     tags["elbo_nll"] = repr(-float(metrics["elbo"]))
     tags["test_data_version"] = str(metrics.get("data_version"))
     for key in ("iw_k", "binarize", "eval_seed", "n_examples"):

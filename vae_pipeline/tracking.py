@@ -229,7 +229,10 @@ def _signature(weights: Path):
     hp = torch.load(weights, map_location="cpu", weights_only=True)["hparams"]
     example = np.zeros((1, hp["in_channels"], hp["image_size"], hp["image_size"]), np.float32)
     output = np.zeros((1, hp["latent_dim"]), np.float32)
-    return infer_signature(example, output, params={"output": "latent_mean"}), example
+    from vae_pipeline.pyfunc import DEFAULT_IW_K
+
+    params = {"output": "latent_mean", "k": DEFAULT_IW_K}
+    return infer_signature(example, output, params=params), example
 
 
 def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
