@@ -172,6 +172,13 @@ def registered(server, tmp_path_factory):
         run_id = tracking.start_run(cfg, server, ws, name, {})
         versions.append(pipeline.register(cfg, run_id, weights, metrics, ws))
         tracking.finish_run(server, run_id)
+    # A retried register step (same run) must return the same version and log nothing new.
+    client = tracking.client_for(server)
+    assert pipeline.register(cfg, run_id, weights, metrics, ws) == versions[-1]
+    assert len(client.search_model_versions("name='conv-vae'")) == 2
+    experiment = client.get_run(run_id).info.experiment_id
+    logged = client.search_logged_models([experiment], f"source_run_id = '{run_id}'")
+    assert sorted(m.name for m in logged) == ["model", "pytorch"]  # logged once, not twice
     return ws, cfg, versions
 
 

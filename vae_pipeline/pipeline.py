@@ -80,6 +80,9 @@ def register(
 ) -> str:
     """Log evaluation + model into the run, register it with lineage tags; returns the version."""
     uri = tracking_uri(cfg, workdir)
+    done = registry.version_of_run(uri, cfg.registry.model_name, run_id)
+    if done is not None:  # a retried step: this run's model is registered already
+        return done
     tracking.log_evaluation(uri, run_id, metrics, workdir / cfg.evaluate.reports_dir)
     model_uri, torch_uri = tracking.log_model(uri, run_id, weights)
     tags = {

@@ -100,15 +100,19 @@ def version_tags(metrics: dict) -> dict[str, str]:
     return tags
 
 
+def version_of_run(uri: str, name: str, run_id: str) -> str | None:
+    """The version of `name` that run `run_id` registered, if any."""
+    try:
+        found = client_for(uri).search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    except MlflowException:
+        return None
+    return str(found[0].version) if found else None
+
+
 def register(uri: str, name: str, model_uri: str, run_id: str, tags: dict[str, str]) -> str:
     """Create a model version (or return the one this run already registered: idempotent)."""
-    client = client_for(uri)
-    try:
-        existing = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
-    except MlflowException:
-        existing = []
-    if existing:
-        version = existing[0].version
+    version = version_of_run(uri, name, run_id)
+    if version is not None:
         log.info("run %s already registered as %s v%s", run_id, name, version)
     else:
         version = mlflow.register_model(
@@ -279,16 +283,12 @@ def _side(mv, metric: str, value: float | None = None) -> dict | None:
 
 
 @dataclass(frozen=True)
-class Decision:
-    promoted: bool
-    reason: str
-    candidate_version: str
-    candidate_value: float
+class Decision(gate.GateResult):
+    """The gate's result for one registered candidate, and what it was compared with."""
+
+    candidate_version: str = ""
     champion_version: str | None = None
-    champion_value: float | None = None
-    mean_diff: float | None = None
-    upper_bound: float | None = None
-    champion_evidence: str | None = None
+    champion_evidence: str | None = None  # "stored" or "re-evaluated"
 
 
 def promote_if_better(
@@ -321,7 +321,9 @@ def promote_if_better(
     for _attempt in range(5):
         incumbent = champion(client, name)
         if incumbent is not None and str(incumbent.version) == str(version):
-            return Decision(True, "already champion", str(version), float(cand_values.mean()))
+            return Decision(
+                True, "already champion", float(cand_values.mean()), candidate_version=str(version)
+            )
         champ_values, source = None, None
         if incumbent is not None:
             champ_values, _, source = per_example(cfg, uri, incumbent, workdir, key)
@@ -332,15 +334,10 @@ def promote_if_better(
                 continue
             result = gate.decide(cand_values, champ_values, cand_active, cfg.promotion)
             decision = Decision(
-                result.promoted,
-                result.reason,
-                str(version),
-                result.candidate_value,
-                None if incumbent is None else str(incumbent.version),
-                result.champion_value,
-                result.mean_diff,
-                result.upper_bound,
-                source,
+                **asdict(result),
+                candidate_version=str(version),
+                champion_version=None if incumbent is None else str(incumbent.version),
+                champion_evidence=source,
             )
             _apply(client, name, cfg, decision, candidate, incumbent, actor)
             return decision
