@@ -89,3 +89,69 @@ def test_iw_chunks_give_the_same_estimate_as_one_pass():
             logw.append(lw.double())
         expected = torch.logsumexp(torch.stack(logw), 0) - math.log(12)
     torch.testing.assert_close(chunked.double(), expected, rtol=1e-5, atol=1e-3)
+
+
+class LinearGaussianVAE(torch.nn.Module):
+    """p(z) = N(0, I), p(x|z) = N(Wz + b, s^2 I), so p(x) = N(b, W W^T + s^2 I) exactly.
+
+    `posterior_scale` = 1 gives the exact posterior q(z|x) = p(z|x); other values a wrong one.
+    """
+
+    def __init__(self, d: int = 6, latent: int = 3, s: float = 0.5, posterior_scale: float = 1.0):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.w = torch.randn(d, latent, generator=gen, dtype=torch.float64)
+        self.b = torch.randn(d, generator=gen, dtype=torch.float64)
+        self.s = s
+        self.scale = posterior_scale
+        precision = torch.eye(latent, dtype=torch.float64) + self.w.T @ self.w / s**2
+        self.post_cov = torch.linalg.inv(precision)
+
+    def encode(self, x):
+        mu = (x - self.b) @ self.w @ self.post_cov.T / self.s**2
+        var = torch.diagonal(self.post_cov) * self.scale  # diagonal part of the posterior
+        return mu * self.scale, var.log().expand_as(mu)
+
+    def decode_logits(self, z):  # here: the mean of p(x|z)
+        return z @ self.w.T + self.b
+
+    def log_likelihood(self, mean, x):
+        return torch.distributions.Normal(mean, self.s).log_prob(x).sum(dim=-1)
+
+    def exact_log_px(self, x):
+        cov = self.w @ self.w.T + self.s**2 * torch.eye(len(self.b), dtype=torch.float64)
+        return torch.distributions.MultivariateNormal(self.b, cov).log_prob(x)
+
+
+def test_iw_bound_on_a_linear_gaussian_model_approaches_the_exact_log_likelihood():
+    model = LinearGaussianVAE(posterior_scale=0.8)  # a deliberately poor posterior
+    torch.manual_seed(0)
+    x = torch.distributions.MultivariateNormal(
+        model.b, model.w @ model.w.T + 0.25 * torch.eye(6, dtype=torch.float64)
+    ).sample(
+        (200,),
+    )
+    exact = model.exact_log_px(x).mean().item()
+    bounds = {}
+    for k in (1, 10, 100, 2000):
+        torch.manual_seed(k)
+        iw = iw_log_likelihood(model, x, k, chunk=500, log_likelihood=model.log_likelihood)
+        bounds[k] = iw.mean().item()
+    # Monotone in K (Burda et al. 2016, Theorem 1) and never above log p(x) beyond MC error.
+    assert bounds[1] < bounds[10] < bounds[100] < bounds[2000]
+    assert bounds[2000] <= exact + 0.01
+    assert exact - bounds[2000] < 0.05 * (exact - bounds[1])  # the gap closes as K grows
+
+
+def test_iw_bound_with_the_exact_posterior_is_exact_for_any_k():
+    # With a diagonal exact posterior every importance weight equals p(x): log-mean-exp of
+    # identical values is exact, so even K = 1 gives log p(x) up to float error.
+    model = LinearGaussianVAE(d=4, latent=2, s=0.7)
+    model.w = torch.tensor([[1.5, 0.0], [0.0, -0.8], [0.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
+    model.post_cov = torch.linalg.inv(
+        torch.eye(2, dtype=torch.float64) + model.w.T @ model.w / 0.49
+    )
+    x = torch.randn(50, 4, dtype=torch.float64)
+    for k in (1, 7):
+        iw = iw_log_likelihood(model, x, k, chunk=3, log_likelihood=model.log_likelihood)
+        torch.testing.assert_close(iw, model.exact_log_px(x), rtol=0, atol=1e-9)

@@ -8,6 +8,7 @@ log p(x) >= E[log (1/K) sum_k p(x, z_k) / q(z_k | x)]).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -60,13 +61,21 @@ def elbo_terms(model, x: torch.Tensor, eps: torch.Tensor | None = None) -> dict[
 
 @torch.no_grad()
 def iw_log_likelihood(
-    model, x: torch.Tensor, k: int, chunk: int = 16, mu_logvar=None
+    model,
+    x: torch.Tensor,
+    k: int,
+    chunk: int = 16,
+    mu_logvar=None,
+    log_likelihood: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = (
+        bernoulli_log_likelihood
+    ),
 ) -> torch.Tensor:
     """Importance-weighted lower bound on log p(x) per example with K posterior samples.
 
     log p(x) >= log (1/K) sum_k exp(log p(x|z_k) + log p(z_k) - log q(z_k|x)), z_k ~ q(z|x)
     (Burda et al. 2016, eq. 8). Samples are drawn `chunk` at a time and decoded in one batched
     pass; the log-mean-exp is accumulated across chunks, so memory is bounded by chunk, not K.
+    `log_likelihood(decoder_output, x)` gives log p(x|z) per example (Bernoulli on logits here).
     """
     mu, logvar = mu_logvar if mu_logvar is not None else model.encode(x)
     batch = x.shape[0]
@@ -79,7 +88,7 @@ def iw_log_likelihood(
         z = mu.unsqueeze(0) + eps * std.unsqueeze(0)  # (n, batch, latent)
         logits = model.decode_logits(z.reshape(n * batch, -1))
         x_rep = x.unsqueeze(0).expand(n, *x.shape).reshape(n * batch, *x.shape[1:])
-        log_px_z = bernoulli_log_likelihood(logits, x_rep).view(n, batch)
+        log_px_z = log_likelihood(logits, x_rep).view(n, batch)
         log_w = log_px_z + log_standard_normal(z) - log_normal_diag(z, mu, logvar)
         log_w_chunks.append(torch.logsumexp(log_w, dim=0))
         done += n
