@@ -47,12 +47,15 @@ run: install data  ## the retrain flow on params.yaml (ingest -> prepare -> trai
 test: install data  ## the test suite
 	$(BIN)/python -m pytest -q
 
+bench: install  ## benchmarks (see docs/benchmarks.md); not part of the tests
+	$(BIN)/python bench/eval_throughput.py
+
 lint: install  ## ruff check + format check
-	$(BIN)/ruff check vae_pipeline flows tests
-	$(BIN)/ruff format --check vae_pipeline flows tests
+	$(BIN)/ruff check vae_pipeline flows tests bench
+	$(BIN)/ruff format --check vae_pipeline flows tests bench
 
 format: install
-	$(BIN)/ruff format vae_pipeline flows tests
+	$(BIN)/ruff format vae_pipeline flows tests bench
 	$(BIN)/ruff check --fix vae_pipeline flows tests
 
 clean:  ## remove run outputs (keeps .venv, the DVC cache and the MLflow store)

@@ -1,0 +1,84 @@
+"""Evaluation throughput: test images/s of the ELBO + IW evaluation at several K and chunk sizes.
+
+    python bench/eval_throughput.py                      # demo model (1x32x32, latent 32)
+    python bench/eval_throughput.py --k 1 1000 --chunk 16 128 --images 100
+
+Side by side in one run: a plain fp32 matmul (this machine's GEMM rate), then
+`evaluate.per_example_terms` on random uint8 images (throughput does not depend on content) for
+each (K, chunk). For each it reports images/s, the decoder FLOP rate as a fraction of the GEMM
+rate, and the extrapolated time for the 10,000 Fashion-MNIST test images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from datetime import date
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from vae_pipeline.config import EvaluateConfig
+from vae_pipeline.evaluate import per_example_terms
+from vae_pipeline.model import ConvVAE
+
+
+def gemm_gflops(n: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def decoder_flops_per_sample(model: ConvVAE) -> float:
+    z = torch.randn(64, model.latent_dim)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.decode_logits(z)
+    return counter.get_total_flops() / 64
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--images", type=int, default=200, help="images per measurement (default 200)")
+    p.add_argument("--k", type=int, nargs="+", default=[1, 16, 1000], help="IW sample counts")
+    p.add_argument("--chunk", type=int, nargs="+", default=[16, 128], help="iw_chunk values")
+    p.add_argument("--latent-dim", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=32)
+    args = p.parse_args()
+
+    torch.manual_seed(0)
+    model = ConvVAE(1, args.image_size, args.latent_dim).eval()
+    images = torch.randint(0, 256, (args.images, 1, args.image_size, args.image_size))
+    images = images.to(torch.uint8)
+    peak = gemm_gflops()
+    flops = decoder_flops_per_sample(model)
+    print(
+        f"# {date.today()}  {platform.processor() or platform.machine()}  "
+        f"{torch.get_num_threads()} threads  torch {torch.__version__}"
+    )
+    print(f"# fp32 GEMM {peak:.0f} GFLOP/s; decoder {flops / 1e6:.1f} MFLOP per sample")
+    print("| K | iw_chunk | images/s | decoder GFLOP/s | of GEMM rate | 10k test images |")
+    print("|---|---|---|---|---|---|")
+    for k in args.k:
+        for chunk in args.chunk if k > 1 else [1]:
+            ecfg = EvaluateConfig(iw_samples=k, iw_chunk=chunk, batch_size=100)
+            n = args.images if k < 100 else max(20, args.images // 10)
+            per_example_terms(model, images[:20], ecfg, torch.device("cpu"))  # warm-up
+            start = time.perf_counter()
+            per_example_terms(model, images[:n], ecfg, torch.device("cpu"))
+            seconds = time.perf_counter() - start
+            rate = n / seconds
+            # k IW samples + 1 ELBO sample decoded per image
+            gflops = rate * (k + 1) * flops / 1e9
+            print(
+                f"| {k} | {chunk} | {rate:.1f} | {gflops:.0f} | {gflops / peak:.0%} "
+                f"| {10_000 / rate / 60:.1f} min |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
