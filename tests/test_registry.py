@@ -53,7 +53,12 @@ def test_promote_reject_rollback_and_the_history(store, tmp_path):
     with pytest.raises(PromotionError, match="no previous-champion alias; pass --to VERSION"):
         rollback(cfg, uri, "again", actor="oncall")
     rollback(cfg, uri, "consumer fixed", to_version=v2, actor="oncall")
-    # Restoring v2 restores what preceded it in the history, too.
+    # A chosen version: the champion it replaced is the one a plain rollback returns to.
+    assert (_alias(client, "champion"), _alias(client, "previous-champion")) == (v2, v1)
+    rollback(cfg, uri, "try the challenger", to_version=v4, actor="oncall")
+    assert (_alias(client, "champion"), _alias(client, "previous-champion")) == (v4, v2)
+    assert _alias(client, "challenger") is None  # v4 is the champion now, not a challenger
+    rollback(cfg, uri, "undo", actor="oncall")
     assert (_alias(client, "champion"), _alias(client, "previous-champion")) == (v2, v1)
 
     events = history(client, NAME)
@@ -64,6 +69,8 @@ def test_promote_reject_rollback_and_the_history(store, tmp_path):
         (4, "reject", v4, v2),
         (5, "rollback", v1, v2),
         (6, "rollback", v2, v1),
+        (7, "rollback", v4, v2),
+        (8, "rollback", v2, v4),
     ]
     assert events[1]["by"] == "tester" and events[4]["by"] == "oncall"
     assert events[4]["reason"] == "v2 breaks a consumer"

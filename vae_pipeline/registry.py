@@ -393,8 +393,9 @@ def rollback(
 ) -> dict:
     """Move `champion` back to `previous-champion` (or to `to_version`); recorded in history.
 
-    Afterwards `previous-champion` points at the champion that preceded the restored one (from
-    the history), or is removed when there was none.
+    Afterwards `previous-champion` is, for a plain rollback, the champion that preceded the
+    restored one in the history (so repeated rollbacks walk back), or none; for `to_version`, the
+    champion it replaced (so a plain rollback undoes it). A restored challenger loses that alias.
     """
     name = cfg.registry.model_name
     client = client_for(uri)
@@ -415,16 +416,24 @@ def rollback(
             target = client.get_model_version(name, str(to_version))
         if str(target.version) == str(current.version):
             raise PromotionError(f"{name} v{target.version} is already the champion")
-        before = None
-        for event in reversed(history(client, name)):
-            if event.get("action") == "promote" and event.get("version") == str(target.version):
-                before = event.get("from_champion")
-                break
+        if to_version is not None:
+            # A chosen version: the champion it replaces is the one to come back to.
+            before = str(current.version)
+        else:
+            # Walking back: what preceded the restored champion, per the history.
+            before = None
+            for event in reversed(history(client, name)):
+                if event.get("action") == "promote" and event.get("version") == str(target.version):
+                    before = event.get("from_champion")
+                    break
         client.set_registered_model_alias(name, CHAMPION, str(target.version))
         if before and before != str(target.version):
             client.set_registered_model_alias(name, PREVIOUS, before)
         elif alias_version(client, name, PREVIOUS) is not None:
             client.delete_registered_model_alias(name, PREVIOUS)
+        held = alias_version(client, name, CHALLENGER)
+        if held is not None and str(held.version) == str(target.version):
+            client.delete_registered_model_alias(name, CHALLENGER)
         client.set_model_version_tag(name, str(current.version), "rolled_back_at", _now())
         metric = cfg.promotion.metric
         return _record(
