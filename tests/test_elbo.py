@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
@@ -155,3 +156,26 @@ def test_iw_bound_with_the_exact_posterior_is_exact_for_any_k():
     for k in (1, 7):
         iw = iw_log_likelihood(model, x, k, chunk=3, log_likelihood=model.log_likelihood)
         torch.testing.assert_close(iw, model.exact_log_px(x), rtol=0, atol=1e-9)
+
+
+def test_mutual_information_of_a_gaussian_channel_matches_the_closed_form():
+    # x ~ N(0, 1), q(z|x) = N(a x, s^2): I(x; z) = 0.5 log(1 + a^2 / s^2).
+    from vae_pipeline.elbo import mutual_information
+
+    gen = torch.Generator().manual_seed(0)
+    n, a, s = 4000, 2.0, 0.5
+    x = torch.randn(n, 1, generator=gen, dtype=torch.float64)
+    mu, logvar = a * x, torch.full((n, 1), math.log(s**2), dtype=torch.float64)
+    eps = torch.randn(n, 1, generator=gen, dtype=torch.float64)
+    exact = 0.5 * math.log(1 + a**2 / s**2)
+    assert mutual_information(mu, logvar, eps) == pytest.approx(exact, abs=0.05)
+
+
+def test_mutual_information_is_zero_when_the_posterior_ignores_x():
+    from vae_pipeline.elbo import mutual_information
+
+    gen = torch.Generator().manual_seed(0)
+    mu = torch.full((500, 4), 0.3, dtype=torch.float64)
+    logvar = torch.zeros(500, 4, dtype=torch.float64)
+    eps = torch.randn(500, 4, generator=gen, dtype=torch.float64)
+    assert mutual_information(mu, logvar, eps) == pytest.approx(0.0, abs=1e-12)

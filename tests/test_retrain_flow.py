@@ -59,7 +59,18 @@ def test_run_holds_params_epoch_metrics_evaluation_and_pictures(runs):
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1]
     assert run.data.metrics["test_iw_nll"] == pytest.approx(first["metrics"]["iw_nll"])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "reports")}
-    assert {"reports/recon.png", "reports/samples.png", "reports/metrics.json"} <= artifacts
+    assert {
+        "reports/recon.png",
+        "reports/samples.png",
+        "reports/interpolation.png",
+        "reports/traversal.png",
+        "reports/kl_per_dim.png",
+        "reports/metrics.json",
+        "reports/summary.md",
+        "reports/per_example_iw_nll.npy",
+    } <= artifacts
+    assert run.data.tags["mlflow.note.content"].startswith("Test data version")
+    assert run.data.metrics["test_mutual_info"] >= 0.0
 
 
 def test_metrics_json_and_grids_on_disk(runs):

@@ -74,6 +74,7 @@ class EvaluateConfig(_Section):
     active_unit_threshold: float = Field(0.01, gt=0.0)
     n_samples: int = Field(64, ge=1, le=1024)
     reports_dir: str = "reports"
+    mi_examples: int = Field(2000, ge=2, le=20000)
     binarize: Literal["none", "fixed", "dynamic"] = "none"
     """How [0, 1] intensities meet the Bernoulli likelihood: as they are, thresholded at 0.5,
     or sampled once (seeded). Recorded with the metrics: published NLLs differ by it."""

@@ -93,3 +93,29 @@ def iw_log_likelihood(
         log_w_chunks.append(torch.logsumexp(log_w, dim=0))
         done += n
     return torch.logsumexp(torch.stack(log_w_chunks), dim=0) - math.log(k)
+
+
+@torch.no_grad()
+def mutual_information(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) -> float:
+    """Estimate of I(x; z) under q(x, z) = p_data(x) q(z|x), from the posteriors of N examples.
+
+    I = E[log q(z|x)] - E[log q(z)], with z_i = mu_i + sigma_i * eps_i one sample per example and
+    the aggregate posterior q(z_i) ~= (1/N) sum_j q(z_i | x_j) (Hoffman & Johnson 2016; He et
+    al. 2019, "Lagging inference networks"). Near 0 means posterior collapse; it cannot exceed
+    log N, so use enough examples. Cost O(N^2 * D), memory bounded by row chunks.
+    """
+    n = mu.shape[0]
+    z = mu + torch.exp(0.5 * logvar) * eps
+    log_q_own = log_normal_diag(z, mu, logvar)
+    # log q(z_i | x_j) for all pairs, `rows` samples at a time (memory rows x N x D)
+    rows = max(1, 2**22 // max(1, n * mu.shape[1]))
+    log_q_aggregate = torch.cat(
+        [
+            torch.logsumexp(
+                log_normal_diag(z[i : i + rows].unsqueeze(1), mu.unsqueeze(0), logvar.unsqueeze(0)),
+                dim=1,
+            )
+            for i in range(0, n, rows)
+        ]
+    ) - math.log(n)
+    return float((log_q_own - log_q_aggregate).mean())

@@ -19,7 +19,12 @@ from torchvision.utils import save_image
 
 from vae_pipeline.config import Config, EvaluateConfig
 from vae_pipeline.data.dataset import PreparedSplit, to_unit_float
-from vae_pipeline.elbo import iw_log_likelihood, terms_from_outputs
+from vae_pipeline.elbo import (
+    gaussian_kl_per_dim,
+    iw_log_likelihood,
+    mutual_information,
+    terms_from_outputs,
+)
 from vae_pipeline.model import ConvVAE
 
 log = logging.getLogger(__name__)
@@ -47,7 +52,14 @@ def per_example_terms(
 ) -> dict[str, np.ndarray]:
     """recon, kl, elbo (one posterior sample) and the IW bound for every image; plus mu."""
     model.eval().to(device)
-    out: dict[str, list] = {"recon": [], "kl": [], "elbo": [], "iw_log_px": [], "mu": []}
+    out: dict[str, list] = {
+        "recon": [],
+        "kl": [],
+        "elbo": [],
+        "iw_log_px": [],
+        "mu": [],
+        "logvar": [],
+    }
     # Own RNG stream: the same seed gives the same numbers, whatever ran before.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(ecfg.seed)
@@ -61,12 +73,30 @@ def per_example_terms(
                 out[key].append(terms[key].double().cpu())
             out["iw_log_px"].append(iw.double().cpu())
             out["mu"].append(mu.double().cpu())
+            out["logvar"].append(logvar.double().cpu())
     return {k: torch.cat(v).numpy() for k, v in out.items()}
 
 
 def per_example_metrics(terms: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The promotion metrics per test example (lower is better), in test-split order."""
     return {"iw_nll": -terms["iw_log_px"], "elbo_nll": -terms["elbo"]}
+
+
+def kl_per_dim(terms: dict[str, np.ndarray]) -> np.ndarray:
+    """Mean KL(q(z_u|x) || N(0, 1)) over test examples, per latent unit u (nats)."""
+    mu, logvar = (torch.from_numpy(terms[k]) for k in ("mu", "logvar"))
+    return gaussian_kl_per_dim(mu, logvar).mean(dim=0).numpy()
+
+
+def mutual_info(terms: dict[str, np.ndarray], ecfg: EvaluateConfig) -> float:
+    """I(x; z) estimate (nats) on up to `evaluate.mi_examples` test examples (seeded subset)."""
+    mu, logvar = (torch.from_numpy(terms[k]) for k in ("mu", "logvar"))
+    gen = torch.Generator().manual_seed(ecfg.seed)
+    if len(mu) > ecfg.mi_examples:
+        keep = torch.randperm(len(mu), generator=gen)[: ecfg.mi_examples]
+        mu, logvar = mu[keep], logvar[keep]
+    eps = torch.randn(mu.shape, generator=gen, dtype=mu.dtype)
+    return mutual_information(mu, logvar, eps)
 
 
 def summarize(terms: dict[str, np.ndarray], ecfg: EvaluateConfig, dims: int) -> dict:
@@ -84,6 +114,8 @@ def summarize(terms: dict[str, np.ndarray], ecfg: EvaluateConfig, dims: int) -> 
         "recon_stderr": _stderr(terms["recon"]),
         "kl_stderr": _stderr(terms["kl"]),
         "iw_nll_stderr": _stderr(iw_nll),
+        "kl_per_dim": [float(v) for v in kl_per_dim(terms)],
+        "mutual_info": mutual_info(terms, ecfg),
         "iw_k": ecfg.iw_samples,
         "binarize": ecfg.binarize,
         "eval_seed": ecfg.seed,
@@ -120,6 +152,85 @@ def save_grids(
         pad_value=0.5,
     )
     return paths
+
+
+@torch.no_grad()
+def save_latent_pictures(
+    model: ConvVAE,
+    images: torch.Tensor,
+    kl_dims: np.ndarray,
+    out_dir: Path,
+    device: torch.device,
+    steps: int = 9,
+) -> dict[str, Path]:
+    """interpolation.png: decoded straight lines between the latent means of test-image pairs
+    (rows; inputs at both ends); traversal.png: one row per most-informative unit (by KL),
+    that unit swept over -3..3 around the first test image's latent mean."""
+    model.eval().to(device)
+    x = to_unit_float(images[: min(8, len(images))].to(device))
+    mu, _ = model.encode(x)
+    t = torch.linspace(0, 1, steps, device=device).view(1, steps, 1)
+    pairs = max(1, len(mu) // 2)
+    start, end = mu[:pairs], mu[pairs : 2 * pairs] if len(mu) > 1 else mu[:1]
+    path = start.unsqueeze(1) * (1 - t) + end.unsqueeze(1) * t  # (pairs, steps, latent)
+    decoded = model.decode(path.reshape(-1, mu.shape[1])).view(pairs, steps, *x.shape[1:])
+    ends_a, ends_b = x[:pairs].unsqueeze(1), x[pairs : 2 * pairs].unsqueeze(1)
+    if len(mu) == 1:
+        ends_b = ends_a
+    rows = torch.cat([ends_a, decoded, ends_b], dim=1).reshape(-1, *x.shape[1:])
+    paths = {"interpolation": out_dir / "interpolation.png", "traversal": out_dir / "traversal.png"}
+    save_image(_upscale(rows), paths["interpolation"], nrow=steps + 2, padding=2, pad_value=0.5)
+    units = np.argsort(-kl_dims)[: min(8, len(kl_dims))]
+    values = torch.linspace(-3, 3, steps, device=device)
+    z = mu[:1].repeat(len(units) * steps, 1)
+    for row, unit in enumerate(units):
+        z[row * steps : (row + 1) * steps, int(unit)] = values
+    save_image(_upscale(model.decode(z)), paths["traversal"], nrow=steps, padding=2, pad_value=0.5)
+    return paths
+
+
+def plot_kl_per_dim(kl_dims: np.ndarray, threshold_units: int, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(4, len(kl_dims) * 0.2 + 2), 3.5))
+    ax.bar(range(len(kl_dims)), kl_dims, color="tab:blue")
+    ax.set_xlabel("latent unit")
+    ax.set_ylabel("KL (nats per example)")
+    ax.set_title(f"KL per latent unit ({threshold_units} active)")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def summary_markdown(metrics: dict) -> str:
+    """The evaluation as a Markdown table (a Prefect artifact, a PR comment, the run's notes)."""
+    rows = [
+        ("ELBO", "elbo", "nats/example"),
+        ("reconstruction", "recon", "nats/example"),
+        ("KL", "kl", "nats/example"),
+        (f"IW NLL (K={metrics.get('iw_k')})", "iw_nll", "nats/example"),
+        ("bits/dim", "bits_per_dim", "bits"),
+        ("mutual information I(x;z)", "mutual_info", "nats"),
+        ("active units", "active_units", "units"),
+    ]
+    lines = [
+        f"Test data version `{metrics.get('data_version')}`, {metrics.get('n_examples')} images, "
+        f"binarize `{metrics.get('binarize')}`, seed {metrics.get('eval_seed')}.",
+        "",
+        "| metric | value | stderr | unit |",
+        "|---|---|---|---|",
+    ]
+    for label, key, unit in rows:
+        stderr = metrics.get(f"{key}_stderr")
+        shown = f"{stderr:.3g}" if isinstance(stderr, float) and math.isfinite(stderr) else ""
+        value = metrics[key]
+        lines.append(f"| {label} | {value:.4g} | {shown} | {unit} |")
+    return "\n".join(lines) + "\n"
 
 
 def _upscale(x: torch.Tensor, min_side: int = 64) -> torch.Tensor:
@@ -164,7 +275,8 @@ def evaluate(
     history: list[dict] | None = None,
     device: torch.device = torch.device("cpu"),
 ) -> dict:
-    """Evaluate on the prepared test split; write reports/metrics.json and the PNGs."""
+    """Evaluate on the prepared test split; write reports/metrics.json, per-example values,
+    summary.md and the pictures (recon, samples, interpolation, traversal, kl_per_dim, loss)."""
     test = PreparedSplit(workdir / cfg.data.prepared_dir, "test")
     images = test.tensor()
     t0 = time.perf_counter()
@@ -179,6 +291,10 @@ def evaluate(
     for key, values in per_example_metrics(terms).items():
         np.save(reports / f"per_example_{key}.npy", values)
     save_grids(model, images, cfg.evaluate, reports, device)
+    kl_dims = np.asarray(metrics["kl_per_dim"])
+    save_latent_pictures(model, images, kl_dims, reports, device)
+    plot_kl_per_dim(kl_dims, metrics["active_units"], reports / "kl_per_dim.png")
+    (reports / "summary.md").write_text(summary_markdown(metrics))
     if history:
         plot_loss_curves(history, reports / "loss_curve.png")
     log.info(

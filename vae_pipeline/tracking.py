@@ -141,22 +141,23 @@ class EpochLogger:
 
 
 def log_evaluation(uri: str, run_id: str, metrics: dict, reports_dir: Path) -> None:
-    """Test metrics (prefixed `test_`) and the report files."""
+    """Test metrics (prefixed `test_`), the report files, and summary.md as the run's notes."""
     client = MlflowClient(tracking_uri=uri)
     now = int(time.time() * 1000)
     numeric = {
         k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and np.isfinite(v)
     }
+    tags = [RunTag("test_data_version", str(metrics.get("data_version")))]
+    summary = reports_dir / "summary.md"
+    if summary.is_file():  # shown as the run's description in the MLflow UI
+        tags.append(RunTag("mlflow.note.content", summary.read_text()))
     client.log_batch(
         run_id,
         metrics=[Metric(f"test_{k}", v, now, 0) for k, v in numeric.items()],
-        tags=[RunTag("test_data_version", str(metrics.get("data_version")))],
+        tags=tags,
     )
-    names = ["metrics.json", "recon.png", "samples.png", "loss_curve.png"]
-    names += [p.name for p in sorted(reports_dir.glob("per_example_*.npy"))]
-    for name in names:
-        path = reports_dir / name
-        if path.is_file():
+    for pattern in ("metrics.json", "summary.md", "*.png", "per_example_*.npy"):
+        for path in sorted(reports_dir.glob(pattern)):
             client.log_artifact(run_id, str(path), artifact_path="reports")
 
 
