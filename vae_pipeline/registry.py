@@ -33,6 +33,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -59,13 +60,12 @@ class PromotionError(RuntimeError):
 # --- registration ------------------------------------------------------------------------------
 
 
-def eval_key(metrics_or_tags: dict) -> str:
+def eval_key(metrics: dict) -> str:
     """What must match for two evaluations to be paired example by example."""
-    m = metrics_or_tags
+    m = metrics
     return (
-        f"data={m.get('data_version') if 'data_version' in m else m.get('test_data_version')}"
-        f"|K={m.get('iw_k')}|binarize={m.get('binarize')}|seed={m.get('eval_seed')}"
-        f"|n={m.get('n_examples')}"
+        f"data={m.get('data_version')}|K={m.get('iw_k')}|binarize={m.get('binarize')}"
+        f"|seed={m.get('eval_seed')}|n={m.get('n_examples')}"
     )
 
 
@@ -163,8 +163,6 @@ def per_example(cfg: Config, uri: str, mv, workdir: Path, key: str) -> tuple[np.
     model, _ = load_model(download_weights(uri, f"models:/{mv.name}/{mv.version}"))
     test = PreparedSplit(workdir / cfg.data.prepared_dir, "test")
     images = test.tensor()
-    import torch
-
     terms = per_example_terms(model, images, cfg.evaluate, torch.device("cpu"))
     summary = summarize(terms, cfg.evaluate, int(images[0].numel()))
     return per_example_metrics(terms)[metric], int(summary["active_units"]), "re-evaluated"
