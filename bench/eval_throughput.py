@@ -3,10 +3,12 @@
     python bench/eval_throughput.py                      # demo model (1x32x32, latent 32)
     python bench/eval_throughput.py --k 1 1000 --chunk 16 128 --images 100
 
-Side by side in one run: a plain fp32 matmul (this machine's GEMM rate), then
-`evaluate.per_example_terms` on random uint8 images (throughput does not depend on content) for
-each (K, chunk). For each it reports images/s, the decoder FLOP rate as a fraction of the GEMM
-rate, and the extrapolated time for the 10,000 Fashion-MNIST test images.
+Side by side in one run: a plain fp32 matmul (this machine's GEMM rate); the decoder alone,
+`model.decode_logits` (what training runs) against `model.inference_decoder()` (what evaluation
+runs: first two layers fused, channels_last); then `evaluate.per_example_terms` on random uint8
+images (throughput does not depend on content) for each (K, chunk). For each it reports
+images/s, the decoder FLOP rate as a fraction of the GEMM rate, and the extrapolated time for
+the 10,000 Fashion-MNIST test images.
 """
 
 from __future__ import annotations
@@ -33,11 +35,20 @@ def gemm_gflops(n: int = 2048, repeats: int = 10) -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
-def decoder_flops_per_sample(model: ConvVAE) -> float:
-    z = torch.randn(64, model.latent_dim)
+def decoder_flops_per_sample(decode, latent_dim: int) -> float:
+    z = torch.randn(64, latent_dim)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model.decode_logits(z)
+        decode(z)
     return counter.get_total_flops() / 64
+
+
+def samples_per_s(decode, z: torch.Tensor, repeats: int = 5) -> float:
+    with torch.inference_mode():
+        decode(z)  # warm-up
+        start = time.perf_counter()
+        for _ in range(repeats):
+            decode(z)
+    return repeats * len(z) / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -46,6 +57,7 @@ def main() -> None:
     p.add_argument("--k", type=int, nargs="+", default=[1, 16, 1000], help="IW sample counts")
     p.add_argument("--chunk", type=int, nargs="+", default=[16, 128], help="iw_chunk values")
     p.add_argument("--latent-dim", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=100, help="evaluate.batch_size")
     p.add_argument("--image-size", type=int, default=32)
     args = p.parse_args()
 
@@ -54,25 +66,40 @@ def main() -> None:
     images = torch.randint(0, 256, (args.images, 1, args.image_size, args.image_size))
     images = images.to(torch.uint8)
     peak = gemm_gflops()
-    flops = decoder_flops_per_sample(model)
+    flops = decoder_flops_per_sample(model.decode_logits, args.latent_dim)
+    fast_flops = decoder_flops_per_sample(model.inference_decoder(), args.latent_dim)
     print(
         f"# {date.today()}  {platform.processor() or platform.machine()}  "
         f"{torch.get_num_threads()} threads  torch {torch.__version__}"
     )
-    print(f"# fp32 GEMM {peak:.0f} GFLOP/s; decoder {flops / 1e6:.1f} MFLOP per sample")
+    print(
+        f"# fp32 GEMM {peak:.0f} GFLOP/s; decoder {flops / 1e6:.1f} MFLOP per sample, "
+        f"inference decoder {fast_flops / 1e6:.1f}"
+    )
+    z = torch.randn(1600, args.latent_dim)
+    plain = samples_per_s(model.decode_logits, z)
+    fast = samples_per_s(model.inference_decoder(), z)
+    print("| decoder (batch 1600) | samples/s | GFLOP/s | of GEMM rate |")
+    print("|---|---|---|---|")
+    for label, rate, f in (
+        ("decode_logits", plain, flops),
+        ("inference_decoder", fast, fast_flops),
+    ):
+        print(f"| {label} | {rate:.0f} | {rate * f / 1e9:.0f} | {rate * f / 1e9 / peak:.0%} |")
+    print(f"# inference_decoder / decode_logits: {fast / plain:.2f}x\n")
     print("| K | iw_chunk | images/s | decoder GFLOP/s | of GEMM rate | 10k test images |")
     print("|---|---|---|---|---|---|")
     for k in args.k:
         for chunk in args.chunk if k > 1 else [1]:
-            ecfg = EvaluateConfig(iw_samples=k, iw_chunk=chunk, batch_size=100)
+            ecfg = EvaluateConfig(iw_samples=k, iw_chunk=chunk, batch_size=args.batch_size)
             n = args.images if k < 100 else max(20, args.images // 10)
             per_example_terms(model, images[:20], ecfg, torch.device("cpu"))  # warm-up
             start = time.perf_counter()
             per_example_terms(model, images[:n], ecfg, torch.device("cpu"))
             seconds = time.perf_counter() - start
             rate = n / seconds
-            # k IW samples + 1 ELBO sample decoded per image
-            gflops = rate * (k + 1) * flops / 1e9
+            # k IW samples + 1 ELBO sample decoded per image, by the inference decoder
+            gflops = rate * (k + 1) * fast_flops / 1e9
             print(
                 f"| {k} | {chunk} | {rate:.1f} | {gflops:.0f} | {gflops / peak:.0%} "
                 f"| {10_000 / rate / 60:.1f} min |",

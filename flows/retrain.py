@@ -17,10 +17,12 @@ from vae_pipeline.config import Config, apply_quiet_offline_defaults, load_confi
 apply_quiet_offline_defaults()  # Prefect reads its settings at import
 
 from prefect import flow, task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
 
 from vae_pipeline import pipeline, tracking, versioning  # noqa: E402
+from vae_pipeline.evaluate import summary_markdown  # noqa: E402
 from vae_pipeline.registry import decision_dict  # noqa: E402
 
 # Network-touching steps retry; training does not (a divergence would only diverge again).
@@ -60,9 +62,19 @@ def train(cfg: Config, workdir: Path, out_dir: Path, run_id: str) -> Path:
     return pipeline.train(cfg, workdir, out_dir, run_id)
 
 
+EVALUATION_ARTIFACT = "evaluation-summary"
+
+
 @task(name="evaluate", **LOCAL)
 def evaluate(cfg: Config, workdir: Path, out_dir: Path) -> dict:
-    return pipeline.evaluate_model(cfg, str(out_dir), workdir)
+    """Evaluate; the metrics table (reports/summary.md) becomes the run's Markdown artifact."""
+    metrics = pipeline.evaluate_model(cfg, str(out_dir), workdir)
+    create_markdown_artifact(
+        key=EVALUATION_ARTIFACT,
+        markdown=f"# {cfg.registry.model_name}: test evaluation\n\n{summary_markdown(metrics)}",
+        description="ELBO components, IW NLL, bits/dim, I(x;z), active units, with stderrs",
+    )
+    return metrics
 
 
 @task(name="register", **NETWORK)

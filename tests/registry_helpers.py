@@ -33,6 +33,7 @@ def add_version(
     active_units: int = 8,
     key: str = KEY,
     name: str = NAME,
+    likelihood: str | None = None,
 ) -> str:
     experiment = client.get_experiment_by_name("gate-tests")
     experiment_id = (
@@ -58,6 +59,7 @@ def add_version(
             "iw_nll": repr(float(values.mean())),
             "active_units": str(active_units),
             "test_data_version": "abc",
+            **({"likelihood": likelihood} if likelihood else {}),
         },
     )
     return str(mv.version)

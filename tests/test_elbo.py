@@ -10,8 +10,10 @@ from vae_pipeline.elbo import (
     bernoulli_log_likelihood,
     elbo_terms,
     gaussian_kl,
+    gaussian_log_likelihood,
     iw_log_likelihood,
     log_normal_diag,
+    log_standard_normal,
 )
 from vae_pipeline.model import ConvVAE
 
@@ -40,6 +42,42 @@ def test_bernoulli_is_stable_for_saturated_logits():
     x = torch.tensor([[1.0, 0.0]])
     assert torch.isfinite(bernoulli_log_likelihood(logits, x)).all()
     assert bernoulli_log_likelihood(logits, x).item() > -1e-6
+
+
+def test_gaussian_log_likelihood_is_the_normalised_density():
+    torch.manual_seed(2)
+    mean, x = (
+        torch.rand(4, 1, 5, 5, dtype=torch.float64),
+        torch.rand(4, 1, 5, 5, dtype=torch.float64),
+    )
+    for log_sigma in (-2.0, 0.0, 0.7):
+        sigma = math.exp(log_sigma)
+        expected = Normal(mean, sigma).log_prob(x).flatten(1).sum(1)
+        got = gaussian_log_likelihood(mean, torch.tensor(log_sigma, dtype=torch.float64), x)
+        torch.testing.assert_close(got, expected)
+    # The floor keeps a collapsing sigma finite: below it, the density is that of the floor.
+    floored = gaussian_log_likelihood(mean, torch.tensor(-50.0, dtype=torch.float64), x)
+    torch.testing.assert_close(floored, Normal(mean, math.exp(-6.0)).log_prob(x).flatten(1).sum(1))
+
+
+def test_gaussian_model_elbo_uses_its_sigma():
+    torch.manual_seed(3)
+    model = ConvVAE(1, 16, 3, likelihood="gaussian").eval()
+    with torch.no_grad():
+        model.log_sigma.fill_(-1.5)
+    x, eps = torch.rand(5, 1, 16, 16), torch.randn(5, 3)
+    with torch.no_grad():
+        terms = elbo_terms(model, x, eps)
+        mu, logvar = model.encode(x)
+        mean = model.decode(mu + eps * torch.exp(0.5 * logvar))
+    expected = -Normal(mean.double(), math.exp(-1.5)).log_prob(x.double()).flatten(1).sum(1)
+    torch.testing.assert_close(terms["recon"].double(), expected, rtol=1e-5, atol=1e-3)
+    # The IW bound defaults to the model's own likelihood: with K=1 and the same draw it is the
+    # one-sample weight log p(x|z) + log p(z) - log q(z|x) (the ELBO with a sampled KL).
+    z = mu + eps * torch.exp(0.5 * logvar)
+    log_w = -terms["recon"] + log_standard_normal(z) - log_normal_diag(z, mu, logvar)
+    iw = iw_log_likelihood(model, x, 1, noise=lambda n: eps.unsqueeze(0))
+    torch.testing.assert_close(iw, log_w, rtol=1e-5, atol=1e-4)
 
 
 def test_log_normal_diag_matches_torch_distributions():

@@ -3,6 +3,8 @@ the pictures and the Markdown summary."""
 
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from vae_pipeline.data import snapshot_source
 from vae_pipeline.data.dataset import PreparedSplit, to_unit_float
 from vae_pipeline.evaluate import evaluate, per_example_terms
 from vae_pipeline.model import ConvVAE
+from vae_pipeline.train.checkpoint import save_model
 
 from .conftest import make_workspace, tiny_params
 
@@ -87,3 +90,65 @@ def test_pictures_and_summary(prepared):
     assert f"| active units | {metrics['active_units']} |" in summary
     stored = json.loads((reports / "metrics.json").read_text())
     assert stored["binarize"] == "none" and stored["mutual_info"] == metrics["mutual_info"]
+
+
+def test_per_example_values_do_not_depend_on_batching_or_position(prepared):
+    ws, cfg, model, _ = prepared
+    images = PreparedSplit(ws / cfg.data.prepared_dir, "test").tensor()[:40]
+    for policy in ("none", "dynamic"):
+        ecfg = cfg.evaluate.model_copy(update={"binarize": policy})
+        whole = per_example_terms(model, images, ecfg, torch.device("cpu"))
+        # Examples 10..29 alone, in batches of 7: each keeps its own noise (and Bernoulli draw).
+        part = per_example_terms(
+            model,
+            images[10:30],
+            ecfg.model_copy(update={"batch_size": 7}),
+            torch.device("cpu"),
+            torch.arange(10, 30),
+        )
+        for key in ("recon", "kl", "elbo", "iw_log_px"):
+            # float rounding of other batch shapes only
+            np.testing.assert_allclose(part[key], whole[key][10:30], rtol=1e-5, err_msg=key)
+    # Shifting the indices is another draw: the index, not the position in the batch, keys it.
+    shifted = per_example_terms(
+        model, images[10:30], cfg.evaluate, torch.device("cpu"), torch.arange(11, 31)
+    )
+    assert not np.allclose(shifted["iw_log_px"], whole["iw_log_px"][10:30], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_sharded_over_two_ranks_equals_one_process(prepared):
+    ws, cfg, model, metrics = prepared
+    single = np.load(ws / cfg.evaluate.reports_dir / "per_example_iw_nll.npy")
+    save_model(model, ws / "eval-model.pt")
+    reports = "reports-sharded"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vae_pipeline.cli",
+            "evaluate",
+            "--model",
+            "eval-model.pt",
+            "--set",
+            "evaluate.nproc_per_node=2",
+            "--set",
+            f"evaluate.reports_dir={reports}",
+        ],
+        cwd=ws,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "launching 2 evaluation rank(s)" in result.stderr
+    sharded = np.load(ws / reports / "per_example_iw_nll.npy")
+    assert sharded.shape == single.shape == (metrics["n_examples"],)
+    # Each rank runs one thread (torchrun's OMP_NUM_THREADS=1), this process two: the same
+    # draws, summed in another order at most.
+    np.testing.assert_allclose(sharded, single, rtol=1e-6)
+    again = json.loads((ws / reports / "metrics.json").read_text())
+    for key in ("elbo", "recon", "kl", "iw_nll", "mutual_info"):
+        assert again[key] == pytest.approx(metrics[key], rel=1e-6), key
+    assert again["active_units"] == metrics["active_units"]
+    assert (ws / reports / "summary.md").is_file()

@@ -88,3 +88,36 @@ def test_decode_is_sigmoid_of_logits():
 def test_too_small_image_is_refused():
     with pytest.raises(ValueError, match="image_size"):
         ConvVAE(1, 8, 4)
+
+
+@pytest.mark.parametrize(
+    ("channels", "size", "latent"), [(1, 32, 32), (1, 28, 8), (3, 37, 5), (3, 250, 4)]
+)
+@pytest.mark.parametrize("fuse", [True, False])
+def test_inference_decoder_computes_decode_logits(channels, size, latent, fuse, monkeypatch):
+    import vae_pipeline.model as model_module
+
+    if not fuse:
+        monkeypatch.setattr(model_module, "FUSE_MAX_ENTRIES", 0)
+    torch.manual_seed(0)
+    model = ConvVAE(channels, size, latent).eval()
+    decoder = model.inference_decoder()
+    assert decoder.fused is fuse
+    z = torch.randn(6, latent)
+    with torch.no_grad():
+        expected = model.decode_logits(z)
+        got = decoder(z)
+    assert got.shape == expected.shape == (6, channels, size, size)
+    assert got.is_contiguous()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gaussian_likelihood_adds_only_log_sigma():
+    bern = ConvVAE(1, 32, 8)
+    gauss = ConvVAE(1, 32, 8, likelihood="gaussian")
+    assert count_parameters(gauss) == count_parameters(bern) + 1
+    assert gauss.log_sigma.item() == 0.0
+    assert gauss.hparams()["likelihood"] == "gaussian"
+    assert ConvVAE(**gauss.hparams()).likelihood == "gaussian"  # a checkpoint rebuilds it
+    with pytest.raises(ValueError, match="likelihood"):
+        ConvVAE(1, 32, 8, likelihood="poisson")

@@ -182,3 +182,21 @@ def test_lineage_gives_the_checkout_and_warns_about_uncommitted_changes(store):
     ]
     assert info["reproduce"][2].startswith("dvc pull") and "feedbeef" in info["reproduce"][2]
     assert info["tags"]["eval_key"] and info["run_id"] == client.get_model_version(NAME, v1).run_id
+
+
+def test_a_candidate_with_another_likelihood_is_never_compared(store, tmp_path):
+    uri, client = store
+    cfg = registry_cfg(uri)
+    v1 = add_version(client, evidence(1))  # registered before the likelihood tag: Bernoulli
+    assert promote_if_better(cfg, uri, v1, tmp_path).promoted
+    # Gaussian densities on [0, 1] pixels are far "better" in nats, and mean nothing next to
+    # Bernoulli NLLs: the gate refuses to compare them and says how to switch by hand.
+    v2 = add_version(client, evidence(2, shift=-400.0), likelihood="gaussian")
+    decision = promote_if_better(cfg, uri, v2, tmp_path)
+    assert not decision.promoted
+    assert "likelihoods differ (candidate gaussian, champion v1 bernoulli)" in decision.reason
+    assert f"rollback --to {v2}" in decision.reason
+    assert (_alias(client, "champion"), _alias(client, "challenger")) == (v1, v2)
+    # The same likelihood on both sides is compared as usual.
+    v3 = add_version(client, evidence(3, shift=-1.0), likelihood="bernoulli")
+    assert promote_if_better(cfg, uri, v3, tmp_path).promoted

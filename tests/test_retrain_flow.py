@@ -263,3 +263,37 @@ def test_promote_cli_re_evaluates_a_champion_measured_on_other_test_data(runs):
         assert str(client.get_model_version_by_alias("conv-vae", "champion").version) == "1"
     finally:
         client.set_model_version_tag("conv-vae", "1", "eval_key", key)
+
+
+def test_each_run_publishes_the_evaluation_summary_as_a_prefect_artifact(runs):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterKey,
+    )
+
+    from flows.retrain import EVALUATION_ARTIFACT
+
+    ws, first, second = runs
+    client = _client(ws)
+    flow_runs = [
+        client.get_model_version("conv-vae", run["model_version"]).tags["flow_run_id"]
+        for run in (first, second)
+    ]
+    found = {}
+    with get_client(sync_client=True) as prefect:
+        for run_id in flow_runs:
+            found[run_id] = prefect.read_artifacts(
+                artifact_filter=ArtifactFilter(
+                    key=ArtifactFilterKey(any_=[EVALUATION_ARTIFACT]),
+                    flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]),
+                )
+            )
+    assert [len(a) for a in found.values()] == [1, 1]  # one per flow run, under one key
+    latest = found[flow_runs[1]][0]
+    assert latest.type == "markdown"
+    metrics = json.loads((ws / "reports/metrics.json").read_text())  # the second run's
+    assert latest.data.endswith((ws / "reports/summary.md").read_text())
+    assert f"| IW NLL (K={metrics['iw_k']}) | {metrics['iw_nll']:.4g} |" in latest.data
+    assert second["metrics"]["iw_nll"] == pytest.approx(metrics["iw_nll"])

@@ -68,7 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("train", "Train the ConvVAE under torchrun (train.nproc_per_node ranks).")
     p.add_argument("--out-dir", type=Path, default=None, help="default: train.out_dir")
     p.add_argument("--mlflow-run-id", default=None, help="log per-epoch metrics into this run")
-    p = add("evaluate", "Evaluate a model on the test split: reports/metrics.json and PNG grids.")
+    p = add(
+        "evaluate",
+        "Evaluate a model on the test split: reports/metrics.json and PNG grids "
+        "(sharded over evaluate.nproc_per_node torchrun ranks when > 1).",
+    )
     _model_arg(p, "train.out_dir")
     p = add("register", "Log a trained model and its evaluation to MLflow and register it.")
     _model_arg(p, "train.out_dir")

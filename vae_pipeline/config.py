@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -52,6 +59,9 @@ class DataConfig(_Section):
 
 class ModelConfig(_Section):
     latent_dim: int = Field(32, ge=1, le=4096)
+    likelihood: Literal["bernoulli", "gaussian"] = "bernoulli"
+    """p(x|z): Bernoulli on the decoder's logits (the seed's BCE), or a Gaussian around
+    sigmoid(logits) with one learned sigma; both in nats with their normalising constants."""
 
 
 class TrainConfig(_Section):
@@ -75,6 +85,8 @@ class EvaluateConfig(_Section):
     n_samples: int = Field(64, ge=1, le=1024)
     reports_dir: str = "reports"
     mi_examples: int = Field(2000, ge=2, le=20000)
+    nproc_per_node: int = Field(1, ge=1, le=256)
+    """torchrun ranks that share the test examples (same numbers as 1; for several GPUs)."""
     binarize: Literal["none", "fixed", "dynamic"] = "none"
     """How [0, 1] intensities meet the Bernoulli likelihood: as they are, thresholded at 0.5,
     or sampled once (seeded). Recorded with the metrics: published NLLs differ by it."""
@@ -108,6 +120,15 @@ class Config(_Section):
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
 
+    @model_validator(mode="after")
+    def _binarize_needs_bernoulli(self) -> Config:
+        if self.model.likelihood == "gaussian" and self.evaluate.binarize != "none":
+            raise ValueError(
+                f"evaluate.binarize={self.evaluate.binarize} applies to the Bernoulli likelihood;"
+                " use evaluate.binarize=none with model.likelihood=gaussian"
+            )
+        return self
+
     def params_hash(self) -> str:
         """Short, stable hash of every value: same params -> same hash (a lineage tag)."""
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
@@ -130,6 +151,9 @@ def _format_error(err: ValidationError, origin: str) -> str:
         msg = item["msg"]
         if item["type"] == "extra_forbidden":
             msg = "unknown field (check the spelling against params.yaml)"
+        if not field:  # a rule across sections: its message names the fields
+            lines.append(f"  {msg.removeprefix('Value error, ')}")
+            continue
         lines.append(f"  {field}: {msg} (got {got!r})")
     return "\n".join(lines)
 

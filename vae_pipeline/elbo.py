@@ -11,18 +11,23 @@ import math
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
+
+from vae_pipeline.model import bernoulli_log_likelihood, gaussian_log_likelihood
+
+__all__ = [
+    "bernoulli_log_likelihood",
+    "gaussian_log_likelihood",
+    "gaussian_kl",
+    "gaussian_kl_per_dim",
+    "elbo_terms",
+    "iw_log_likelihood",
+    "mutual_information",
+    "terms_from_outputs",
+]
+
+LogLikelihood = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 LOG_2PI = math.log(2.0 * math.pi)
-
-
-def bernoulli_log_likelihood(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """log p(x | z) per example for Bernoulli pixels with these logits; x in [0, 1].
-
-    BCE-with-logits is the numerically stable form of sigmoid followed by BCE.
-    """
-    bce = F.binary_cross_entropy_with_logits(logits, x, reduction="none")
-    return -bce.flatten(1).sum(dim=1)
 
 
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -45,10 +50,17 @@ def log_standard_normal(z: torch.Tensor) -> torch.Tensor:
 
 
 def terms_from_outputs(
-    logits: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, x: torch.Tensor
+    logits: torch.Tensor,
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    x: torch.Tensor,
+    log_likelihood: LogLikelihood = bernoulli_log_likelihood,
 ) -> dict[str, torch.Tensor]:
-    """One-sample ELBO per example: {"recon": -log p(x|z), "kl": KL, "elbo": log p(x|z) - KL}."""
-    log_px_z = bernoulli_log_likelihood(logits, x)
+    """One-sample ELBO per example: {"recon": -log p(x|z), "kl": KL, "elbo": log p(x|z) - KL}.
+
+    `log_likelihood(logits, x)` is the decoder's (a model's `log_likelihood`; Bernoulli here).
+    """
+    log_px_z = log_likelihood(logits, x)
     kl = gaussian_kl(mu, logvar)
     return {"recon": -log_px_z, "kl": kl, "elbo": log_px_z - kl}
 
@@ -56,7 +68,8 @@ def terms_from_outputs(
 def elbo_terms(model, x: torch.Tensor, eps: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Per-example ELBO terms of `model` on `x` (one posterior sample), plus mu and logvar."""
     logits, mu, logvar = model.forward_logits(x, eps)
-    return {**terms_from_outputs(logits, mu, logvar, x), "mu": mu, "logvar": logvar}
+    terms = terms_from_outputs(logits, mu, logvar, x, model.log_likelihood)
+    return {**terms, "mu": mu, "logvar": logvar}
 
 
 @torch.no_grad()
@@ -66,17 +79,21 @@ def iw_log_likelihood(
     k: int,
     chunk: int = 16,
     mu_logvar=None,
-    log_likelihood: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = (
-        bernoulli_log_likelihood
-    ),
+    log_likelihood: LogLikelihood | None = None,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    noise: Callable[[int], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Importance-weighted lower bound on log p(x) per example with K posterior samples.
 
     log p(x) >= log (1/K) sum_k exp(log p(x|z_k) + log p(z_k) - log q(z_k|x)), z_k ~ q(z|x)
     (Burda et al. 2016, eq. 8). Samples are drawn `chunk` at a time and decoded in one batched
     pass; the log-mean-exp is accumulated across chunks, so memory is bounded by chunk, not K.
-    `log_likelihood(decoder_output, x)` gives log p(x|z) per example (Bernoulli on logits here).
+    `log_likelihood(decoder_output, x)` gives log p(x|z) per example (default: the model's own),
+    `decode(z)` the decoder output (default: `model.decode_logits`), and `noise(n)` the standard
+    normal draws for the next n samples, shape (n, batch, latent) (default: torch's global RNG).
     """
+    log_likelihood = log_likelihood or model.log_likelihood
+    decode = decode or model.decode_logits
     mu, logvar = mu_logvar if mu_logvar is not None else model.encode(x)
     batch = x.shape[0]
     std = torch.exp(0.5 * logvar)
@@ -84,9 +101,12 @@ def iw_log_likelihood(
     done = 0
     while done < k:
         n = min(chunk, k - done)
-        eps = torch.randn((n, *mu.shape), device=mu.device, dtype=mu.dtype)
+        if noise is None:
+            eps = torch.randn((n, *mu.shape), device=mu.device, dtype=mu.dtype)
+        else:
+            eps = noise(n).to(device=mu.device, dtype=mu.dtype)
         z = mu.unsqueeze(0) + eps * std.unsqueeze(0)  # (n, batch, latent)
-        logits = model.decode_logits(z.reshape(n * batch, -1))
+        logits = decode(z.reshape(n * batch, -1))
         x_rep = x.unsqueeze(0).expand(n, *x.shape).reshape(n * batch, *x.shape[1:])
         log_px_z = log_likelihood(logits, x_rep).view(n, batch)
         log_w = log_px_z + log_standard_normal(z) - log_normal_diag(z, mu, logvar)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torchvision.utils import save_image
 
 from vae_pipeline.config import Config, EvaluateConfig
@@ -30,51 +31,107 @@ from vae_pipeline.model import ConvVAE
 log = logging.getLogger(__name__)
 
 METRIC_KEYS = ("elbo", "recon", "kl", "iw_nll", "bits_per_dim", "active_units")
+# Bumped when the same settings would give different per-example numbers (2: per-example RNG
+# streams); part of the registry's eval_key, so older evaluations are re-run, never paired.
+EVAL_PROTOCOL = 2
 
 
 def _stderr(values: np.ndarray) -> float:
     return float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else math.nan
 
 
-def binarize(x: torch.Tensor, ecfg: EvaluateConfig) -> torch.Tensor:
+def example_generators(seed: int, indices: torch.Tensor) -> list[torch.Generator]:
+    """One RNG stream per test example, keyed by (evaluate.seed, the example's index in the test
+    split): an example's noise is the same whatever the batch size, shard or rank computes it."""
+    return [torch.Generator().manual_seed(seed * 2**32 + int(i)) for i in indices]
+
+
+def binarize(
+    x: torch.Tensor, ecfg: EvaluateConfig, generators: list[torch.Generator] | None = None
+) -> torch.Tensor:
     """`evaluate.binarize`: none (as is), fixed (x > 0.5) or dynamic (one Bernoulli draw per
-    pixel from the current, seeded RNG stream)."""
+    pixel, from each example's own stream when `generators` is given)."""
     if ecfg.binarize == "fixed":
         return (x > 0.5).to(x.dtype)
     if ecfg.binarize == "dynamic":
-        return torch.bernoulli(x)
+        if generators is None:
+            return torch.bernoulli(x)
+        draws = [
+            torch.bernoulli(row.cpu(), generator=g) for row, g in zip(x, generators, strict=True)
+        ]
+        return torch.stack(draws).to(x.device)
     return x
+
+
+def _normal(generators: list[torch.Generator], shape: tuple[int, ...], dim: int) -> torch.Tensor:
+    """Standard normal draws, one tensor of `shape` per example's stream, stacked at `dim`."""
+    return torch.stack([torch.randn(shape, generator=g) for g in generators], dim=dim)
+
+
+def shard(n: int, rank: int, world_size: int) -> range:
+    """The contiguous block of `n` test examples that rank `rank` of `world_size` evaluates."""
+    return range(n * rank // world_size, n * (rank + 1) // world_size)
 
 
 @torch.no_grad()
 def per_example_terms(
+    model: ConvVAE,
+    images: torch.Tensor,
+    ecfg: EvaluateConfig,
+    device: torch.device,
+    indices: torch.Tensor | None = None,
+) -> dict[str, np.ndarray]:
+    """recon, kl, elbo (one posterior sample) and the IW bound for every image; plus mu, logvar.
+
+    `indices` are the images' positions in the test split (default 0..N-1); they key each
+    example's RNG stream, so the values do not depend on batching or sharding.
+    """
+    model.eval().to(device)
+    decode = model.inference_decoder()
+    indices = torch.arange(len(images)) if indices is None else indices
+    out: dict[str, list] = {k: [] for k in ("recon", "kl", "elbo", "iw_log_px", "mu", "logvar")}
+    for start in range(0, len(images), ecfg.batch_size):
+        gens = example_generators(ecfg.seed, indices[start : start + ecfg.batch_size])
+        x = to_unit_float(images[start : start + ecfg.batch_size].to(device))
+        x = binarize(x, ecfg, gens)
+        mu, logvar = model.encode(x)
+        eps = _normal(gens, (mu.shape[1],), 0).to(device=device, dtype=mu.dtype)
+        z = model.reparameterize(mu, logvar, eps)
+        terms = terms_from_outputs(decode(z), mu, logvar, x, model.log_likelihood)
+        iw = iw_log_likelihood(
+            model,
+            x,
+            ecfg.iw_samples,
+            ecfg.iw_chunk,
+            (mu, logvar),
+            decode=decode,
+            noise=lambda n, gens=gens, d=mu.shape[1]: _normal(gens, (n, d), 1),
+        )
+        for key in ("recon", "kl", "elbo"):
+            out[key].append(terms[key].double().cpu())
+        out["iw_log_px"].append(iw.double().cpu())
+        out["mu"].append(mu.double().cpu())
+        out["logvar"].append(logvar.double().cpu())
+    if not out["mu"]:
+        return {k: np.zeros((0, model.latent_dim) if k in ("mu", "logvar") else 0) for k in out}
+    return {k: torch.cat(v).numpy() for k, v in out.items()}
+
+
+def sharded_terms(
     model: ConvVAE, images: torch.Tensor, ecfg: EvaluateConfig, device: torch.device
 ) -> dict[str, np.ndarray]:
-    """recon, kl, elbo (one posterior sample) and the IW bound for every image; plus mu."""
-    model.eval().to(device)
-    out: dict[str, list] = {
-        "recon": [],
-        "kl": [],
-        "elbo": [],
-        "iw_log_px": [],
-        "mu": [],
-        "logvar": [],
-    }
-    # Own RNG stream: the same seed gives the same numbers, whatever ran before.
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(ecfg.seed)
-        for start in range(0, len(images), ecfg.batch_size):
-            x = binarize(to_unit_float(images[start : start + ecfg.batch_size].to(device)), ecfg)
-            mu, logvar = model.encode(x)
-            z = model.reparameterize(mu, logvar)
-            terms = terms_from_outputs(model.decode_logits(z), mu, logvar, x)
-            iw = iw_log_likelihood(model, x, ecfg.iw_samples, ecfg.iw_chunk, (mu, logvar))
-            for key in ("recon", "kl", "elbo"):
-                out[key].append(terms[key].double().cpu())
-            out["iw_log_px"].append(iw.double().cpu())
-            out["mu"].append(mu.double().cpu())
-            out["logvar"].append(logvar.double().cpu())
-    return {k: torch.cat(v).numpy() for k, v in out.items()}
+    """`per_example_terms` over all images; inside a torchrun process group each rank computes
+    its `shard` and every rank gets the whole result, in test-split order."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return per_example_terms(model, images, ecfg, device)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    rows = shard(len(images), rank, world)
+    mine = per_example_terms(
+        model, images[rows.start : rows.stop], ecfg, device, torch.arange(rows.start, rows.stop)
+    )
+    parts: list = [None] * world
+    dist.all_gather_object(parts, mine)
+    return {k: np.concatenate([p[k] for p in parts]) for k in mine}
 
 
 def per_example_metrics(terms: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -99,7 +156,9 @@ def mutual_info(terms: dict[str, np.ndarray], ecfg: EvaluateConfig) -> float:
     return mutual_information(mu, logvar, eps)
 
 
-def summarize(terms: dict[str, np.ndarray], ecfg: EvaluateConfig, dims: int) -> dict:
+def summarize(
+    terms: dict[str, np.ndarray], ecfg: EvaluateConfig, dims: int, likelihood: str = "bernoulli"
+) -> dict:
     """Metrics (means over examples) and their standard errors."""
     iw_nll = -terms["iw_log_px"]
     mu_var = terms["mu"].var(axis=0, ddof=0)  # Cov_x(E_q[z_u]) for each unit u
@@ -118,7 +177,9 @@ def summarize(terms: dict[str, np.ndarray], ecfg: EvaluateConfig, dims: int) -> 
         "mutual_info": mutual_info(terms, ecfg),
         "iw_k": ecfg.iw_samples,
         "binarize": ecfg.binarize,
+        "likelihood": likelihood,
         "eval_seed": ecfg.seed,
+        "eval_protocol": EVAL_PROTOCOL,
         "n_examples": int(len(iw_nll)),
     }
     return metrics
@@ -220,6 +281,7 @@ def summary_markdown(metrics: dict) -> str:
     ]
     lines = [
         f"Test data version `{metrics.get('data_version')}`, {metrics.get('n_examples')} images, "
+        f"{metrics.get('likelihood', 'bernoulli')} likelihood, "
         f"binarize `{metrics.get('binarize')}`, seed {metrics.get('eval_seed')}.",
         "",
         "| metric | value | stderr | unit |",
@@ -268,6 +330,10 @@ def plot_loss_curves(history: list[dict], path: Path) -> Path | None:
     return path
 
 
+def _is_main() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def evaluate(
     cfg: Config,
     model: ConvVAE,
@@ -276,15 +342,21 @@ def evaluate(
     device: torch.device = torch.device("cpu"),
 ) -> dict:
     """Evaluate on the prepared test split; write reports/metrics.json, per-example values,
-    summary.md and the pictures (recon, samples, interpolation, traversal, kl_per_dim, loss)."""
+    summary.md and the pictures (recon, samples, interpolation, traversal, kl_per_dim, loss).
+
+    Inside a torchrun process group the examples are sharded over the ranks (same numbers as
+    one process) and global rank 0 alone writes the files; every rank returns the metrics.
+    """
     test = PreparedSplit(workdir / cfg.data.prepared_dir, "test")
     images = test.tensor()
     t0 = time.perf_counter()
-    terms = per_example_terms(model, images, cfg.evaluate, device)
+    terms = sharded_terms(model, images, cfg.evaluate, device)
     dims = int(np.prod(images.shape[1:]))
-    metrics = summarize(terms, cfg.evaluate, dims)
+    metrics = summarize(terms, cfg.evaluate, dims, model.likelihood)
     metrics["data_version"] = test.manifest.get("data_version", "unversioned")
     metrics["eval_seconds"] = time.perf_counter() - t0
+    if not _is_main():
+        return metrics
     reports = workdir / cfg.evaluate.reports_dir
     reports.mkdir(parents=True, exist_ok=True)
     (reports / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -18,7 +18,7 @@ from vae_pipeline.evaluate import evaluate
 from vae_pipeline.model import ConvVAE
 from vae_pipeline.train import load_model
 from vae_pipeline.train.checkpoint import load as load_weights_meta
-from vae_pipeline.train.launch import launch
+from vae_pipeline.train.launch import launch, launch_evaluation
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,17 @@ def load_model_ref(cfg: Config, ref: str, workdir: Path = Path(".")) -> tuple[Co
     return load_model(weights)
 
 
-def evaluate_model(cfg: Config, model_ref: str, workdir: Path = Path(".")) -> dict:
+def evaluate_model(
+    cfg: Config, model_ref: str, workdir: Path = Path("."), device: torch.device | None = None
+) -> dict:
+    """Evaluate a model (file, train dir or MLflow URI) on the prepared test split.
+
+    With `evaluate.nproc_per_node` > 1, and not already inside a torchrun job, this launches
+    torchrun and the ranks share the test examples; the metrics come back from metrics.json.
+    """
+    if cfg.evaluate.nproc_per_node > 1 and not torch.distributed.is_initialized():
+        launch_evaluation(cfg, model_ref, workdir)
+        return json.loads((workdir / cfg.evaluate.reports_dir / "metrics.json").read_text())
     model, _ = load_model_ref(cfg, model_ref, workdir)
     history_path = (
         (workdir / model_ref / "history.json") if (workdir / model_ref).is_dir() else None
@@ -64,9 +74,10 @@ def evaluate_model(cfg: Config, model_ref: str, workdir: Path = Path(".")) -> di
     history = (
         json.loads(history_path.read_text()) if history_path and history_path.is_file() else None
     )
-    device = torch.device(
-        "cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu"
-    )
+    if device is None:
+        device = torch.device(
+            "cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu"
+        )
     return evaluate(cfg, model, workdir, history=history, device=device)
 
 

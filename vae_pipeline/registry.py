@@ -41,7 +41,13 @@ from vae_pipeline import gate
 from vae_pipeline.config import Config
 from vae_pipeline.data.dataset import PreparedSplit
 from vae_pipeline.data.errors import DataError
-from vae_pipeline.evaluate import METRIC_KEYS, per_example_metrics, per_example_terms, summarize
+from vae_pipeline.evaluate import (
+    EVAL_PROTOCOL,
+    METRIC_KEYS,
+    per_example_metrics,
+    per_example_terms,
+    summarize,
+)
 from vae_pipeline.tracking import client_for, download_weights
 from vae_pipeline.train.checkpoint import load_model
 
@@ -65,7 +71,7 @@ def eval_key(metrics: dict) -> str:
     m = metrics
     return (
         f"data={m.get('data_version')}|K={m.get('iw_k')}|binarize={m.get('binarize')}"
-        f"|seed={m.get('eval_seed')}|n={m.get('n_examples')}"
+        f"|seed={m.get('eval_seed')}|n={m.get('n_examples')}|protocol={m.get('eval_protocol')}"
     )
 
 
@@ -83,6 +89,7 @@ def current_eval_key(cfg: Config, workdir: Path) -> str | None:
             "binarize": cfg.evaluate.binarize,
             "eval_seed": cfg.evaluate.seed,
             "n_examples": len(test),
+            "eval_protocol": EVAL_PROTOCOL,
         }
     )
 
@@ -94,7 +101,7 @@ def version_tags(metrics: dict) -> dict[str, str]:
         tags["active_units"] = str(int(metrics["active_units"]))
     tags["elbo_nll"] = repr(-float(metrics["elbo"]))
     tags["test_data_version"] = str(metrics.get("data_version"))
-    for key in ("iw_k", "binarize", "eval_seed", "n_examples"):
+    for key in ("iw_k", "binarize", "likelihood", "eval_seed", "n_examples", "eval_protocol"):
         tags[key] = str(metrics.get(key))
     tags["eval_key"] = eval_key(metrics)
     return tags
@@ -164,7 +171,7 @@ def per_example(cfg: Config, uri: str, mv, workdir: Path, key: str) -> tuple[np.
     test = PreparedSplit(workdir / cfg.data.prepared_dir, "test")
     images = test.tensor()
     terms = per_example_terms(model, images, cfg.evaluate, torch.device("cpu"))
-    summary = summarize(terms, cfg.evaluate, int(images[0].numel()))
+    summary = summarize(terms, cfg.evaluate, int(images[0].numel()), model.likelihood)
     return per_example_metrics(terms)[metric], int(summary["active_units"]), "re-evaluated"
 
 
@@ -323,14 +330,25 @@ def promote_if_better(
                 True, "already champion", float(cand_values.mean()), candidate_version=str(version)
             )
         champ_values, source = None, None
-        if incumbent is not None:
+        mismatch = incumbent is not None and _likelihood(incumbent) != _likelihood(candidate)
+        if incumbent is not None and not mismatch:
             champ_values, _, source = per_example(cfg, uri, incumbent, workdir, key)
         with promotion_lock(client, name, cfg, actor):
             now = champion(client, name)
             if (now and str(now.version)) != (incumbent and str(incumbent.version)):
                 log.info("the champion moved while gathering evidence; gathering it again")
                 continue
-            result = gate.decide(cand_values, champ_values, cand_active, cfg.promotion)
+            if mismatch:
+                result = gate.GateResult(
+                    False,
+                    f"likelihoods differ (candidate {_likelihood(candidate)}, champion "
+                    f"v{incumbent.version} {_likelihood(incumbent)}): their nats are not "
+                    "comparable; to switch anyway: vae-pipeline rollback --to "
+                    f"{version} --reason ...",
+                    float(cand_values.mean()),
+                )
+            else:
+                result = gate.decide(cand_values, champ_values, cand_active, cfg.promotion)
             decision = Decision(
                 **asdict(result),
                 candidate_version=str(version),
@@ -340,6 +358,11 @@ def promote_if_better(
             _apply(client, name, cfg, decision, candidate, incumbent, actor)
             return decision
     raise PromotionError(f"the {name} champion kept moving during promotion of v{version}; retry")
+
+
+def _likelihood(mv) -> str:
+    """The version's p(x|z); versions registered before the tag existed are Bernoulli."""
+    return (mv.tags or {}).get("likelihood", "bernoulli")
 
 
 def _apply(client, name, cfg: Config, d: Decision, candidate, incumbent, actor: str) -> None:

@@ -37,7 +37,12 @@ def test_fit_writes_checkpoint_model_and_history(prepared):
     state = load(out / "checkpoint.pt")  # weights_only=True
     assert state["epoch"] == 2 and state["data_version"] == "test-version"
     model, meta = load_model(out / "model.pt")
-    assert meta["hparams"] == {"in_channels": 1, "image_size": 32, "latent_dim": 8}
+    assert meta["hparams"] == {
+        "in_channels": 1,
+        "image_size": 32,
+        "latent_dim": 8,
+        "likelihood": "bernoulli",
+    }
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, state["model"][name], rtol=0, atol=0)
 
@@ -76,3 +81,23 @@ def test_non_finite_loss_stops_without_writing_a_checkpoint(prepared):
     with pytest.raises(TrainingError, match="non-finite loss in epoch 1"):
         trainer.fit()
     assert not (out / "checkpoint.pt").exists()
+
+
+def test_gaussian_likelihood_trains_its_sigma_and_evaluates_in_nats(prepared, tmp_path):
+    from vae_pipeline.evaluate import evaluate
+
+    params = tiny_params(train={"epochs": 2}, model={"likelihood": "gaussian"})
+    cfg = build_config(params)
+    history = Trainer(cfg, tmp_path / "g", workdir=prepared).fit()
+    assert history[1]["train_loss"] < history[0]["train_loss"]
+    model, meta = load_model(tmp_path / "g" / "model.pt")
+    assert meta["hparams"]["likelihood"] == "gaussian"
+    # [0, 1] pixels and a decoder that fits them: the learned sigma shrinks below 1.
+    assert model.log_sigma.item() < 0.0
+    cfg = cfg.model_copy(
+        update={"evaluate": cfg.evaluate.model_copy(update={"reports_dir": str(tmp_path / "r")})}
+    )
+    metrics = evaluate(cfg, model, prepared)
+    assert metrics["likelihood"] == "gaussian"
+    assert metrics["elbo"] == pytest.approx(-(metrics["recon"] + metrics["kl"]), rel=1e-6)
+    assert metrics["iw_nll"] <= -metrics["elbo"] + 3 * metrics["iw_nll_stderr"]

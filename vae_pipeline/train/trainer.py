@@ -36,15 +36,16 @@ class TrainingError(RuntimeError):
     """Training cannot go on (bad batch size, non-finite loss, incompatible checkpoint)."""
 
 
-class _LogitsPath(torch.nn.Module):
-    """DDP hooks `forward`; this routes it to the logits path the loss needs."""
+class _ElboPath(torch.nn.Module):
+    """DDP hooks `forward`; this routes it to the per-example ELBO terms the loss needs (so
+    every parameter, the Gaussian decoder's log sigma included, is used inside forward)."""
 
     def __init__(self, vae: ConvVAE):
         super().__init__()
         self.vae = vae
 
-    def forward(self, x: torch.Tensor, eps: torch.Tensor):
-        return self.vae.forward_logits(x, eps)
+    def forward(self, x: torch.Tensor, eps: torch.Tensor) -> dict[str, torch.Tensor]:
+        return terms_from_outputs(*self.vae.forward_logits(x, eps), x, self.vae.log_likelihood)
 
 
 def resume_fingerprint(cfg: Config) -> dict:
@@ -87,10 +88,12 @@ class Trainer:
             )
 
         torch.manual_seed(tc.seed)  # identical initial weights on every rank
-        self.model = ConvVAE(cfg.data.channels, cfg.data.image_size, cfg.model.latent_dim)
+        self.model = ConvVAE(
+            cfg.data.channels, cfg.data.image_size, cfg.model.latent_dim, cfg.model.likelihood
+        )
         self.model.to(device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=tc.lr)
-        wrapped = _LogitsPath(self.model)
+        wrapped = _ElboPath(self.model)
         self.net = (
             DDP(wrapped, device_ids=[device.index] if device.type == "cuda" else None)
             if env.distributed
@@ -156,8 +159,7 @@ class Trainer:
         return torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + epoch)
 
     def _run_batch(self, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        logits, mu, logvar = self.net(x, eps)
-        terms = terms_from_outputs(logits, mu, logvar, x)
+        terms = self.net(x, eps)
         loss = -terms["elbo"].mean()  # nats per example
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -216,7 +218,7 @@ class Trainer:
             rows = idx[start : start + 1024]
             x = to_unit_float(torch.from_numpy(self.val_set.images[rows.numpy()]).to(self.device))
             eps = noise[rows].to(self.device)
-            terms = terms_from_outputs(*self.model.forward_logits(x, eps), x)
+            terms = _ElboPath(self.model)(x, eps)
             sums += torch.stack([-terms["elbo"].sum(), terms["recon"].sum(), terms["kl"].sum()])
         count = torch.tensor([float(len(idx))], dtype=torch.float64, device=self.device)
         all_reduce_sum(sums)
