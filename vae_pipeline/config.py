@@ -73,6 +73,9 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: int = Field(100, ge=1)
     num_workers: int = Field(0, ge=0)
+    max_bad_steps: int = Field(0, ge=0)
+    """Steps with a non-finite loss or gradient to skip (optimizer step not taken) before
+    stopping; 0 = stop at the first one, checked without a per-step host sync."""
     out_dir: str = "models"
 
 

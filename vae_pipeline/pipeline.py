@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -94,18 +95,31 @@ def register(
     done = registry.version_of_run(uri, cfg.registry.model_name, run_id)
     if done is not None:  # a retried step: this run's model is registered already
         return done
+    blob = load_weights_meta(weights)
+    check_registrable(blob, metrics, weights)
     tracking.log_evaluation(uri, run_id, metrics, workdir / cfg.evaluate.reports_dir)
     model_uri, torch_uri = tracking.log_model(uri, run_id, weights)
     tags = {
         "git_commit": versioning.git_commit(workdir),
         # The data the weights were trained on (their own record); the test side is in version_tags.
-        "data_version": str(load_weights_meta(weights).get("data_version", "unknown")),
+        "data_version": str(blob.get("data_version", "unknown")),
         "params_hash": cfg.params_hash(),
         "pytorch_model_uri": torch_uri,
         **registry.version_tags(metrics),
         **(extra_tags or {}),
     }
     return registry.register(uri, cfg.registry.model_name, model_uri, run_id, tags)
+
+
+def check_registrable(blob: dict, metrics: dict, weights: Path) -> None:
+    """A model with non-finite weights or test metrics is never registered."""
+    bad = [k for k in ("elbo", "recon", "kl", "iw_nll") if not math.isfinite(float(metrics[k]))]
+    bad += [k for k, t in blob["state_dict"].items() if not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(
+            f"not registering {weights}: non-finite values in {', '.join(bad[:5])}; retrain "
+            "(lower train.lr); the registry and the champion are unchanged"
+        )
 
 
 def promote(

@@ -75,3 +75,24 @@ def test_launcher_runs_torchrun_and_rank0_writes_outputs(prepared):
     assert meta["epochs"] == 2
     assert (root / "launched" / "config.yaml").is_file()
     assert sorted(p.name for p in (root / "launched").glob("*.pt")) == ["checkpoint.pt", "model.pt"]
+
+
+@pytest.mark.slow
+def test_a_nan_on_one_rank_stops_every_rank_with_the_step(prepared):
+    root, cfg = prepared
+    config = save_config(cfg, root / "ddp-nan.yaml")
+    out = root / "ddp-nan"
+    out.mkdir()
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        str(HELPER), str(config), str(out), str(root), "1:2",
+    ]  # fmt: skip
+    # Rank 1 alone sees a NaN at step 2; DDP's averaged gradient carries it to rank 0, and the
+    # ranks agree through one all-reduce, so both stop (none hangs in a collective).
+    result = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    for rank in (0, 1):
+        message = (out / f"error_rank{rank}.txt").read_text()
+        assert "non-finite loss or gradient at epoch 1, step 2 " in message
+        assert f"on rank {rank})" in message
+    assert not (out / "checkpoint.pt").exists() and not (out / "model.pt").exists()

@@ -78,7 +78,7 @@ def test_non_finite_loss_stops_without_writing_a_checkpoint(prepared):
     trainer = Trainer(_cfg(epochs=1), out, workdir=prepared)
     with torch.no_grad():
         trainer.model.fc_logvar.bias.fill_(float("nan"))
-    with pytest.raises(TrainingError, match="non-finite loss in epoch 1"):
+    with pytest.raises(TrainingError, match="non-finite loss or gradient at epoch 1, step 1 "):
         trainer.fit()
     assert not (out / "checkpoint.pt").exists()
 
@@ -101,3 +101,74 @@ def test_gaussian_likelihood_trains_its_sigma_and_evaluates_in_nats(prepared, tm
     assert metrics["likelihood"] == "gaussian"
     assert metrics["elbo"] == pytest.approx(-(metrics["recon"] + metrics["kl"]), rel=1e-6)
     assert metrics["iw_nll"] <= -metrics["elbo"] + 3 * metrics["iw_nll_stderr"]
+
+
+def _poison(trainer, *steps):
+    """Fault injection: the encoder's input becomes NaN at these global training steps (1-based),
+    as a corrupt batch or an overflow would make it; everything after is the real trainer."""
+    seen = {"n": 0}
+
+    def hook(module, args):
+        if not module.training:
+            return None
+        seen["n"] += 1
+        return (args[0] * float("nan"),) if seen["n"] in steps else None
+
+    trainer.model.encoder.register_forward_pre_hook(hook)
+
+
+def test_non_finite_step_stops_naming_step_and_batch_and_keeps_the_checkpoint(prepared, tmp_path):
+    cfg = _cfg(epochs=3)
+    trainer = Trainer(cfg, tmp_path / "nan", workdir=prepared)
+    steps = len(trainer.loader)
+    _poison(trainer, steps + 2)  # epoch 2, step 2
+    with pytest.raises(TrainingError) as err:
+        trainer.fit()
+    message = str(err.value)
+    trainer.sampler.set_epoch(1)
+    batch = list(trainer.sampler)[cfg.train.batch_size : 2 * cfg.train.batch_size]
+    assert "non-finite loss or gradient at epoch 2, step 2 " in message
+    assert f"[{', '.join(map(str, batch[:8]))}, ...]" in message
+    assert "the last is epoch 1" in message and "train.max_bad_steps" in message
+    state = load(tmp_path / "nan" / "checkpoint.pt")
+    assert state["epoch"] == 1  # the epoch-2 weights (NaN) were never written
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+    assert not (tmp_path / "nan" / "model.pt").exists()
+
+
+def test_skip_mode_skips_up_to_max_bad_steps(prepared, tmp_path):
+    trainer = Trainer(_cfg(epochs=2, max_bad_steps=1), tmp_path / "skip", workdir=prepared)
+    _poison(trainer, 2)
+    history = trainer.fit()
+    assert [h["skipped_steps"] for h in history] == [1, 0]
+    model, _ = load_model(tmp_path / "skip" / "model.pt")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+    again = Trainer(_cfg(epochs=2, max_bad_steps=1), tmp_path / "skip2", workdir=prepared)
+    _poison(again, 1, 3)
+    with pytest.raises(TrainingError, match=r"more than train.max_bad_steps=1 non-finite steps"):
+        again.fit()
+    assert not (tmp_path / "skip2" / "checkpoint.pt").exists()
+
+
+def test_non_finite_weights_are_never_saved_or_registered(tmp_path):
+    from vae_pipeline.model import ConvVAE
+    from vae_pipeline.pipeline import check_registrable
+    from vae_pipeline.train.checkpoint import save_model
+
+    model = ConvVAE(1, 16, 2)
+    save_model(model, tmp_path / "model.pt")
+    before = (tmp_path / "model.pt").read_bytes()
+    with torch.no_grad():
+        model.fc_mu.weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"non-finite values in fc_mu.weight"):
+        save_model(model, tmp_path / "model.pt")
+    assert (tmp_path / "model.pt").read_bytes() == before  # the previous file is untouched
+    blob = {"state_dict": model.state_dict()}
+    metrics = {"elbo": -1.0, "recon": 1.0, "kl": 0.0, "iw_nll": 1.0}
+    with pytest.raises(ValueError, match="not registering .*fc_mu.weight"):
+        check_registrable(blob, metrics, tmp_path / "model.pt")
+    good = {"state_dict": ConvVAE(1, 16, 2).state_dict()}
+    with pytest.raises(ValueError, match="not registering .*iw_nll"):
+        check_registrable(good, {**metrics, "iw_nll": float("nan")}, tmp_path / "model.pt")
+    check_registrable(good, metrics, tmp_path / "model.pt")  # finite: no error

@@ -27,7 +27,14 @@ def load(path: Path) -> dict[str, Any]:
 
 
 def save_model(model: ConvVAE, path: Path, **metadata: Any) -> None:
-    """The final model: constructor arguments + weights + lineage metadata (plain values)."""
+    """The final model: constructor arguments + weights + lineage metadata (plain values).
+    Refuses non-finite weights: such a model must never reach evaluation or the registry."""
+    bad = [name for name, t in model.state_dict().items() if not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(
+            f"refusing to write {path}: non-finite values in {', '.join(bad[:5])}; "
+            "the previous file, if any, is left as it was"
+        )
     atomic_save({"hparams": model.hparams(), "state_dict": model.state_dict(), **metadata}, path)
 
 

@@ -117,6 +117,7 @@ class Trainer:
             persistent_workers=tc.num_workers > 0,
         )
         self.epoch = 0
+        self.bad_steps = 0  # skipped non-finite steps so far (train.max_bad_steps)
         self.history: list[dict] = []
 
     # --- checkpoints -----------------------------------------------------------------------
@@ -127,6 +128,11 @@ class Trainer:
     def _save_checkpoint(self) -> None:
         if not self.env.is_main:
             return
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            raise TrainingError(
+                f"non-finite weights after epoch {self.epoch}; no checkpoint written (the last "
+                "one is intact): lower train.lr"
+            )
         checkpoint.atomic_save(
             {
                 "model": self.model.state_dict(),
@@ -158,28 +164,95 @@ class Trainer:
     def _epoch_noise(self, epoch: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + epoch)
 
-    def _run_batch(self, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    def _run_batch(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step; returns the per-example sums (on the device) and whether the
+        loss and gradients were finite (a device bool: no host sync here)."""
         terms = self.net(x, eps)
         loss = -terms["elbo"].mean()  # nats per example
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        # DDP has averaged the gradients: a NaN on any rank is a NaN on every rank.
+        finite = torch.isfinite(loss.detach()) & torch.isfinite(
+            torch.nn.utils.get_total_norm(grads)
+        )
+        if self.cfg.train.max_bad_steps > 0:
+            # Skip mode decides before stepping: one host sync per step, by choice.
+            bad = all_reduce_sum((~finite).to(torch.float64).reshape(1))
+            if bad.item() > 0:  # on any rank: every rank skips, so weights stay in sync
+                self.optimizer.zero_grad(set_to_none=True)
+                return torch.zeros(3, dtype=torch.float64, device=x.device), bad[0] == 0
         self.optimizer.step()
         # Per-example sums stay on the device: no host sync until a logging point.
-        return torch.stack([-terms["elbo"].sum(), terms["recon"].sum(), terms["kl"].sum()]).detach()
+        sums = torch.stack([-terms["elbo"].sum(), terms["recon"].sum(), terms["kl"].sum()])
+        return sums.detach(), finite
+
+    def _batch_indices(self, step: int) -> list[int]:
+        """The training-set indices this rank drew at `step` of the current epoch."""
+        local = self.local_batch
+        return list(self.sampler)[step * local : (step + 1) * local]
+
+    def _non_finite(self, epoch: int, step: int, what: str) -> TrainingError:
+        batch = self._batch_indices(step)
+        shown = ", ".join(map(str, batch[:8])) + (", ..." if len(batch) > 8 else "")
+        last = f"epoch {self.epoch}" if self.epoch else "none yet"
+        return TrainingError(
+            f"{what} at epoch {epoch + 1}, step {step + 1} (batch of training images "
+            f"[{shown}] on rank {self.env.rank}); no checkpoint written after it (the last is "
+            f"{last}). Lower train.lr, check those images, or set train.max_bad_steps to skip "
+            "such steps"
+        )
+
+    def _check_finite(self, epoch: int, first_bad: torch.Tensor) -> None:
+        """Stop mode: raise if any rank saw a non-finite step (a host sync: logging points and
+        the epoch's end only). All ranks agree through one all-reduce, so all raise together."""
+        flag = all_reduce_sum((first_bad >= 0).to(torch.float64).reshape(1))
+        if flag.item() > 0:
+            step = int(first_bad.item())
+            if step < 0:  # another rank's; its own message names its batch
+                raise TrainingError(
+                    f"non-finite loss or gradient in epoch {epoch + 1} on another rank; "
+                    "see rank 0's error"
+                )
+            raise self._non_finite(epoch, step, "non-finite loss or gradient")
 
     def _run_epoch(self, epoch: int) -> dict:
         self.net.train()
         self.sampler.set_epoch(epoch)
         noise = self._epoch_noise(epoch)
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)
-        seen, t0 = 0, time.perf_counter()
+        seen, skipped, t0 = 0, 0, time.perf_counter()
         steps = len(self.loader)
+        skip_mode = self.cfg.train.max_bad_steps > 0
+        first_bad = torch.tensor(-1, device=self.device)  # this rank's first non-finite step
         for step, (images, _) in enumerate(self.loader):
             x = to_unit_float(images.to(self.device, non_blocking=True))
             eps = torch.randn(self.cfg.train.batch_size, self.cfg.model.latent_dim, generator=noise)
             eps = eps[self.env.rank :: self.env.world_size].to(self.device)
-            sums += self._run_batch(x, eps)
+            batch_sums, finite = self._run_batch(x, eps)
+            if skip_mode:
+                if not bool(finite):  # synced in _run_batch already
+                    skipped += 1
+                    self.bad_steps += 1
+                    log.warning(
+                        "%s", self._non_finite(epoch, step, "skipped a non-finite step").args[0]
+                    )
+                    if self.bad_steps > self.cfg.train.max_bad_steps:
+                        raise self._non_finite(
+                            epoch,
+                            step,
+                            f"more than train.max_bad_steps={self.cfg.train.max_bad_steps} "
+                            "non-finite steps; the last",
+                        )
+                    continue
+            else:
+                first_bad = torch.where(
+                    (~finite) & (first_bad < 0), torch.tensor(step, device=self.device), first_bad
+                )
+            sums += batch_sums
             seen += x.shape[0]
+            if (step + 1) % self.cfg.train.log_every == 0 and not skip_mode:
+                self._check_finite(epoch, first_bad)
             if self.env.is_main and (step + 1) % self.cfg.train.log_every == 0:
                 rate = seen * self.env.world_size / (time.perf_counter() - t0)
                 # .item() is a host sync: only at logging points
@@ -191,16 +264,24 @@ class Trainer:
                     sums[0].item() / seen,
                     rate,
                 )
+        if not skip_mode:
+            self._check_finite(epoch, first_bad)
         counts = torch.tensor([float(seen)], dtype=torch.float64, device=self.device)
         all_reduce_sum(sums)
         all_reduce_sum(counts)
         seconds = time.perf_counter() - t0
         n = counts.item()
+        if n == 0:
+            raise TrainingError(
+                f"every step of epoch {epoch + 1} was non-finite and skipped; no checkpoint "
+                "written: lower train.lr or check the data"
+            )
         loss, recon, kl = (sums / n).tolist()
         return {
             "train_loss": loss,
             "train_recon": recon,
             "train_kl": kl,
+            "skipped_steps": skipped,
             "images_per_s": n / seconds,
             "epoch_seconds": seconds,
         }
