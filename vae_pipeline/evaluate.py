@@ -34,6 +34,7 @@ METRIC_KEYS = ("elbo", "recon", "kl", "iw_nll", "bits_per_dim", "active_units")
 # Bumped when the same settings would give different per-example numbers (2: per-example RNG
 # streams); part of the registry's eval_key, so older evaluations are re-run, never paired.
 EVAL_PROTOCOL = 2
+PROGRESS_EVERY_S = 30.0
 
 
 def _stderr(values: np.ndarray) -> float:
@@ -90,7 +91,20 @@ def per_example_terms(
     decode = model.inference_decoder()
     indices = torch.arange(len(images)) if indices is None else indices
     out: dict[str, list] = {k: [] for k in ("recon", "kl", "elbo", "iw_log_px", "mu", "logvar")}
+    t0 = last = time.perf_counter()
     for start in range(0, len(images), ecfg.batch_size):
+        now = time.perf_counter()
+        if start and now - last >= PROGRESS_EVERY_S:  # long evaluations show progress
+            last = now
+            rate = start / (now - t0)
+            log.info(
+                "evaluated %d/%d test images (K=%d): %.1f images/s, about %.0f min left",
+                start,
+                len(images),
+                ecfg.iw_samples,
+                rate,
+                (len(images) - start) / rate / 60,
+            )
         gens = example_generators(ecfg.seed, indices[start : start + ecfg.batch_size])
         x = to_unit_float(images[start : start + ecfg.batch_size].to(device))
         x = binarize(x, ecfg, gens)
