@@ -297,3 +297,22 @@ def test_each_run_publishes_the_evaluation_summary_as_a_prefect_artifact(runs):
     assert latest.data.endswith((ws / "reports/summary.md").read_text())
     assert f"| IW NLL (K={metrics['iw_k']}) | {metrics['iw_nll']:.4g} |" in latest.data
     assert second["metrics"]["iw_nll"] == pytest.approx(metrics["iw_nll"])
+
+
+def test_cli_evaluates_the_registered_champion(runs):
+    ws, first, _ = runs
+    result = _cli(
+        ws,
+        "evaluate",
+        "--model",
+        "models:/conv-vae@champion",
+        "--set",
+        "evaluate.reports_dir=reports-champion",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((ws / "reports-champion" / "metrics.json").read_text())
+    champion = _client(ws).get_model_version_by_alias("conv-vae", "champion")
+    # The same weights, data and evaluation settings as when the flow registered it.
+    assert metrics["iw_nll"] == pytest.approx(float(champion.tags["iw_nll"]), rel=1e-6)
+    assert metrics["data_version"] == champion.tags["test_data_version"]
+    assert metrics["likelihood"] == champion.tags["likelihood"] == "bernoulli"
