@@ -17,7 +17,7 @@ export DVC_NO_ANALYTICS := 1
 export AWS_EC2_METADATA_DISABLED := true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test install data lint format bench clean help
+.PHONY: run test install data cxx lint format bench clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -44,11 +44,18 @@ $(FASHION_MNIST):
 run: install data  ## the retrain flow on params.yaml (ingest -> prepare -> train -> evaluate -> register -> promote)
 	$(BIN)/vae-pipeline retrain
 
-test: install data  ## the test suite
+cxx:  ## a C++ compiler, for torch.compile on CPU (train.compile; one test uses it)
+	@command -v g++ >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q g++; \
+	  else echo "torch.compile on CPU needs g++: run 'sudo apt-get install g++'"; exit 1; fi; }
+
+test: install data cxx  ## the test suite
 	$(BIN)/python -m pytest -q
 
 bench: install  ## benchmarks (see docs/benchmarks.md); not part of the tests
 	$(BIN)/python bench/eval_throughput.py
+	$(BIN)/python bench/train_throughput.py
 
 lint: install  ## ruff check + format check
 	$(BIN)/ruff check vae_pipeline flows tests bench

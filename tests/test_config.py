@@ -64,3 +64,64 @@ def test_params_hash_tracks_values():
     a = build_config({})
     assert a.params_hash() == build_config({}).params_hash()
     assert a.params_hash() != build_config({}, ["train.lr=0.5"]).params_hash()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.nnodes=2"], "train.nnodes=2 needs train.rdzv_endpoint=host:port"),
+        (["train.rdzv_endpoint=10.0.0.1"], "train.rdzv_endpoint: Value error, must be host:port"),
+        (["train.rdzv_endpoint=host:99999"], "must be host:port"),
+        (["train.grad_accum_steps=0"], "train.grad_accum_steps"),
+        (["train.precision=fp16"], "train.precision"),
+    ],
+)
+def test_topology_settings_are_checked(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(REPO / "params.yaml", overrides)
+    assert message in str(err.value)
+
+
+def test_torchrun_flags_follow_the_train_section():
+    from vae_pipeline.train.launch import rendezvous_args, torchrun_command
+
+    one = load_config(REPO / "params.yaml").train
+    assert rendezvous_args(one) == ["--standalone", "--nnodes=1", "--max-restarts=0"]
+    many = load_config(
+        REPO / "params.yaml",
+        ["train.nnodes=4", "train.rdzv_endpoint=10.0.0.1:29400", "train.max_restarts=3"],
+    ).train
+    cmd = torchrun_command("c.yaml", 8, ["--out-dir", "m"], topology=rendezvous_args(many))
+    assert cmd[1:] == [
+        "-m", "torch.distributed.run", "--nnodes=4", "--rdzv-backend=c10d",
+        "--rdzv-endpoint=10.0.0.1:29400", "--rdzv-id=vae-pipeline", "--max-restarts=3",
+        "--nproc-per-node=8", "-m", "vae_pipeline.worker", "--params", "c.yaml", "--out-dir", "m",
+    ]  # fmt: skip
+
+
+def test_train_flags_are_overrides_that_win_over_set(capsys):
+    from vae_pipeline.cli import build_parser, topology_overrides
+
+    args = build_parser().parse_args(
+        [
+            "train",
+            "--set",
+            "train.nnodes=3",
+            "--nnodes",
+            "2",
+            "--rdzv-endpoint",
+            "h:1",
+            "--max-restarts",
+            "1",
+        ]
+    )
+    assert topology_overrides(args) == [
+        "train.nnodes=2", "train.rdzv_endpoint=h:1", "train.max_restarts=1"
+    ]  # fmt: skip
+    cfg = load_config(REPO / "params.yaml", [*args.overrides, *topology_overrides(args)])
+    assert (cfg.train.nnodes, cfg.train.rdzv_endpoint, cfg.train.max_restarts) == (2, "h:1", 1)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    help_text = capsys.readouterr().out
+    for flag in ("--nnodes", "--nproc-per-node", "--rdzv-endpoint", "--rdzv-id", "--max-restarts"):
+        assert flag in help_text

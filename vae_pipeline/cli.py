@@ -21,6 +21,25 @@ log = logging.getLogger("vae_pipeline.cli")
 
 CHAMPION_URI = "models:/{name}@champion"
 
+# `vae-pipeline train` flags that mirror torchrun's; each is a shorthand for `--set KEY=VALUE`.
+TRAIN_TOPOLOGY_FLAGS = (
+    ("--nnodes", "train.nnodes", int),
+    ("--nproc-per-node", "train.nproc_per_node", int),
+    ("--rdzv-endpoint", "train.rdzv_endpoint", str),
+    ("--rdzv-id", "train.rdzv_id", str),
+    ("--max-restarts", "train.max_restarts", int),
+)
+
+
+def topology_overrides(args: argparse.Namespace) -> list[str]:
+    """The train flags given, as overrides (applied after --set, so a flag wins)."""
+    out = []
+    for flag, key, _ in TRAIN_TOPOLOGY_FLAGS:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
+        if value is not None:
+            out.append(f"{key}={value}")
+    return out
+
 
 def add_params_arguments(p: argparse.ArgumentParser) -> None:
     """--params and --set: every entry point (subcommands, the torchrun worker) takes them."""
@@ -65,9 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("ingest", "Snapshot data.source into data.raw_dir and version it with DVC.")
     p.add_argument("--no-push", action="store_true", help="do not push to the DVC remote")
     add("prepare", "Decode the raw snapshot into uint8 train/val/test splits.")
-    p = add("train", "Train the ConvVAE under torchrun (train.nproc_per_node ranks).")
+    p = add(
+        "train",
+        "Train the ConvVAE under torchrun (train.nproc_per_node ranks per node). For several "
+        "nodes, run the same command on each with --nnodes N --rdzv-endpoint HOST:PORT.",
+    )
     p.add_argument("--out-dir", type=Path, default=None, help="default: train.out_dir")
     p.add_argument("--mlflow-run-id", default=None, help="log per-epoch metrics into this run")
+    for flag, key, kind in TRAIN_TOPOLOGY_FLAGS:
+        p.add_argument(flag, type=kind, default=None, help=f"sets {key} (see params.yaml)")
     p = add(
         "evaluate",
         "Evaluate a model on the test split: reports/metrics.json and PNG grids "
@@ -353,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     apply_quiet_offline_defaults()
     try:
-        cfg = load_config(args.params, args.overrides)
+        cfg = load_config(args.params, [*args.overrides, *topology_overrides(args)])
     except ConfigError as exc:
         print(f"vae-pipeline {args.command}: {exc}", file=sys.stderr)
         return 2

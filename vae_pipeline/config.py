@@ -76,7 +76,55 @@ class TrainConfig(_Section):
     max_bad_steps: int = Field(0, ge=0)
     """Steps with a non-finite loss or gradient to skip (optimizer step not taken) before
     stopping; 0 = stop at the first one, checked without a per-step host sync."""
+    checkpoint_every: int = Field(0, ge=0)
+    """Optimizer steps between mid-epoch checkpoints (0 = at the end of each epoch only). A
+    restart resumes at the exact step: sampler position, noise and RNG states included."""
+    kl_warmup_steps: int = Field(0, ge=0)
+    """KL warm-up: the KL term's weight beta rises linearly from 0 to 1 over this many
+    optimizer steps (0 = beta is 1 throughout: the plain ELBO)."""
+    grad_accum_steps: int = Field(1, ge=1)
+    """Micro-batches per optimizer step on each rank; the global batch stays train.batch_size,
+    so the result is the same, with less memory per micro-batch."""
+    nnodes: int = Field(1, ge=1, le=1024)
+    """Nodes (machines) in the job; > 1 needs train.rdzv_endpoint, and every node runs the
+    same `vae-pipeline train` command."""
+    rdzv_endpoint: str | None = None
+    """host:port of the c10d rendezvous (on one of the nodes) when train.nnodes > 1."""
+    rdzv_id: str = Field("vae-pipeline", min_length=1)
+    """Rendezvous job id: the same on every node of one job, different for concurrent jobs."""
+    max_restarts: int = Field(0, ge=0)
+    """Times torchrun restarts the workers after a failure (e.g. a killed rank); each restart
+    resumes from the last checkpoint."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto = bf16 autocast on a CUDA device that supports it, fp32 otherwise; bf16 = require
+    it (refused on CPU, where bf16 is far slower than fp32). The loss terms stay fp32."""
+    channels_last: bool = True
+    """Convolutions in NHWC memory layout: measured 1.09x faster on this project's 2-core CPU
+    (docs/benchmarks.md) and the usual choice on CUDA with autocast; the same numbers up to
+    float rounding."""
+    compile: bool = False
+    """torch.compile the training forward and backward (needs a C++ compiler on CPU; the first
+    steps pay the compilation)."""
     out_dir: str = "models"
+
+    @field_validator("rdzv_endpoint")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        host, _, port = value.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("must be host:port, e.g. 10.0.0.1:29400")
+        return value
+
+    @model_validator(mode="after")
+    def _multi_node_needs_endpoint(self) -> TrainConfig:
+        if self.nnodes > 1 and self.rdzv_endpoint is None:
+            raise ValueError(
+                f"train.nnodes={self.nnodes} needs train.rdzv_endpoint=host:port, a port on one "
+                "of the nodes that every node can reach"
+            )
+        return self
 
 
 class EvaluateConfig(_Section):
@@ -154,7 +202,7 @@ def _format_error(err: ValidationError, origin: str) -> str:
         msg = item["msg"]
         if item["type"] == "extra_forbidden":
             msg = "unknown field (check the spelling against params.yaml)"
-        if not field:  # a rule across sections: its message names the fields
+        if not field or isinstance(got, dict):  # a rule across fields: its message names them
             lines.append(f"  {msg.removeprefix('Value error, ')}")
             continue
         lines.append(f"  {field}: {msg} (got {got!r})")

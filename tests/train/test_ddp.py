@@ -1,6 +1,8 @@
-"""Real multi-process DDP: torchrun with gloo on CPU, 2 ranks."""
+"""Real multi-process DDP: torchrun with gloo on CPU, 2 ranks, on one node or on two "nodes"
+(two torchrun agents meeting at a c10d rendezvous on 127.0.0.1); a rank SIGKILLed mid-epoch."""
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -8,57 +10,66 @@ from pathlib import Path
 import pytest
 import torch
 
-from vae_pipeline.config import build_config, save_config
+from vae_pipeline.config import build_config, save_config, tracking_uri
 from vae_pipeline.data import prepare, snapshot_source
+from vae_pipeline.pipeline import train as pipeline_train
+from vae_pipeline.tracking import start_run
 from vae_pipeline.train import Trainer, load_model
-from vae_pipeline.train.launch import launch
+from vae_pipeline.train.launch import torchrun_env
 
 from ..conftest import tiny_params
 
 HELPER = Path(__file__).with_name("ddp_ranks.py")
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
-    cfg = build_config(tiny_params(train={"epochs": 2}))
+    # 4 steps per epoch; a mid-epoch checkpoint at global steps 3 and 6
+    cfg = build_config(tiny_params(train={"epochs": 2, "checkpoint_every": 3}))
     snapshot_source(cfg, root)
     prepare(cfg, root)
     return root, cfg
 
 
-@pytest.mark.slow
-def test_two_ranks_hold_identical_weights_and_match_one_process(prepared):
-    root, cfg = prepared
-    config = save_config(cfg, root / "ddp.yaml")
-    out = root / "ddp-run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(HELPER),
-        str(config),
-        str(out),
-        str(root),
-    ]
-    result = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    weights = torch.load(out / "rank_weights.pt", weights_only=True)
-    assert weights.shape[0] == 2
-    torch.testing.assert_close(weights[0], weights[1], rtol=0, atol=0)  # DDP keeps ranks in sync
+def _run_ranks(root: Path, cfg, name: str, *torchrun_args: str, fault: str = ""):
+    config = save_config(cfg, root / f"{name}.yaml")
+    out = root / name
+    out.mkdir()
+    cmd = [*TORCHRUN, "--standalone", "--nproc-per-node=2", *torchrun_args]
+    cmd += [str(HELPER), str(config), str(out), str(root)] + ([fault] if fault else [])
+    result = subprocess.run(
+        cmd, cwd=root, capture_output=True, text=True, timeout=300, env=torchrun_env()
+    )
+    return out, result
 
-    # Same global batch, seed and data in one process: the same training, up to float reduction
-    # order (gloo sums the two half-batch gradients in another order than one big batch).
+
+@pytest.fixture(scope="module")
+def two_ranks(prepared):
+    """An uninterrupted 2-rank run: its out dir and every rank's final weights."""
+    root, cfg = prepared
+    out, result = _run_ranks(root, cfg, "ddp-run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, torch.load(out / "rank_weights.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def one_process(prepared):
+    """The same global batch, seed and data in one process (no DDP)."""
+    root, cfg = prepared
     single = Trainer(cfg, root / "single", workdir=root)
     history = single.fit()
-    ddp_history = json.loads((out / "history.json").read_text())
-    for a, b in zip(history, ddp_history, strict=True):
+    return history, torch.cat([p.detach().flatten() for p in single.model.parameters()])
+
+
+def _assert_same_training(cfg, history, weights, ref_history, ref_weights) -> None:
+    """Same training up to float reduction order (gloo sums the per-rank gradients in another
+    order than one big batch)."""
+    for a, b in zip(ref_history, history, strict=True):
         for key in ("train_loss", "train_recon", "train_kl", "val_loss"):
             assert a[key] == pytest.approx(b[key], rel=1e-4), key
-    flat = torch.cat([p.detach().flatten() for p in single.model.parameters()])
-    diff = (weights[0] - flat).abs()
+    diff = (weights - ref_weights).abs()
     # Adam moves a weight by at most ~lr per step, and where a gradient is ~0 its sign is float
     # noise; so a weight can differ by up to 2 * lr * steps while the bulk agrees to 1e-6.
     steps = cfg.train.epochs * (cfg.data.limit // cfg.train.batch_size)
@@ -67,29 +78,101 @@ def test_two_ranks_hold_identical_weights_and_match_one_process(prepared):
 
 
 @pytest.mark.slow
-def test_launcher_runs_torchrun_and_rank0_writes_outputs(prepared):
+def test_two_ranks_hold_identical_weights_and_match_one_process(prepared, two_ranks, one_process):
+    _, cfg = prepared
+    out, weights = two_ranks
+    assert weights.shape[0] == 2
+    torch.testing.assert_close(weights[0], weights[1], rtol=0, atol=0)  # DDP keeps ranks in sync
+    ddp_history = json.loads((out / "history.json").read_text())
+    _assert_same_training(cfg, ddp_history, weights[0], *one_process)
+
+
+@pytest.mark.slow
+def test_a_rank_killed_mid_epoch_is_restarted_and_ends_with_the_same_weights(prepared, two_ranks):
     root, cfg = prepared
-    model_path = launch(cfg, Path("launched"), root)
+    # Rank 1 dies by SIGKILL at global step 7 (epoch 2, step 3), after the checkpoint of step 6
+    out, result = _run_ranks(root, cfg, "ddp-killed", "--max-restarts=1", fault="kill:1:7")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "failed (exitcode: -9) local_rank: 1" in result.stderr  # SIGKILL: it did die
+    assert "resumed from" in result.stderr and "at epoch 2, step 2" in result.stderr
+    weights = torch.load(out / "rank_weights.pt", weights_only=True)
+    torch.testing.assert_close(weights, two_ranks[1], rtol=0, atol=0)  # bit for bit
+    history = json.loads((out / "history.json").read_text())
+    reference = json.loads((two_ranks[0] / "history.json").read_text())
+    for a, b in zip(reference, history, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-12)
+        assert a["val_loss"] == b["val_loss"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_at_a_c10d_rendezvous_train_like_one_process(prepared, one_process):
+    root, cfg = prepared
+    params = save_config(cfg, root / "nodes.yaml")
+    port = _free_port()
+    # The same command on each "node", as a user runs it on two machines; gradient
+    # accumulation (2 micro-batches per rank, DDP's no_sync) on top must not change the result.
+    cmd = [
+        sys.executable, "-m", "vae_pipeline.cli", "train", "--params", str(params),
+        "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", f"127.0.0.1:{port}",
+        "--rdzv-id", "nodes-test", "--set", "train.grad_accum_steps=2", "--out-dir", "nodes",
+    ]  # fmt: skip
+    env = {**torchrun_env(), "PYTHONUNBUFFERED": "1"}
+    nodes = [
+        subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(2)
+    ]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    for node, (_, err) in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, err.decode()[-3000:]
+    logs = b"".join(err for _, err in outputs).decode()
+    assert "--nnodes=2" in logs and "--rdzv-backend=c10d" in logs
+    assert "world size 2" in logs  # one rank on each node
+    model, _ = load_model(root / "nodes" / "model.pt")
+    history = json.loads((root / "nodes" / "history.json").read_text())
+    weights = torch.cat([p.detach().flatten() for p in model.parameters()])
+    _assert_same_training(cfg, history, weights, *one_process)
+    assert not list((root / "nodes").glob("config-*.yaml"))  # per-node copies cleaned up
+
+
+@pytest.mark.slow
+def test_launcher_writes_outputs_from_rank0_into_one_mlflow_run(prepared):
+    root, cfg = prepared
+    uri = tracking_uri(cfg, root)
+    run_id = start_run(cfg, uri, root, "ddp-test", {})
+    model_path = pipeline_train(cfg, root, Path("launched"), run_id)
     assert model_path == root / "launched" / "model.pt"
     model, meta = load_model(model_path)
     assert meta["epochs"] == 2
     assert (root / "launched" / "config.yaml").is_file()
     assert sorted(p.name for p in (root / "launched").glob("*.pt")) == ["checkpoint.pt", "model.pt"]
+    # Rank 0 alone logged, into the run it was given: no per-rank runs, one point per epoch
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    runs = client.search_runs(
+        [client.get_experiment_by_name(cfg.registry.experiment).experiment_id]
+    )
+    assert [r.info.run_id for r in runs] == [run_id]
+    history = client.get_metric_history(run_id, "train_loss")
+    assert [m.step for m in sorted(history, key=lambda m: m.step)] == [1, 2]
+    expected = json.loads((root / "launched" / "history.json").read_text())
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(
+        [h["train_loss"] for h in expected]
+    )
 
 
 @pytest.mark.slow
 def test_a_nan_on_one_rank_stops_every_rank_with_the_step(prepared):
     root, cfg = prepared
-    config = save_config(cfg, root / "ddp-nan.yaml")
-    out = root / "ddp-nan"
-    out.mkdir()
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        str(HELPER), str(config), str(out), str(root), "1:2",
-    ]  # fmt: skip
     # Rank 1 alone sees a NaN at step 2; DDP's averaged gradient carries it to rank 0, and the
     # ranks agree through one all-reduce, so both stop (none hangs in a collective).
-    result = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    out, result = _run_ranks(root, cfg, "ddp-nan", fault="nan:1:2")
     assert result.returncode != 0
     for rank in (0, 1):
         message = (out / f"error_rank{rank}.txt").read_text()

@@ -9,6 +9,7 @@ from vae_pipeline.config import build_config
 from vae_pipeline.data import prepare, snapshot_source
 from vae_pipeline.train import Trainer, TrainingError, load_model
 from vae_pipeline.train.checkpoint import load
+from vae_pipeline.train.trainer import autocast_dtype
 
 from ..conftest import tiny_params
 
@@ -172,3 +173,149 @@ def test_non_finite_weights_are_never_saved_or_registered(tmp_path):
     with pytest.raises(ValueError, match="not registering .*iw_nll"):
         check_registrable(good, {**metrics, "iw_nll": float("nan")}, tmp_path / "model.pt")
     check_registrable(good, metrics, tmp_path / "model.pt")  # finite: no error
+
+
+class _Crash(Exception):
+    pass
+
+
+def _crash_at(trainer: Trainer, step: int) -> None:
+    """Raise inside the forward of global training step `step` (1-based): a process dying
+    mid-epoch, after the checkpoints before it were written."""
+    seen = {"n": 0}
+
+    def hook(module, args):
+        if module.training:
+            seen["n"] += 1
+            if seen["n"] == step:
+                raise _Crash(f"killed at step {step}")
+
+    trainer.model.encoder.register_forward_pre_hook(hook)
+
+
+def test_mid_epoch_checkpoint_resumes_to_exactly_the_same_weights(prepared, tmp_path):
+    # 4 steps per epoch, 2 epochs, a checkpoint every 3 steps: global step 6 is epoch 2, step 2
+    cfg = _cfg(epochs=2, checkpoint_every=3)
+    straight = Trainer(cfg, tmp_path / "straight", workdir=prepared)
+    assert len(straight.loader) == 4
+    straight_history = straight.fit()
+
+    crashed = Trainer(cfg, tmp_path / "crashed", workdir=prepared)
+    _crash_at(crashed, 8)
+    with pytest.raises(_Crash):
+        crashed.fit()
+    state = load(tmp_path / "crashed" / "checkpoint.pt")  # weights_only=True
+    assert state["epoch"] == 1 and state["global_step"] == 6
+    assert state["position"]["step"] == 2  # mid-epoch: two steps of epoch 2 taken
+    assert set(state["rng"]) == {"torch", "cuda", "numpy", "python"}
+
+    torch.manual_seed(12345)  # a restarted process starts with other global RNG states
+    restarted = Trainer(cfg, tmp_path / "crashed", workdir=prepared)
+    history = restarted.fit()
+    assert restarted.global_step == straight.global_step == 8
+    for (name, x), y in zip(
+        straight.model.state_dict().items(), restarted.model.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, msg=name)
+    # The resumed epoch's record carries the steps before the crash (global partial sums)
+    for a, b in zip(straight_history, history, strict=True):
+        for key in ("train_loss", "train_recon", "train_kl", "val_loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-12), key
+    # ... and the optimizer state went with it: the next epoch also matches
+    torch.testing.assert_close(
+        straight.optimizer.state_dict()["state"][0]["exp_avg_sq"],
+        restarted.optimizer.state_dict()["state"][0]["exp_avg_sq"],
+        rtol=0,
+        atol=0,
+    )
+
+
+def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
+    import random
+
+    import numpy as np
+
+    from vae_pipeline.train.checkpoint import atomic_save
+    from vae_pipeline.train.trainer import rng_states, set_rng_states
+
+    torch.manual_seed(3), np.random.seed(3), random.seed(3)
+    atomic_save({"rng": rng_states()}, tmp_path / "rng.pt")
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(99), np.random.seed(99), random.seed(99)
+    set_rng_states(load(tmp_path / "rng.pt")["rng"])
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    torch.testing.assert_close(got[0], expected[0], rtol=0, atol=0)
+    np.testing.assert_array_equal(got[1], expected[1])
+    assert got[2] == expected[2]
+
+
+def _reference_gradient(cfg, trainer: Trainer, beta: float) -> dict[str, torch.Tensor]:
+    """The first step's gradient in plain PyTorch, on the trainer's first batch and noise,
+    with the loss written out by hand (BCE + beta * closed-form KL)."""
+    from vae_pipeline.data.dataset import to_unit_float
+    from vae_pipeline.model import ConvVAE
+
+    torch.manual_seed(cfg.train.seed)
+    model = ConvVAE(cfg.data.channels, cfg.data.image_size, cfg.model.latent_dim)
+    trainer.sampler.set_epoch(0)
+    idx = trainer.sampler.order()[: cfg.train.batch_size]
+    x = to_unit_float(torch.from_numpy(trainer.train_set.images[idx]))
+    eps = torch.randn(cfg.train.batch_size, cfg.model.latent_dim, generator=trainer._epoch_noise(0))
+    mu, logvar = model.encode(x)
+    logits = model.decode_logits(mu + torch.exp(0.5 * logvar) * eps)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, x, reduction="none")
+    kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(dim=1)
+    (bce.sum(dim=(1, 2, 3)) + beta * kl).mean().backward()
+    return {name: p.grad for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize(
+    ("warmup", "accum", "beta"), [(0, 1, 1.0), (10, 1, 0.0), (0, 4, 1.0), (4, 2, 0.0)]
+)
+def test_a_step_matches_a_plain_loop_with_kl_warmup_and_accumulation(
+    prepared, tmp_path, warmup, accum, beta
+):
+    # one step per epoch: the whole 256-image training split in one batch
+    cfg = _cfg(epochs=1, batch_size=256, kl_warmup_steps=warmup, grad_accum_steps=accum)
+    trainer = Trainer(cfg, tmp_path / "one-step", workdir=prepared)
+    assert len(trainer.loader) == 1 and trainer.kl_weight() == beta
+    history = trainer.fit()
+    assert history[0]["kl_weight"] == pytest.approx(1.0 if warmup == 0 else 1 / warmup)
+    expected = _reference_gradient(cfg, trainer, beta)
+    for name, p in trainer.model.named_parameters():  # .grad of the step just taken
+        # equal up to float summation order (accumulation adds partial gradients)
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize(
+    "option", [{"channels_last": False}, {"channels_last": True}, {"compile": True}], ids=str
+)
+def test_a_step_with_each_layout_or_compiled_matches_a_plain_loop(prepared, tmp_path, option):
+    cfg = _cfg(epochs=1, batch_size=256, **option)
+    trainer = Trainer(cfg, tmp_path / "out", workdir=prepared)
+    compiled = isinstance(trainer.net, torch._dynamo.eval_frame.OptimizedModule)
+    assert compiled == option.get("compile", False)
+    weight = trainer.model.encoder[2].weight  # 32 input channels: the layouts differ
+    assert weight.is_contiguous(memory_format=torch.channels_last) == cfg.train.channels_last
+    trainer.fit()
+    expected = _reference_gradient(cfg, trainer, 1.0)
+    for name, p in trainer.model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-5, msg=name)
+    model, _ = load_model(tmp_path / "out" / "model.pt")  # the saved model loads and matches
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, trainer.model.state_dict()[name], rtol=0, atol=0)
+
+
+def test_precision_is_fp32_on_cpu_and_bf16_there_is_refused(prepared, tmp_path):
+    cpu = torch.device("cpu")
+    assert autocast_dtype("auto", cpu) is None and autocast_dtype("fp32", cpu) is None
+    with pytest.raises(TrainingError, match="train.precision=bf16 needs a CUDA device"):
+        autocast_dtype("bf16", cpu)
+    with pytest.raises(TrainingError, match="train.precision=bf16"):
+        Trainer(_cfg(precision="bf16"), tmp_path / "x", workdir=prepared)
+    assert not (tmp_path / "x").exists()
+
+
+def test_grad_accum_must_divide_the_local_batch(prepared, tmp_path):
+    with pytest.raises(TrainingError, match="grad_accum_steps=3"):
+        Trainer(_cfg(batch_size=64, grad_accum_steps=3), tmp_path / "x", workdir=prepared)

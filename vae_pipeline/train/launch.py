@@ -8,12 +8,13 @@ rank reads that file, so all ranks, and a torchrun restart, train with the same 
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from vae_pipeline.config import Config, save_config
+from vae_pipeline.config import Config, TrainConfig, save_config
 from vae_pipeline.train.trainer import TrainingError
 
 log = logging.getLogger(__name__)
@@ -22,16 +23,41 @@ WORKER_MODULE = "vae_pipeline.worker"
 EVAL_WORKER_MODULE = "vae_pipeline.eval_worker"
 
 
+def torchrun_env() -> dict[str, str]:
+    """The environment for torchrun: ours plus one setting restarts need.
+
+    By default torchrun's workers share the rendezvous TCPStore, and after a restart
+    (`--max-restarts`) a gloo/NCCL group can read the previous attempt's addresses from it and
+    fail to connect (pytorch/pytorch#135712; seen here with gloo). A store of their own per
+    attempt avoids that; a value you export yourself wins.
+    """
+    return {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", **os.environ}
+
+
+def rendezvous_args(tc: TrainConfig) -> list[str]:
+    """torchrun's topology flags from train.*: `--standalone` on one node unless an endpoint
+    is given, else a c10d rendezvous that every node joins with the same command."""
+    if tc.nnodes == 1 and tc.rdzv_endpoint is None:
+        args = ["--standalone", "--nnodes=1"]
+    else:
+        args = [
+            f"--nnodes={tc.nnodes}", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={tc.rdzv_endpoint}", f"--rdzv-id={tc.rdzv_id}",
+        ]  # fmt: skip
+    return [*args, f"--max-restarts={tc.max_restarts}"]
+
+
 def torchrun_command(
     config_path: Path,
     nproc_per_node: int,
     worker_args: list[str] = (),
     module: str = WORKER_MODULE,
+    topology: list[str] = ("--standalone", "--nnodes=1"),
 ) -> list[str]:
-    """`python -m torch.distributed.run --standalone ... -m <module> --params ... <args>`"""
+    """`python -m torch.distributed.run <topology> ... -m <module> --params ... <args>`"""
     return [
         sys.executable, "-m", "torch.distributed.run",
-        "--standalone", "--nnodes=1", f"--nproc_per_node={nproc_per_node}",
+        *topology, f"--nproc-per-node={nproc_per_node}",
         "-m", module, "--params", str(config_path), *worker_args,
     ]  # fmt: skip
 
@@ -39,18 +65,35 @@ def torchrun_command(
 def launch(
     cfg: Config, out_dir: Path, workdir: Path = Path("."), worker_args: list[str] = ()
 ) -> Path:
-    """Run training under torchrun with `train.nproc_per_node` ranks; returns model.pt's path.
+    """Run training under torchrun: `train.nproc_per_node` ranks on this node, of
+    `train.nnodes` nodes (c10d rendezvous at `train.rdzv_endpoint`), restarted up to
+    `train.max_restarts` times; returns model.pt's path (written by global rank 0).
 
     torchrun sets OMP_NUM_THREADS=1 per rank when it starts more than one, so ranks do not
     oversubscribe the cores; export it yourself to choose otherwise.
     """
     out_dir = Path(out_dir)
-    config_path = save_config(cfg, (workdir / out_dir) / "config.yaml")
+    tc = cfg.train
+    # One file per node (nodes may share out_dir), written whole before torchrun reads it.
+    node = f"-{os.uname().nodename}-{os.getpid()}" if tc.nnodes > 1 else ""
+    config_path = save_config(cfg, (workdir / out_dir) / f"config{node}.yaml")
     cmd = torchrun_command(
-        config_path.resolve(), cfg.train.nproc_per_node, ["--out-dir", str(out_dir), *worker_args]
+        config_path.resolve(),
+        tc.nproc_per_node,
+        ["--out-dir", str(out_dir), *worker_args],
+        topology=rendezvous_args(tc),
     )
-    log.info("launching %d rank(s): %s", cfg.train.nproc_per_node, " ".join(cmd[2:]))
-    result = subprocess.run(cmd, cwd=workdir)
+    log.info(
+        "launching %d rank(s) on this node of %d: %s",
+        tc.nproc_per_node,
+        tc.nnodes,
+        " ".join(cmd[2:]),
+    )
+    try:
+        result = subprocess.run(cmd, cwd=workdir, env=torchrun_env())
+    finally:
+        if node:
+            config_path.unlink(missing_ok=True)
     if result.returncode != 0:
         raise TrainingError(
             f"training failed (torchrun exit code {result.returncode}); the rank's error is "

@@ -5,6 +5,12 @@ examples r, r+W, r+2W, ... of each global batch, and every rank draws the repara
 noise for the whole global batch from one generator seeded by (seed, epoch), keeping rows r::W.
 So 1 process and W ranks see the same examples with the same noise, and DDP's gradient average
 of per-rank means equals the global mean.
+
+Exact resume: a checkpoint (at each epoch's end, and every `train.checkpoint_every` steps) holds
+the weights, Adam's state, the epoch and the step within it, the noise generator's state, the
+global RNG states and the epoch's partial sums. The sampler's order is a function of (seed,
+epoch), so a restart skips the steps already taken and goes on with the same batches and noise:
+the final weights equal those of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -12,10 +18,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
@@ -36,24 +46,102 @@ class TrainingError(RuntimeError):
     """Training cannot go on (bad batch size, non-finite loss, incompatible checkpoint)."""
 
 
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The training autocast dtype for `train.precision` on `device` (None = plain fp32).
+
+    bf16 only on CUDA: on CPUs without bf16 matrix units (like the one this project is tested
+    on) a bf16 convolution is orders of magnitude slower than fp32, so `auto` is fp32 there and
+    `bf16` is refused rather than silently slow."""
+    if precision == "fp32":
+        return None
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        if precision == "bf16":
+            raise TrainingError(
+                f"train.precision=bf16: {torch.cuda.get_device_name(device)} has no bf16 "
+                "support; use train.precision=auto or fp32"
+            )
+        return None
+    if precision == "bf16":
+        raise TrainingError(
+            f"train.precision=bf16 needs a CUDA device, and this run is on {device.type}: bf16 "
+            "on CPU is far slower than fp32; use train.precision=auto (fp32 here) or fp32"
+        )
+    return None
+
+
 class _ElboPath(torch.nn.Module):
     """DDP hooks `forward`; this routes it to the per-example ELBO terms the loss needs (so
-    every parameter, the Gaussian decoder's log sigma included, is used inside forward)."""
+    every parameter, the Gaussian decoder's log sigma included, is used inside forward).
 
-    def __init__(self, vae: ConvVAE):
+    With `dtype` (bf16 on CUDA) the network runs under autocast; the likelihood and KL are
+    computed in fp32 from its outputs either way."""
+
+    def __init__(self, vae: ConvVAE, dtype: torch.dtype | None = None):
         super().__init__()
         self.vae = vae
+        self.dtype = dtype
 
     def forward(self, x: torch.Tensor, eps: torch.Tensor) -> dict[str, torch.Tensor]:
-        return terms_from_outputs(*self.vae.forward_logits(x, eps), x, self.vae.log_likelihood)
+        if self.dtype is None:
+            return terms_from_outputs(*self.vae.forward_logits(x, eps), x, self.vae.log_likelihood)
+        with torch.autocast(x.device.type, dtype=self.dtype):
+            logits, mu, logvar = self.vae.forward_logits(x, eps)
+        return terms_from_outputs(
+            logits.float(), mu.float(), logvar.float(), x, self.vae.log_likelihood
+        )
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that can start an epoch part-way: after `skip` of this rank's indices
+    (the steps a checkpoint has already taken). The order itself stays a function of (seed,
+    epoch), and rank r's share of global batch s is the same for any world size."""
+
+    skip = 0
+
+    def order(self) -> list[int]:
+        """This rank's whole order for the current epoch."""
+        return list(super().__iter__())
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order()[self.skip :])
+
+    def __len__(self) -> int:
+        return super().__len__() - self.skip
+
+
+def rng_states() -> dict[str, Any]:
+    """The global RNG states (torch, CUDA, numpy, python) as tensors and plain values, so a
+    checkpoint holding them loads with `torch.load(weights_only=True)`."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_states(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
 
 
 def resume_fingerprint(cfg: Config) -> dict:
-    """Settings a checkpoint must share with the run that resumes it (epochs may grow)."""
+    """Settings a checkpoint must share with the run that resumes it (epochs may grow; the
+    world size may change: the batches and the noise do not depend on it)."""
     return {
         "data": cfg.data.model_dump(mode="json"),
         "model": cfg.model.model_dump(mode="json"),
-        "train": cfg.train.model_dump(mode="json", include={"batch_size", "lr", "seed"}),
+        "train": cfg.train.model_dump(
+            mode="json", include={"batch_size", "lr", "seed", "kl_warmup_steps"}
+        ),
     }
 
 
@@ -71,10 +159,11 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.callbacks = callbacks
         tc = cfg.train
-        if tc.batch_size % env.world_size:
+        if tc.batch_size % (env.world_size * tc.grad_accum_steps):
             raise TrainingError(
                 f"train.batch_size={tc.batch_size} must be divisible by the world size "
-                f"{env.world_size} (nnodes x nproc_per_node)"
+                f"{env.world_size} (nnodes x nproc_per_node) times train.grad_accum_steps="
+                f"{tc.grad_accum_steps}"
             )
         self.local_batch = tc.batch_size // env.world_size
         prepared = workdir / cfg.data.prepared_dir
@@ -91,15 +180,21 @@ class Trainer:
         self.model = ConvVAE(
             cfg.data.channels, cfg.data.image_size, cfg.model.latent_dim, cfg.model.likelihood
         )
-        self.model.to(device)
+        self.memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
+        self.model.to(device, memory_format=self.memory_format)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=tc.lr)
-        wrapped = _ElboPath(self.model)
-        self.net = (
+        self.autocast = autocast_dtype(tc.precision, device)
+        wrapped = _ElboPath(self.model, self.autocast)
+        # self.ddp for no_sync(); self.net is what a step calls (compiled, if asked for)
+        self.ddp = (
             DDP(wrapped, device_ids=[device.index] if device.type == "cuda" else None)
             if env.distributed
-            else wrapped
+            else None
         )
-        self.sampler = DistributedSampler(
+        self.net = self.ddp if self.ddp is not None else wrapped
+        if tc.compile:
+            self.net = torch.compile(self.net)
+        self.sampler = ResumableSampler(
             self.train_set,
             num_replicas=env.world_size,
             rank=env.rank,
@@ -116,34 +211,50 @@ class Trainer:
             pin_memory=device.type == "cuda",
             persistent_workers=tc.num_workers > 0,
         )
-        self.epoch = 0
+        self.epoch = 0  # completed epochs
+        self.global_step = 0  # optimizer steps taken (or skipped) so far, for the KL warm-up
         self.bad_steps = 0  # skipped non-finite steps so far (train.max_bad_steps)
         self.history: list[dict] = []
+        self._resume: dict | None = None  # a mid-epoch checkpoint's position, until used
 
     # --- checkpoints -----------------------------------------------------------------------
     @property
     def checkpoint_path(self) -> Path:
         return self.out_dir / "checkpoint.pt"
 
-    def _save_checkpoint(self) -> None:
-        if not self.env.is_main:
-            return
-        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
-            raise TrainingError(
-                f"non-finite weights after epoch {self.epoch}; no checkpoint written (the last "
-                "one is intact): lower train.lr"
+    def _save_checkpoint(self, position: dict | None = None) -> None:
+        """Rank 0 writes (atomically: a crash mid-write leaves the last one loadable); every
+        rank waits for it, so a rank killed after this point resumes from here.
+
+        `position` marks a mid-epoch checkpoint: the step within epoch `self.epoch + 1`, the
+        noise generator's state, the RNG states at the epoch's start and the partial sums."""
+        if self.env.is_main:
+            if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+                where = (
+                    f"epoch {self.epoch + 1}, step {position['step']}"
+                    if position
+                    else (f"epoch {self.epoch}")
+                )
+                raise TrainingError(
+                    f"non-finite weights after {where}; no checkpoint written (the last one is "
+                    "intact): lower train.lr"
+                )
+            checkpoint.atomic_save(
+                {
+                    "model": self.model.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "epoch": self.epoch,
+                    "global_step": self.global_step,
+                    "bad_steps": self.bad_steps,
+                    "position": position,
+                    "rng": rng_states() if position is None else position.pop("rng"),
+                    "history": self.history,
+                    "fingerprint": resume_fingerprint(self.cfg),
+                    "data_version": self.data_version,
+                },
+                self.checkpoint_path,
             )
-        checkpoint.atomic_save(
-            {
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "epoch": self.epoch,
-                "history": self.history,
-                "fingerprint": resume_fingerprint(self.cfg),
-                "data_version": self.data_version,
-            },
-            self.checkpoint_path,
-        )
+        barrier()
 
     def _load_checkpoint(self) -> bool:
         if not self.checkpoint_path.is_file():
@@ -157,25 +268,56 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.history = state["epoch"], state["history"]
-        log.info("resumed from %s after epoch %d", self.checkpoint_path, self.epoch)
+        self.global_step = state.get("global_step", 0)
+        self.bad_steps = state.get("bad_steps", 0)
+        if state.get("rng"):
+            set_rng_states(state["rng"])
+        self._resume = state.get("position")
+        if self._resume:
+            log.info(
+                "resumed from %s at epoch %d, step %d",
+                self.checkpoint_path,
+                self.epoch + 1,
+                self._resume["step"],
+            )
+        else:
+            log.info("resumed from %s after epoch %d", self.checkpoint_path, self.epoch)
         return True
 
     # --- one step, one epoch ---------------------------------------------------------------
     def _epoch_noise(self, epoch: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + epoch)
 
+    def kl_weight(self) -> float:
+        """beta for the next step: rises linearly from 0 to 1 over train.kl_warmup_steps."""
+        warmup = self.cfg.train.kl_warmup_steps
+        return 1.0 if warmup == 0 else min(1.0, self.global_step / warmup)
+
     def _run_batch(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step; returns the per-example sums (on the device) and whether the
-        loss and gradients were finite (a device bool: no host sync here)."""
-        terms = self.net(x, eps)
-        loss = -terms["elbo"].mean()  # nats per example
+        """One optimizer step over train.grad_accum_steps micro-batches; returns the
+        per-example sums (on the device) and whether the loss and gradients were finite (a
+        device bool: no host sync here)."""
+        accum = self.cfg.train.grad_accum_steps
+        beta = self.kl_weight()
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        sums = torch.zeros(3, dtype=torch.float64, device=x.device)
+        finite = torch.ones((), dtype=torch.bool, device=x.device)
+        for i, (xm, em) in enumerate(zip(x.chunk(accum), eps.chunk(accum), strict=True)):
+            # DDP all-reduces the gradients on the last micro-batch only
+            last = i == accum - 1 or self.ddp is None
+            with nullcontext() if last else self.ddp.no_sync():
+                terms = self.net(xm, em)
+                if beta == 1.0:
+                    loss = -terms["elbo"].mean()  # nats per example
+                else:  # KL warm-up: the optimised loss; the reported one stays -ELBO
+                    loss = (terms["recon"] + beta * terms["kl"]).mean()
+                loss = loss / accum
+                loss.backward()
+            finite &= torch.isfinite(loss.detach())
+            sums += torch.stack([-terms["elbo"].sum(), terms["recon"].sum(), terms["kl"].sum()])
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         # DDP has averaged the gradients: a NaN on any rank is a NaN on every rank.
-        finite = torch.isfinite(loss.detach()) & torch.isfinite(
-            torch.nn.utils.get_total_norm(grads)
-        )
+        finite &= torch.isfinite(torch.nn.utils.get_total_norm(grads))
         if self.cfg.train.max_bad_steps > 0:
             # Skip mode decides before stepping: one host sync per step, by choice.
             bad = all_reduce_sum((~finite).to(torch.float64).reshape(1))
@@ -184,13 +326,12 @@ class Trainer:
                 return torch.zeros(3, dtype=torch.float64, device=x.device), bad[0] == 0
         self.optimizer.step()
         # Per-example sums stay on the device: no host sync until a logging point.
-        sums = torch.stack([-terms["elbo"].sum(), terms["recon"].sum(), terms["kl"].sum()])
         return sums.detach(), finite
 
     def _batch_indices(self, step: int) -> list[int]:
         """The training-set indices this rank drew at `step` of the current epoch."""
         local = self.local_batch
-        return list(self.sampler)[step * local : (step + 1) * local]
+        return self.sampler.order()[step * local : (step + 1) * local]
 
     def _non_finite(self, epoch: int, step: int, what: str) -> TrainingError:
         batch = self._batch_indices(step)
@@ -218,18 +359,35 @@ class Trainer:
 
     def _run_epoch(self, epoch: int) -> dict:
         self.net.train()
+        tc = self.cfg.train
+        resume, self._resume = self._resume, None
+        start = resume["step"] if resume else 0  # steps a mid-epoch checkpoint already took
         self.sampler.set_epoch(epoch)
+        self.sampler.skip = start * self.local_batch
+        # The RNG states at the epoch's start (before the DataLoader's iterator draws its seed
+        # from them): a mid-epoch checkpoint stores these, so a restart replays the same draws.
+        epoch_rng = rng_states()
         noise = self._epoch_noise(epoch)
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        count = torch.zeros(1, dtype=torch.float64, device=self.device)
         seen, skipped, t0 = 0, 0, time.perf_counter()
-        steps = len(self.loader)
-        skip_mode = self.cfg.train.max_bad_steps > 0
+        if resume:
+            noise.set_state(resume["noise"])
+            skipped = resume["skipped"]
+            t0 -= resume["seconds"]
+            if self.env.is_main:  # the partial sums are global: rank 0 carries them
+                sums += resume["sums"].to(self.device)
+                count += resume["count"]
+        steps = start + len(self.loader)
+        skip_mode = tc.max_bad_steps > 0
         first_bad = torch.tensor(-1, device=self.device)  # this rank's first non-finite step
-        for step, (images, _) in enumerate(self.loader):
+        for step, (images, _) in enumerate(self.loader, start=start):
             x = to_unit_float(images.to(self.device, non_blocking=True))
-            eps = torch.randn(self.cfg.train.batch_size, self.cfg.model.latent_dim, generator=noise)
+            x = x.contiguous(memory_format=self.memory_format)
+            eps = torch.randn(tc.batch_size, self.cfg.model.latent_dim, generator=noise)
             eps = eps[self.env.rank :: self.env.world_size].to(self.device)
             batch_sums, finite = self._run_batch(x, eps)
+            self.global_step += 1
             if skip_mode:
                 if not bool(finite):  # synced in _run_batch already
                     skipped += 1
@@ -237,23 +395,25 @@ class Trainer:
                     log.warning(
                         "%s", self._non_finite(epoch, step, "skipped a non-finite step").args[0]
                     )
-                    if self.bad_steps > self.cfg.train.max_bad_steps:
+                    if self.bad_steps > tc.max_bad_steps:
                         raise self._non_finite(
                             epoch,
                             step,
-                            f"more than train.max_bad_steps={self.cfg.train.max_bad_steps} "
+                            f"more than train.max_bad_steps={tc.max_bad_steps} "
                             "non-finite steps; the last",
                         )
-                    continue
+                    batch_sums = None
             else:
                 first_bad = torch.where(
                     (~finite) & (first_bad < 0), torch.tensor(step, device=self.device), first_bad
                 )
-            sums += batch_sums
-            seen += x.shape[0]
-            if (step + 1) % self.cfg.train.log_every == 0 and not skip_mode:
+            if batch_sums is not None:
+                sums += batch_sums
+                count += x.shape[0]
+                seen += x.shape[0]
+            if (step + 1) % tc.log_every == 0 and not skip_mode:
                 self._check_finite(epoch, first_bad)
-            if self.env.is_main and (step + 1) % self.cfg.train.log_every == 0:
+            if self.env.is_main and (step + 1) % tc.log_every == 0 and seen:
                 rate = seen * self.env.world_size / (time.perf_counter() - t0)
                 # .item() is a host sync: only at logging points
                 log.info(
@@ -261,16 +421,30 @@ class Trainer:
                     epoch + 1,
                     step + 1,
                     steps,
-                    sums[0].item() / seen,
+                    sums[0].item() / count.item(),
                     rate,
+                )
+            every = tc.checkpoint_every
+            if every and self.global_step % every == 0 and step + 1 < steps:
+                if not skip_mode:
+                    self._check_finite(epoch, first_bad)  # never checkpoint after a bad step
+                self._save_checkpoint(
+                    {
+                        "step": step + 1,
+                        "noise": noise.get_state(),
+                        "sums": all_reduce_sum(sums.clone()).cpu(),
+                        "count": all_reduce_sum(count.clone()).item(),
+                        "skipped": skipped,
+                        "seconds": time.perf_counter() - t0,
+                        "rng": epoch_rng,
+                    }
                 )
         if not skip_mode:
             self._check_finite(epoch, first_bad)
-        counts = torch.tensor([float(seen)], dtype=torch.float64, device=self.device)
         all_reduce_sum(sums)
-        all_reduce_sum(counts)
+        all_reduce_sum(count)
         seconds = time.perf_counter() - t0
-        n = counts.item()
+        n = count.item()
         if n == 0:
             raise TrainingError(
                 f"every step of epoch {epoch + 1} was non-finite and skipped; no checkpoint "
@@ -281,6 +455,7 @@ class Trainer:
             "train_loss": loss,
             "train_recon": recon,
             "train_kl": kl,
+            "kl_weight": self.kl_weight(),
             "skipped_steps": skipped,
             "images_per_s": n / seconds,
             "epoch_seconds": seconds,
@@ -316,10 +491,13 @@ class Trainer:
         total = self.cfg.train.epochs
         if self.env.is_main:
             log.info(
-                "training %d -> %d epochs on %s, world size %d, %d images/epoch",
+                "training %d -> %d epochs on %s (%s%s%s), world size %d, %d images/epoch",
                 self.epoch,
                 total,
                 self.device,
+                "bf16 autocast" if self.autocast is not None else "fp32",
+                ", channels_last" if self.cfg.train.channels_last else "",
+                ", compiled" if self.cfg.train.compile else "",
                 self.env.world_size,
                 len(self.loader) * self.cfg.train.batch_size,
             )
