@@ -1,0 +1,240 @@
+"""Training throughput: the Trainer against a plain PyTorch loop, and DDP's overhead.
+
+    python bench/train_throughput.py                    # 2048 Fashion-MNIST images, 15 rounds
+    python bench/train_throughput.py --images 4096 --rounds 21
+
+Side by side in one run, alternating round by round (so a noisy neighbour slows both):
+1. `Trainer._run_epoch` (what `vae-pipeline train` runs per rank: sampler, per-step finiteness
+   check, device-side sums) against a plain loop written out by hand: the same ConvVAE, data
+   (the memory-mapped uint8 split), batch, Adam and loss, nothing else. One epoch each per round.
+   The trainer runs twice: with its defaults (`train.channels_last: true`) and in the plain
+   loop's NCHW layout (the like-for-like comparison). Then the same one step at a time on one
+   fixed batch (no data loading: less noise).
+2. The Trainer at world size 1 wrapped in DistributedDataParallel (a real gloo process group)
+   against the Trainer without DDP: the cost of the DDP wrapper itself.
+It reports images/s (best round), the paired ratio (median over rounds), and the model's
+training FLOP rate (forward + backward, torch's FlopCounterMode) as a fraction of this
+machine's fp32 GEMM rate, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import platform
+import socket
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import date
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.flop_counter import FlopCounterMode
+
+from vae_pipeline.config import build_config
+from vae_pipeline.data import prepare, snapshot_source
+from vae_pipeline.data.dataset import PreparedSplit
+from vae_pipeline.model import ConvVAE
+from vae_pipeline.train import Trainer
+
+
+def gemm_gflops(n: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def plain_loss(model: ConvVAE, x: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
+    """Negative ELBO per example, averaged: BCE on the logits + the closed-form KL."""
+    mu, logvar = model.encode(x)
+    z = mu + torch.exp(0.5 * logvar) * (torch.randn_like(mu) if eps is None else eps)
+    logits = model.decode_logits(z)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, x, reduction="sum")
+    kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+    return (bce + kl) / x.shape[0]
+
+
+class PlainLoop:
+    """The loop written out by hand. It draws the same batches (a DistributedSampler of one
+    replica with the trainer's seed) and the same noise as the trainer, so the two models
+    follow the same trajectory and any weight-dependent speed (denormals) affects both alike."""
+
+    def __init__(self, cfg, split: PreparedSplit):
+        self.cfg = cfg
+        torch.manual_seed(cfg.train.seed)
+        self.model = ConvVAE(cfg.data.channels, cfg.data.image_size, cfg.model.latent_dim)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr)
+        self.sampler = DistributedSampler(
+            split, num_replicas=1, rank=0, shuffle=True, seed=cfg.train.seed, drop_last=True
+        )
+        self.loader = DataLoader(
+            split, batch_size=cfg.train.batch_size, sampler=self.sampler, drop_last=True
+        )
+
+    def step(self, x: torch.Tensor, eps: torch.Tensor | None = None) -> None:
+        loss = plain_loss(self.model, x, eps)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+
+    def epoch(self, epoch: int) -> float:
+        """images/s over one epoch."""
+        self.model.train()
+        self.sampler.set_epoch(epoch)
+        noise = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + epoch)
+        n, start = 0, time.perf_counter()
+        for images, _ in self.loader:
+            x = images.float() / 255
+            self.step(x, torch.randn(x.shape[0], self.cfg.model.latent_dim, generator=noise))
+            n += x.shape[0]
+        return n / (time.perf_counter() - start)
+
+
+def timed(fn: Callable[[], object], n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return time.perf_counter() - start
+
+
+def trainer_epoch(trainer: Trainer, epoch: int) -> float:
+    return trainer._run_epoch(epoch)["images_per_s"]
+
+
+def training_flops_per_image(cfg) -> float:
+    model = ConvVAE(cfg.data.channels, cfg.data.image_size, cfg.model.latent_dim)
+    x = torch.rand(32, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    with FlopCounterMode(display=False) as counter:
+        plain_loss(model, x).backward()
+    return counter.get_total_flops() / 32
+
+
+def side_by_side(runs: dict, rounds: int) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Best images/s of each, and each one's per-round ratio to the last one (the reference).
+    The order alternates round by round, so a noisy neighbour slows all of them alike."""
+    names = list(runs)
+    for run in runs.values():
+        run(0)  # warm-up epoch
+    rates: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            rates[name].append(runs[name](r + 1))
+    ref = rates[names[-1]]
+    ratios = {name: [a / b for a, b in zip(v, ref, strict=True)] for name, v in rates.items()}
+    return {name: max(v) for name, v in rates.items()}, ratios
+
+
+def spread(ratios: list[float]) -> str:
+    return f"{statistics.median(ratios):.3f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--images", type=int, default=2048, help="training images (default 2048)")
+    p.add_argument("--rounds", type=int, default=15, help="measured epochs of each (default 15)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--latent-dim", type=int, default=32)
+    args = p.parse_args()
+    logging.getLogger("vae_pipeline").setLevel(logging.WARNING)
+
+    params = {
+        "data": {"limit": args.images},  # a cap per split
+        "model": {"latent_dim": args.latent_dim},
+        "train": {"batch_size": args.batch_size, "log_every": 10**9},
+    }
+    cfg = build_config(params)  # the defaults: channels_last
+    nchw = build_config({**params, "train": {**params["train"], "channels_last": False}})
+    with tempfile.TemporaryDirectory(prefix="vae-bench-") as tmp:
+        root = Path(tmp)
+        snapshot_source(cfg, root)
+        prepare(cfg, root)
+        split = PreparedSplit(root / cfg.data.prepared_dir, "train")
+        peak = gemm_gflops()
+        flops = training_flops_per_image(cfg)
+        print(
+            f"# {date.today()}  {platform.processor() or platform.machine()}  "
+            f"{torch.get_num_threads()} threads  torch {torch.__version__}"
+        )
+        print(
+            f"# fp32 GEMM {peak:.0f} GFLOP/s; training {flops / 1e6:.1f} MFLOP per image "
+            f"(forward + backward); {len(split)} training images, batch {args.batch_size}; "
+            f"{args.rounds} paired epochs"
+        )
+
+        # 1. Whole epochs: the trainer (default layout and NCHW) against the plain loop.
+        default = Trainer(cfg, root / "default", workdir=root)
+        trainer = Trainer(nchw, root / "nchw", workdir=root)
+        plain = PlainLoop(cfg, split)
+        best, ratios = side_by_side(
+            {
+                "trainer, defaults (channels_last)": lambda e: trainer_epoch(default, e),
+                "trainer, NCHW (as the plain loop)": lambda e: trainer_epoch(trainer, e),
+                "plain loop, NCHW": lambda e: plain.epoch(e),
+            },
+            args.rounds,
+        )
+        print(
+            "| loop | images/s (best epoch) | GFLOP/s | of GEMM rate | / plain loop, median (range) |"
+        )
+        print("|---|---|---|---|---|")
+        for name, rate in best.items():
+            gflops = rate * flops / 1e9
+            print(
+                f"| {name} | {rate:.0f} | {gflops:.0f} | {gflops / peak:.0%} | {spread(ratios[name])} |"
+            )
+
+        # 2. One optimizer step at a time on one fixed batch (no data loading, less noise):
+        # what the trainer adds per step (finiteness flags, device-side sums), same layout.
+        x = torch.from_numpy(split.images[: args.batch_size].copy()).float() / 255
+        eps = torch.randn(args.batch_size, args.latent_dim)
+        steps = 4
+        trainer, plain = Trainer(nchw, root / "step", workdir=root), PlainLoop(cfg, split)
+        best, ratios = side_by_side(
+            {
+                "trainer step": lambda e: (
+                    steps * len(x) / timed(lambda: trainer._run_batch(x, eps), steps)
+                ),
+                "plain step": lambda e: steps * len(x) / timed(lambda: plain.step(x, eps), steps),
+            },
+            args.rounds * 2,
+        )
+        print(
+            f"# per step, same batch, NCHW: trainer / plain {spread(ratios['trainer step'])} "
+            f"over {args.rounds * 2} paired blocks of {steps} steps; best "
+            f"{best['trainer step']:.0f} vs {best['plain step']:.0f} images/s"
+        )
+
+        # 3. DDP at world size 1 (a real gloo process group) against no DDP. Fresh trainers:
+        # the pair starts at the same weights and follows the same trajectory.
+        trainer = Trainer(cfg, root / "no-ddp", workdir=root)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        try:
+            wrapped = Trainer(cfg, root / "ddp", workdir=root)  # DDP: a process group exists
+            assert wrapped.ddp is not None
+            best, ratios = side_by_side(
+                {
+                    "DDP": lambda e: trainer_epoch(wrapped, e),
+                    "no DDP": lambda e: trainer_epoch(trainer, e),
+                },
+                args.rounds,
+            )
+        finally:
+            dist.destroy_process_group()
+        print("| trainer, world size 1 | images/s (best epoch) | / no DDP, median (range) |")
+        print("|---|---|---|")
+        for name, rate in best.items():
+            print(f"| {name} | {rate:.0f} | {spread(ratios[name])} |")
+
+
+if __name__ == "__main__":
+    main()
