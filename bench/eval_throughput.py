@@ -19,20 +19,12 @@ import time
 from datetime import date
 
 import torch
+from common import gemm_gflops
 from torch.utils.flop_counter import FlopCounterMode
 
 from vae_pipeline.config import EvaluateConfig
 from vae_pipeline.evaluate import per_example_terms
 from vae_pipeline.model import ConvVAE
-
-
-def gemm_gflops(n: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b  # warm-up
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
 def decoder_flops_per_sample(decode, latent_dim: int) -> float:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from common import gemm_gflops
 from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -40,15 +41,6 @@ from vae_pipeline.data import prepare, snapshot_source
 from vae_pipeline.data.dataset import PreparedSplit
 from vae_pipeline.model import ConvVAE
 from vae_pipeline.train import Trainer
-
-
-def gemm_gflops(n: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b  # warm-up
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
 def plain_loss(model: ConvVAE, x: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
