@@ -2,13 +2,14 @@
 
     python bench/train_throughput.py                    # 2048 Fashion-MNIST images, 15 rounds
     python bench/train_throughput.py --images 4096 --rounds 21
+    python bench/train_throughput.py --device cuda --channels 3 --image-size 250   # the seed's
 
 Side by side in one run, alternating round by round (so a noisy neighbour slows both):
 1. `Trainer._run_epoch` (what `vae-pipeline train` runs per rank: sampler, per-step finiteness
    check, device-side sums) against a plain loop written out by hand: the same ConvVAE, data
    (the memory-mapped uint8 split), batch, Adam and loss, nothing else. One epoch each per round.
-   The trainer runs twice: with its defaults (`train.channels_last: true`) and in the plain
-   loop's NCHW layout (the like-for-like comparison). Then the same one step at a time on one
+   The trainer runs twice: with its defaults (`train.channels_last: true`; bf16 autocast on
+   CUDA) and like for like (fp32, the plain loop's NCHW layout). Then the same one step at a time on one
    fixed batch (no data loading: less noise).
 2. The Trainer at world size 1 wrapped in DistributedDataParallel (a real gloo process group)
    against the Trainer without DDP: the cost of the DDP wrapper itself.
@@ -58,16 +59,21 @@ class PlainLoop:
     replica with the trainer's seed) and the same noise as the trainer, so the two models
     follow the same trajectory and any weight-dependent speed (denormals) affects both alike."""
 
-    def __init__(self, cfg, split: PreparedSplit):
-        self.cfg = cfg
+    def __init__(self, cfg, split: PreparedSplit, device: torch.device):
+        self.cfg, self.device = cfg, device
         torch.manual_seed(cfg.train.seed)
         self.model = ConvVAE(cfg.data.channels, cfg.data.image_size, cfg.model.latent_dim)
+        self.model.to(device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr)
         self.sampler = DistributedSampler(
             split, num_replicas=1, rank=0, shuffle=True, seed=cfg.train.seed, drop_last=True
         )
         self.loader = DataLoader(
-            split, batch_size=cfg.train.batch_size, sampler=self.sampler, drop_last=True
+            split,
+            batch_size=cfg.train.batch_size,
+            sampler=self.sampler,
+            drop_last=True,
+            pin_memory=device.type == "cuda",
         )
 
     def step(self, x: torch.Tensor, eps: torch.Tensor | None = None) -> None:
@@ -83,16 +89,25 @@ class PlainLoop:
         noise = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + epoch)
         n, start = 0, time.perf_counter()
         for images, _ in self.loader:
-            x = images.float() / 255
-            self.step(x, torch.randn(x.shape[0], self.cfg.model.latent_dim, generator=noise))
+            x = images.to(self.device, non_blocking=True).float() / 255
+            eps = torch.randn(x.shape[0], self.cfg.model.latent_dim, generator=noise)
+            self.step(x, eps.to(self.device))
             n += x.shape[0]
+        synchronize(self.device)
         return n / (time.perf_counter() - start)
 
 
-def timed(fn: Callable[[], object], n: int) -> float:
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], n: int, device: torch.device) -> float:
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(n):
         fn()
+    synchronize(device)
     return time.perf_counter() - start
 
 
@@ -100,12 +115,12 @@ def trainer_epoch(trainer: Trainer, epoch: int) -> float:
     return trainer._run_epoch(epoch)["images_per_s"]
 
 
-def training_flops_per_image(cfg) -> float:
-    model = ConvVAE(cfg.data.channels, cfg.data.image_size, cfg.model.latent_dim)
-    x = torch.rand(32, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+def training_flops_per_image(cfg, device: torch.device) -> float:
+    model = ConvVAE(cfg.data.channels, cfg.data.image_size, cfg.model.latent_dim).to(device)
+    x = torch.rand(8, cfg.data.channels, cfg.data.image_size, cfg.data.image_size, device=device)
     with FlopCounterMode(display=False) as counter:
         plain_loss(model, x).backward()
-    return counter.get_total_flops() / 32
+    return counter.get_total_flops() / 8
 
 
 def side_by_side(runs: dict, rounds: int) -> tuple[dict[str, float], dict[str, list[float]]]:
@@ -127,48 +142,71 @@ def spread(ratios: list[float]) -> str:
     return f"{statistics.median(ratios):.3f}x ({min(ratios):.2f}-{max(ratios):.2f})"
 
 
+def describe(cfg) -> str:
+    tc = cfg.train
+    parts = [tc.precision if tc.precision != "auto" else "precision auto"]
+    parts.append("channels_last" if tc.channels_last else "NCHW")
+    return ", ".join(parts)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--images", type=int, default=2048, help="training images (default 2048)")
     p.add_argument("--rounds", type=int, default=15, help="measured epochs of each (default 15)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--latent-dim", type=int, default=32)
+    p.add_argument(
+        "--image-size", type=int, default=32, help="32 = the demo; 250 = the seed's config"
+    )
+    p.add_argument("--channels", type=int, default=1, help="1 = the demo; 3 = the seed's config")
+    p.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu"
+    )
     args = p.parse_args()
     logging.getLogger("vae_pipeline").setLevel(logging.WARNING)
+    device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
 
     params = {
-        "data": {"limit": args.images},  # a cap per split
+        "data": {"limit": args.images, "image_size": args.image_size, "channels": args.channels},
         "model": {"latent_dim": args.latent_dim},
         "train": {"batch_size": args.batch_size, "log_every": 10**9},
     }
-    cfg = build_config(params)  # the defaults: channels_last
-    nchw = build_config({**params, "train": {**params["train"], "channels_last": False}})
+    cfg = build_config(params)  # the trainer's defaults (channels_last; bf16 autocast on CUDA)
+    # like for like with the plain loop: fp32, NCHW
+    same = {**params["train"], "channels_last": False, "precision": "fp32"}
+    plain_cfg = build_config({**params, "train": same})
     with tempfile.TemporaryDirectory(prefix="vae-bench-") as tmp:
         root = Path(tmp)
         snapshot_source(cfg, root)
         prepare(cfg, root)
         split = PreparedSplit(root / cfg.data.prepared_dir, "train")
-        peak = gemm_gflops()
-        flops = training_flops_per_image(cfg)
-        print(
-            f"# {date.today()}  {platform.processor() or platform.machine()}  "
-            f"{torch.get_num_threads()} threads  torch {torch.__version__}"
+        peak = gemm_gflops(device=device)
+        flops = training_flops_per_image(cfg, device)
+        where = (
+            torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else (
+                f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+            )
         )
+        print(f"# {date.today()}  {where}  torch {torch.__version__}")
         print(
             f"# fp32 GEMM {peak:.0f} GFLOP/s; training {flops / 1e6:.1f} MFLOP per image "
-            f"(forward + backward); {len(split)} training images, batch {args.batch_size}; "
-            f"{args.rounds} paired epochs"
+            f"(forward + backward) at {args.channels}x{args.image_size}x{args.image_size}; "
+            f"{len(split)} training images, batch {args.batch_size}; {args.rounds} paired epochs"
         )
 
-        # 1. Whole epochs: the trainer (default layout and NCHW) against the plain loop.
-        default = Trainer(cfg, root / "default", workdir=root)
-        trainer = Trainer(nchw, root / "nchw", workdir=root)
-        plain = PlainLoop(cfg, split)
+        def trainer(c, name: str) -> Trainer:
+            return Trainer(c, root / name, workdir=root, device=device)
+
+        # 1. Whole epochs: the trainer (defaults, and like for like) against the plain loop.
+        default, same_as_plain = trainer(cfg, "default"), trainer(plain_cfg, "like-for-like")
+        plain = PlainLoop(cfg, split, device)
         best, ratios = side_by_side(
             {
-                "trainer, defaults (channels_last)": lambda e: trainer_epoch(default, e),
-                "trainer, NCHW (as the plain loop)": lambda e: trainer_epoch(trainer, e),
-                "plain loop, NCHW": lambda e: plain.epoch(e),
+                f"trainer, defaults ({describe(cfg)})": lambda e: trainer_epoch(default, e),
+                "trainer, fp32 NCHW (as the plain loop)": lambda e: trainer_epoch(same_as_plain, e),
+                "plain loop, fp32 NCHW": lambda e: plain.epoch(e),
             },
             args.rounds,
         )
@@ -183,46 +221,54 @@ def main() -> None:
             )
 
         # 2. One optimizer step at a time on one fixed batch (no data loading, less noise):
-        # what the trainer adds per step (finiteness flags, device-side sums), same layout.
-        x = torch.from_numpy(split.images[: args.batch_size].copy()).float() / 255
-        eps = torch.randn(args.batch_size, args.latent_dim)
+        # what the trainer adds per step (finiteness flags, device-side sums), like for like.
+        x = torch.from_numpy(split.images[: args.batch_size].copy()).to(device).float() / 255
+        eps = torch.randn(args.batch_size, args.latent_dim, device=device)
         steps = 4
-        trainer, plain = Trainer(nchw, root / "step", workdir=root), PlainLoop(cfg, split)
+        stepper, plain = trainer(plain_cfg, "step"), PlainLoop(cfg, split, device)
         best, ratios = side_by_side(
             {
                 "trainer step": lambda e: (
-                    steps * len(x) / timed(lambda: trainer._run_batch(x, eps), steps)
+                    steps * len(x) / timed(lambda: stepper._run_batch(x, eps), steps, device)
                 ),
-                "plain step": lambda e: steps * len(x) / timed(lambda: plain.step(x, eps), steps),
+                "plain step": lambda e: (
+                    steps * len(x) / timed(lambda: plain.step(x, eps), steps, device)
+                ),
             },
             args.rounds * 2,
         )
         print(
-            f"# per step, same batch, NCHW: trainer / plain {spread(ratios['trainer step'])} "
+            f"# per step, same batch, fp32 NCHW: trainer / plain {spread(ratios['trainer step'])} "
             f"over {args.rounds * 2} paired blocks of {steps} steps; best "
             f"{best['trainer step']:.0f} vs {best['plain step']:.0f} images/s"
         )
 
-        # 3. DDP at world size 1 (a real gloo process group) against no DDP. Fresh trainers:
-        # the pair starts at the same weights and follows the same trajectory.
-        trainer = Trainer(cfg, root / "no-ddp", workdir=root)
+        # 3. DDP at world size 1 (a real process group: NCCL on CUDA, gloo on CPU) against no
+        # DDP. Fresh trainers: the pair starts at the same weights, on the same trajectory.
+        alone = trainer(cfg, "no-ddp")
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1
+        )
         try:
-            wrapped = Trainer(cfg, root / "ddp", workdir=root)  # DDP: a process group exists
+            wrapped = trainer(cfg, "ddp")  # DDP: a process group exists
             assert wrapped.ddp is not None
             best, ratios = side_by_side(
                 {
                     "DDP": lambda e: trainer_epoch(wrapped, e),
-                    "no DDP": lambda e: trainer_epoch(trainer, e),
+                    "no DDP": lambda e: trainer_epoch(alone, e),
                 },
                 args.rounds,
             )
         finally:
             dist.destroy_process_group()
-        print("| trainer, world size 1 | images/s (best epoch) | / no DDP, median (range) |")
+        print(
+            f"| trainer ({describe(cfg)}), world size 1, {backend} | images/s (best epoch) | "
+            "/ no DDP, median (range) |"
+        )
         print("|---|---|---|")
         for name, rate in best.items():
             print(f"| {name} | {rate:.0f} | {spread(ratios[name])} |")
