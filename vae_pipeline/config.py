@@ -99,7 +99,7 @@ class TrainConfig(_Section):
     """auto = bf16 autocast on a CUDA device that supports it, fp32 otherwise; bf16 = require
     it (refused on CPU, where bf16 is far slower than fp32). The loss terms stay fp32."""
     channels_last: bool = True
-    """Convolutions in NHWC memory layout: measured 1.09x faster on this project's 2-core CPU
+    """Convolutions in NHWC memory layout: measured 1.09x-1.17x faster on the 2-core CPU
     (docs/benchmarks.md) and the usual choice on CUDA with autocast; the same numbers up to
     float rounding."""
     compile: bool = False
