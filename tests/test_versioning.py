@@ -1,10 +1,13 @@
 """DVC data versions against a real DVC repo: the local remote, and S3 through moto's server on
 127.0.0.1 (real S3 HTTP, spoken to by boto3 and by DVC's S3 remote)."""
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 
 import boto3
 import numpy as np
@@ -17,6 +20,7 @@ from vae_pipeline.config import build_config
 from vae_pipeline.data import snapshot_source
 
 from .conftest import tiny_params
+from .s3_helpers import CuttableProxy, MotoServer
 
 
 def _cfg(**data):
@@ -102,3 +106,122 @@ def test_s3_remote_push_and_pull_through_moto(workspace, s3_server):
     )
     assert result.returncode == 0, result.stderr
     assert {p: (raw / p).read_bytes() for p in _files(raw)} == before
+
+
+def _png_folder(root, n, start=0):
+    rng = np.random.default_rng(start)
+    for i in range(start, start + n):
+        (root / f"c{i % 3}").mkdir(parents=True, exist_ok=True)
+        arr = rng.integers(0, 256, size=(8, 8), dtype=np.uint8)
+        Image.fromarray(arr).save(root / f"c{i % 3}" / f"{i:05d}.png")
+    return root
+
+
+def test_adding_images_uploads_only_the_new_ones(workspace, tmp_path):
+    src = _png_folder(tmp_path / "imgs", 300)
+    cfg = _cfg(source=str(src))
+    snapshot_source(cfg, workspace)
+    first = versioning.version_data(cfg, workspace)
+    stored = set(_files(workspace / ".dvc-storage"))
+    assert len(stored) == 301  # one object per image + the directory listing
+    _png_folder(src, 10, start=300)
+    report = snapshot_source(cfg, workspace)
+    assert (report.fetched, report.reused) == (10, 300)
+    second = versioning.version_data(cfg, workspace)
+    added = set(_files(workspace / ".dvc-storage")) - stored
+    assert second != first and len(added) == 11  # the 10 new images + the new listing
+
+
+@pytest.fixture
+def flaky_s3(monkeypatch):
+    """moto's S3 server behind a proxy that the test can cut; DVC talks to the proxy."""
+    server = MotoServer()
+    proxy = CuttableProxy(server.port)
+    for key, value in server.env(proxy.endpoint).items():
+        monkeypatch.setenv(key, value)
+    server.client().create_bucket(Bucket="vae-data")
+    yield server, proxy
+    proxy.close()
+    server.stop()
+
+
+def _keys(server):
+    listing = server.client().list_objects_v2(Bucket="vae-data").get("Contents", [])
+    return {o["Key"] for o in listing}
+
+
+@pytest.mark.slow
+def test_failed_push_records_no_version_and_keeps_the_previous_one(workspace, tmp_path, flaky_s3):
+    server, proxy = flaky_s3
+    src = _png_folder(tmp_path / "imgs", 20)
+    cfg = _cfg(source=str(src), remote="s3", s3_url="s3://vae-data/dvc", push_attempts=2)
+    snapshot_source(cfg, workspace)
+    first = versioning.version_data(cfg, workspace)
+    pointer = (workspace / "data/raw.dvc").read_text()
+    raw_before = {
+        p: (workspace / "data/raw" / p).read_bytes() for p in _files(workspace / "data/raw")
+    }
+    _png_folder(src, 5, start=20)
+    snapshot_source(cfg, workspace)
+    proxy.cut()  # the remote goes away for good
+    with pytest.raises(versioning.VersioningError, match=rf"was not recorded.*still {first}"):
+        versioning.version_data(cfg, workspace)
+    assert (workspace / "data/raw.dvc").read_text() == pointer
+    assert versioning.read_data_version(cfg, workspace) == first
+    raw = workspace / "data/raw"
+    assert {p: (raw / p).read_bytes() for p in _files(raw)} == raw_before
+    # every object of the recorded version is in the remote
+    listing = (
+        server.client()
+        .get_object(Bucket="vae-data", Key=f"dvc/files/md5/{first[:2]}/{first[2:]}.dir")["Body"]
+        .read()
+    )
+    for entry in __import__("json").loads(listing):
+        assert f"dvc/files/md5/{entry['md5'][:2]}/{entry['md5'][2:]}" in _keys(server)
+    # the remote comes back: the next ingest records the new version
+    proxy.restore()
+    snapshot_source(cfg, workspace)
+    second = versioning.version_data(cfg, workspace)
+    assert second != first and f"dvc/files/md5/{second[:2]}/{second[2:]}.dir" in _keys(server)
+
+
+def _assert_complete_in_remote(server, version):
+    keys = _keys(server)
+    listing = (
+        server.client()
+        .get_object(Bucket="vae-data", Key=f"dvc/files/md5/{version[:2]}/{version[2:]}.dir")["Body"]
+        .read()
+    )
+    for entry in json.loads(listing):
+        assert f"dvc/files/md5/{entry['md5'][:2]}/{entry['md5'][2:]}" in keys
+
+
+@pytest.mark.slow
+def test_remote_cut_mid_push_then_back_ends_complete(workspace, tmp_path, flaky_s3):
+    server, proxy = flaky_s3
+    src = _png_folder(tmp_path / "imgs", 120)
+    cfg = _cfg(source=str(src), remote="s3", s3_url="s3://vae-data/dvc", push_attempts=3)
+    snapshot_source(cfg, workspace)
+    start = proxy.bytes_up
+    cuts = []
+
+    def cut_mid_push():
+        while proxy.bytes_up - start < 20_000:  # some objects are up, not all (about 60 KB)
+            time.sleep(0.005)
+        proxy.cut()
+        cuts.append(proxy.bytes_up - start)
+        time.sleep(1.0)
+        proxy.restore()
+
+    cutter = threading.Thread(target=cut_mid_push, daemon=True)
+    cutter.start()
+    try:
+        version = versioning.version_data(cfg, workspace)
+    except versioning.VersioningError as exc:  # also allowed: a clear error, nothing recorded
+        assert "was not recorded" in str(exc)
+        assert versioning.read_data_version(cfg, workspace) is None
+    else:
+        assert versioning.read_data_version(cfg, workspace) == version
+        _assert_complete_in_remote(server, version)
+    cutter.join(30)
+    assert cuts and cuts[0] < proxy.bytes_up - start  # cut mid-push: more was sent afterwards

@@ -29,12 +29,18 @@ TRAIN_TOPOLOGY_FLAGS = (
     ("--rdzv-id", "train.rdzv_id", str),
     ("--max-restarts", "train.max_restarts", int),
 )
+# `vae-pipeline ingest` flags, likewise shorthands for `--set KEY=VALUE`.
+INGEST_FLAGS = (
+    ("--source", "data.source", str),
+    ("--remote", "data.remote", str),
+    ("--on-bad-image", "data.on_bad_image", str),
+)
 
 
 def topology_overrides(args: argparse.Namespace) -> list[str]:
     """The train flags given, as overrides (applied after --set, so a flag wins)."""
     out = []
-    for flag, key, _ in TRAIN_TOPOLOGY_FLAGS:
+    for flag, key, _ in (*TRAIN_TOPOLOGY_FLAGS, *INGEST_FLAGS):
         value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
         if value is not None:
             out.append(f"{key}={value}")
@@ -81,7 +87,21 @@ def build_parser() -> argparse.ArgumentParser:
         add_params_arguments(p)
         return p
 
-    p = add("ingest", "Snapshot data.source into data.raw_dir and version it with DVC.")
+    p = add(
+        "ingest",
+        "Snapshot a source (folder, .zip/.tar(.gz) archive, s3://bucket/prefix or fashion-mnist) "
+        "into data.raw_dir and version it with DVC; prints the data version. Only new and "
+        "changed files are fetched; unusable ones are listed in data/ingest_report.json.",
+    )
+    p.add_argument(
+        "--source",
+        default=None,
+        help="sets data.source: a folder, an archive, s3://... or fashion-mnist",
+    )
+    p.add_argument("--remote", choices=("local", "s3"), default=None, help="sets data.remote")
+    p.add_argument(
+        "--on-bad-image", choices=("skip", "fail"), default=None, help="sets data.on_bad_image"
+    )
     p.add_argument("--no-push", action="store_true", help="do not push to the DVC remote")
     add("prepare", "Decode the raw snapshot into uint8 train/val/test splits.")
     p = add(

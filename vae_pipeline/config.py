@@ -35,7 +35,8 @@ class _Section(BaseModel):
 
 class DataConfig(_Section):
     source: str = "fashion-mnist"
-    """"fashion-mnist" or a path to a folder of images."""
+    """"fashion-mnist", a folder of images, a .zip/.tar/.tar.gz/.tgz archive of images, or an
+    S3 prefix s3://bucket/prefix (boto3; endpoint, region and credentials from the AWS chain)."""
     fashion_mnist_dir: str | None = "/usr/share/datasets/fashion-mnist"
     """Folder with the Fashion-MNIST IDX .gz files; None lets torchvision download them."""
     raw_dir: str = "data/raw"
@@ -46,8 +47,18 @@ class DataConfig(_Section):
     test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     limit: int | None = Field(None, ge=1)
     on_bad_image: Literal["skip", "fail"] = "skip"
+    """skip = leave unusable files out and list them in the ingest report; fail = stop before
+    anything is written, naming them."""
+    max_image_pixels: int = Field(89_478_485, ge=1)
+    """Images with more pixels (width x height, read from the header) are refused before
+    decoding: the decompression-bomb guard. The default is Pillow's own limit."""
+    decode_workers: int | None = Field(None, ge=1, le=256)
+    """Processes that check and decode images at ingest and prepare; null = one per CPU core."""
     remote: Literal["local", "s3"] = "local"
     s3_url: str | None = None
+    push_attempts: int = Field(3, ge=1, le=20)
+    """Tries of `dvc push` (with backoff) before an ingest gives up; a version is recorded only
+    once its objects are in the remote."""
 
     @field_validator("s3_url")
     @classmethod

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -75,21 +76,67 @@ def read_data_version(cfg: Config, workdir: Path = Path(".")) -> str | None:
     return md5.removesuffix(".dir") if md5 else None
 
 
+def _push(remote: str, pointer: str, workdir: Path, attempts: int) -> None:
+    """`dvc push`, retried with backoff: it only uploads objects the remote lacks, so a retry
+    after a transient failure resumes where the last attempt stopped."""
+    for attempt in range(1, attempts + 1):
+        try:
+            dvc(["push", "-q", "-r", remote, pointer], workdir)
+            return
+        except VersioningError as exc:
+            if attempt == attempts:
+                raise
+            wait = 2.0**attempt
+            log.warning(
+                "push attempt %d/%d failed, retrying in %.0f s: %s", attempt, attempts, wait, exc
+            )
+            time.sleep(wait)
+
+
 def version_data(cfg: Config, workdir: Path = Path("."), push: bool = True) -> str:
-    """`dvc add` the raw snapshot, push it to the configured remote; returns the data version."""
+    """`dvc add` the raw snapshot, push it to the configured remote; returns the data version.
+
+    A version is recorded (the `.dvc` pointer file) only once its objects are in the remote: if
+    the push fails after `data.push_attempts` tries, the pointer and the raw area go back to the
+    previous version and the error says so.
+    """
     ensure_repo(workdir)
+    pointer = pointer_file(cfg, workdir)
+    previous = pointer.read_bytes() if pointer.is_file() else None
+    previous_version = read_data_version(cfg, workdir)
     dvc(["add", cfg.data.raw_dir], workdir)
     version = read_data_version(cfg, workdir)
     if version is None:
-        raise VersioningError(f"dvc add wrote no hash to {pointer_file(cfg, workdir)}")
+        raise VersioningError(f"dvc add wrote no hash to {pointer}")
     if push:
         remote = configure_s3_remote(cfg, workdir) if cfg.data.remote == "s3" else LOCAL_REMOTE
-        dvc(
-            ["push", "-q", "-r", remote, str(pointer_file(cfg, workdir).relative_to(workdir))],
-            workdir,
-        )
+        rel = str(pointer.relative_to(workdir))
+        try:
+            _push(remote, rel, workdir, cfg.data.push_attempts)
+        except VersioningError as exc:
+            if version != previous_version:
+                _restore_pointer(pointer, previous, cfg, workdir)
+            kept = f"still {previous_version}" if previous_version else "not versioned yet"
+            raise VersioningError(
+                f"data version {version} was not recorded: pushing it to DVC remote {remote!r} "
+                f"failed {cfg.data.push_attempts} times. {rel} is {kept}; objects already "
+                f"uploaded are reused when you run `vae-pipeline ingest` again. {exc}"
+            ) from exc
         log.info("data version %s pushed to DVC remote %r", version, remote)
     return version
+
+
+def _restore_pointer(pointer: Path, previous: bytes | None, cfg: Config, workdir: Path) -> None:
+    if previous is None:
+        pointer.unlink(missing_ok=True)
+        return
+    pointer.write_bytes(previous)
+    # the raw area back to the recorded version, from the local cache
+    result = dvc(
+        ["checkout", "-q", "--force", str(pointer.relative_to(workdir))], workdir, check=False
+    )
+    if result.returncode != 0:
+        log.warning("could not restore %s: %s", cfg.data.raw_dir, result.stderr.strip())
 
 
 def git_commit(workdir: Path = Path(".")) -> str:

@@ -1,45 +1,111 @@
-"""Decoding one image file into a uint8 array of the configured size and channels."""
+"""Decoding one image file into a uint8 array of the configured size and channels.
+
+Every mode Pillow opens is accepted: grayscale, RGB, CMYK, palette, 16-bit, and images with an
+alpha channel (composited over black, the background a VAE sees in padding). JPEG EXIF
+orientation is applied. An image larger than `max_pixels` is refused from its header alone,
+before any pixel is decoded (the decompression-bomb guard).
+"""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
-from torchvision.transforms.v2 import functional as TF
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default limit (about 0.25 GB for 24-bit RGB)
+_SIXTEEN_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+_DECODE_ERRORS = (
+    UnidentifiedImageError,
+    OSError,
+    SyntaxError,
+    ValueError,
+    TypeError,
+    Image.DecompressionBombError,
+)
 
 
 class BadImage(ValueError):
-    """An image file that cannot be decoded (corrupt, truncated, empty, or not an image)."""
+    """An image file that cannot be decoded (corrupt, truncated, empty, too large, not an image)."""
+
+
+def is_image_name(name: str) -> bool:
+    return Path(name).suffix.lower() in IMAGE_EXTENSIONS
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Image files below `folder`, recursively, in a stable (sorted) order."""
+    """Image files below `folder`, recursively, in a stable (sorted) order; symlinks are not
+    followed (a link could point anywhere on the machine)."""
     return sorted(
-        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        p for p in folder.rglob("*") if is_image_name(p.name) and p.is_file() and not p.is_symlink()
     )
 
 
-def decode_image(path: Path, image_size: int, channels: int) -> np.ndarray:
-    """Decode, convert to L or RGB, resize the shorter side and centre-crop: (C, H, W) uint8."""
-    if path.stat().st_size == 0:
+def _to_8bit_mode(img: Image.Image) -> Image.Image:
+    """16-bit and 32-bit integer grayscale -> L by scaling (Pillow's convert would clip at 255);
+    alpha -> composited over black; everything else is left to `convert`."""
+    if img.mode in _SIXTEEN_BIT:
+        arr = np.asarray(img, dtype=np.int64)
+        eight_bit = img.mode == "I" and arr.max(initial=0) <= 255  # 8-bit data in 32-bit ints
+        scaled = arr if eight_bit else (arr + 128) // 257  # 0..65535 -> 0..255, rounded
+        return Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8), mode="L")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
+        img.mode == "P" and "transparency" in img.info
+    ):
+        rgba = img.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(black, rgba).convert("RGB")
+    return img
+
+
+def load_image(path: Path, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Fully decoded image in mode L (channels=1) or RGB (channels=3); BadImage names the file."""
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise BadImage(f"{path}: cannot read ({exc.strerror})") from exc
+    if size == 0:
         raise BadImage(f"{path}: empty file (0 bytes)")
     try:
-        with Image.open(path) as img:
-            img.load()  # forces a full decode: truncated files fail here, not later
-            img = img.convert("L" if channels == 1 else "RGB")
-    except (
-        UnidentifiedImageError,
-        OSError,
-        SyntaxError,
-        ValueError,
-        Image.DecompressionBombError,
-    ) as exc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+                if width * height > max_pixels:
+                    raise BadImage(
+                        f"{path}: {width}x{height} = {width * height:,} pixels is over "
+                        f"data.max_image_pixels ({max_pixels:,}); raise it if the image is genuine"
+                    )
+                img.load()  # a full decode: truncated and corrupt files fail here, not later
+                img = ImageOps.exif_transpose(img)
+                img = _to_8bit_mode(img)
+                return img.convert("L" if channels == 1 else "RGB")
+    except BadImage:
+        raise
+    except _DECODE_ERRORS as exc:
         raise BadImage(f"{path}: cannot decode image ({exc})") from exc
+
+
+def fit_image(img: Image.Image, image_size: int) -> np.ndarray:
+    """Resize the shorter side to `image_size` (antialiased) and centre-crop: (C, H, W) uint8."""
+    from torchvision.transforms.v2 import functional as TF  # here: decode workers start lighter
+
     img = TF.resize(img, [image_size], antialias=True)
     img = TF.center_crop(img, [image_size, image_size])
     arr = np.asarray(img, dtype=np.uint8)
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
     return np.ascontiguousarray(arr)
+
+
+def decode_image(
+    path: Path, image_size: int, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
+    """Decode, convert to L or RGB, resize the shorter side and centre-crop: (C, H, W) uint8."""
+    return fit_image(load_image(path, channels, max_pixels), image_size)
+
+
+def check_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    """Raise BadImage unless `path` decodes in full (used at ingest, before anything is stored)."""
+    load_image(path, 3, max_pixels)

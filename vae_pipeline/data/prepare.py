@@ -4,7 +4,11 @@ Output in `data.prepared_dir`:
   {train,val,test}_images.npy   uint8 (N, C, H, W), read memory-mapped
   {train,val,test}_labels.npy   int64 (N,), -1 where the source has no label
   index.csv                     split, row, source, sha256, label: one line per image
-  manifest.json                 data version, sizes, counts, label names, skipped bad images
+  manifest.json                 data version, sizes, counts, label names, skipped bad images,
+                                duplicates left out (same bytes as another image)
+
+Images are decoded in worker processes (`data.decode_workers`) straight into memory-mapped
+files, so memory use does not grow with the dataset.
 
 Splits are a deterministic function of each image's content hash, so an image never moves
 between splits when the dataset grows. Fashion-MNIST keeps its official test set (the one
@@ -18,6 +22,7 @@ import hashlib
 import json
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +32,7 @@ from tqdm import tqdm
 from vae_pipeline.config import Config
 from vae_pipeline.data.errors import DataError
 from vae_pipeline.data.images import BadImage, decode_image, list_images
+from vae_pipeline.data.sources import map_in_pool, worker_count
 
 log = logging.getLogger(__name__)
 
@@ -90,81 +96,184 @@ def _load_fashion_mnist(cfg: Config, raw: Path) -> tuple[dict, list[str], list[s
     return rows, label_names, []
 
 
-def _load_folder(cfg: Config, raw: Path) -> tuple[dict, list[str], list[str]]:
+@dataclass
+class _Item:
+    path: Path
+    rel: str
+    digest: str
+    label_dir: str | None
+    label: int = -1
+
+
+def _decode(args: tuple[str, int, int, int]) -> np.ndarray | str:
+    """Worker: the decoded (C, H, W) uint8 image, or why it cannot be used."""
+    path, size, channels, max_pixels = args
+    try:
+        return decode_image(Path(path), size, channels, max_pixels)
+    except BadImage as exc:
+        return str(exc)
+
+
+def _plan_folder(cfg: Config, raw: Path) -> tuple[dict[str, list[_Item]], list[str], list[dict]]:
+    """Hash every image, drop exact duplicates (the first path in sorted order stays) and
+    assign each to its split by content hash: a plan, before any pixel is decoded."""
     root = raw / "images"
     files = list_images(root) if root.is_dir() else []
     if not files:
         raise DataError(f"raw snapshot {root} holds no images: run `vae-pipeline ingest` first")
-    label_names = sorted(
-        {p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1}
-    )
-    label_of = {name: i for i, name in enumerate(label_names)}
-    rows: dict[str, list] = {s: [] for s in SPLITS}
-    bad: list[str] = []
-    for path in tqdm(files, desc="decode", unit="img", mininterval=2.0, disable=len(files) < 1000):
+    first: dict[str, _Item] = {}
+    duplicates: list[dict] = []
+    for path in tqdm(files, desc="hash", unit="img", mininterval=2.0, disable=len(files) < 5000):
         rel = path.relative_to(root)
-        try:
-            img = decode_image(path, cfg.data.image_size, cfg.data.channels)
-        except BadImage as exc:
+        digest = content_hash(path.read_bytes())
+        label_dir = rel.parts[0] if len(rel.parts) > 1 else None
+        if digest in first:
+            duplicates.append({"path": rel.as_posix(), "duplicate_of": first[digest].rel})
+            continue
+        first[digest] = _Item(path, rel.as_posix(), digest, label_dir)
+    items = list(first.values())
+    label_names = sorted({i.label_dir for i in items if i.label_dir is not None})
+    label_of = {name: k for k, name in enumerate(label_names)}
+    plan: dict[str, list[_Item]] = {s: [] for s in SPLITS}
+    for item in items:
+        if item.label_dir is not None:
+            item.label = label_of[item.label_dir]
+        plan[assign_split(item.digest, cfg.data.val_fraction, cfg.data.test_fraction)].append(item)
+    if duplicates:
+        log.warning("%d duplicate images left out (same bytes as another file)", len(duplicates))
+    return plan, label_names, duplicates
+
+
+def _decode_into(
+    cfg: Config, plan: dict[str, list[_Item]], staging: Path, shape: tuple[int, int, int]
+) -> dict[str, list[_Item]]:
+    """Decode every planned image in worker processes straight into memory-mapped .npy files
+    (memory stays flat however large the dataset); returns the items that decoded."""
+    order = [(split, row, item) for split in SPLITS for row, item in enumerate(plan[split])]
+    arrays = {
+        split: np.lib.format.open_memmap(
+            staging / f"{split}_images.npy",
+            mode="w+",
+            dtype=np.uint8,
+            shape=(len(plan[split]), *shape),
+        )
+        for split in SPLITS
+        if plan[split]
+    }
+    jobs = [
+        (str(i.path), cfg.data.image_size, cfg.data.channels, cfg.data.max_image_pixels)
+        for _, _, i in order
+    ]
+    good: dict[str, list[bool]] = {s: [True] * len(plan[s]) for s in SPLITS}
+    for (split, row, _), result in zip(
+        order, map_in_pool(_decode, jobs, worker_count(cfg), "decode", chunksize=64), strict=True
+    ):
+        if isinstance(result, str):
             if cfg.data.on_bad_image == "fail":
                 raise DataError(
-                    f"{exc}; nothing was written (set data.on_bad_image=skip to skip bad images)"
-                ) from None
-            log.warning("skipping bad image %s", exc)
-            bad.append(str(rel))
+                    f"{result}; nothing was written (set data.on_bad_image=skip to skip bad images)"
+                )
+            log.warning("skipping bad image %s", result)
+            good[split][row] = False
             continue
-        digest = content_hash(path.read_bytes())
-        label = label_of[rel.parts[0]] if len(rel.parts) > 1 else -1
-        split = assign_split(digest, cfg.data.val_fraction, cfg.data.test_fraction)
-        rows[split].append((img, label, str(rel), digest))
-    return rows, label_names, bad
+        arrays[split][row] = result
+    kept: dict[str, list[_Item]] = {}
+    for split in SPLITS:
+        keep = [i for i, ok in zip(plan[split], good[split], strict=True) if ok]
+        kept[split] = keep
+        if split not in arrays:
+            np.save(staging / f"{split}_images.npy", np.zeros((0, *shape), np.uint8))
+            continue
+        arrays[split].flush()
+        if len(keep) < len(plan[split]):  # rare: compact the rows that decoded
+            mask = np.asarray(good[split])
+            compact = np.ascontiguousarray(arrays[split][mask])
+            del arrays[split]
+            np.save(staging / f"{split}_images.npy", compact)
+    del arrays
+    return kept
 
 
-def prepare(cfg: Config, workdir: Path = Path("."), data_version: str = "unversioned") -> dict:
-    """Build the prepared splits from the raw snapshot; returns the manifest."""
-    raw = (workdir / cfg.data.raw_dir).resolve()
-    if not raw.is_dir():
-        raise DataError(f"raw data folder {raw} does not exist: run `vae-pipeline ingest` first")
-    if cfg.data.source == "fashion-mnist":
-        rows, label_names, bad = _load_fashion_mnist(cfg, raw)
-    else:
-        rows, label_names, bad = _load_folder(cfg, raw)
-    if cfg.data.limit is not None:
-        rows = {s: r[: cfg.data.limit] for s, r in rows.items()}
+def _require_train_and_test(counts: dict[str, int], raw: Path) -> None:
     for split in ("train", "test"):
-        if not rows[split]:
+        if not counts[split]:
             raise DataError(
                 f"split {split!r} is empty after preparing {raw}: add images or raise "
                 "data.test_fraction / data.limit"
             )
 
+
+def prepare(cfg: Config, workdir: Path = Path("."), data_version: str = "unversioned") -> dict:
+    """Build the prepared splits from the raw snapshot; returns the manifest.
+
+    Everything is written to a staging folder that replaces `data.prepared_dir` only at the
+    end: a failure (or a bad image under on_bad_image=fail) leaves the previous one as it was.
+    """
+    raw = (workdir / cfg.data.raw_dir).resolve()
+    if not raw.is_dir():
+        raise DataError(f"raw data folder {raw} does not exist: run `vae-pipeline ingest` first")
+    limit = cfg.data.limit
     out = (workdir / cfg.data.prepared_dir).resolve()
     staging = out.with_name(out.name + ".staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
-    with open(staging / "index.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["split", "row", "source", "sha256", "label"])
-        for split in SPLITS:
-            items = rows[split]
-            images = np.stack([r[0] for r in items]) if items else np.zeros((0, *shape), np.uint8)
-            labels = np.asarray([r[1] for r in items], dtype=np.int64)
-            np.save(staging / f"{split}_images.npy", images)
-            np.save(staging / f"{split}_labels.npy", labels)
-            for i, (_, label, source, digest) in enumerate(items):
-                writer.writerow([split, i, source, digest, label])
-    manifest = {
-        "data_version": data_version,
-        "source": cfg.data.source,
-        "image_size": cfg.data.image_size,
-        "channels": cfg.data.channels,
-        "counts": {s: len(rows[s]) for s in SPLITS},
-        "label_names": label_names,
-        "bad_images": bad,
-    }
-    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    bad: list[str] = []
+    duplicates: list[dict] = []
+    index: dict[str, list[tuple[str, str, int]]] = {}  # split -> (source, sha256, label) per row
+    try:
+        # the layout of the snapshot, not data.source, decides (ingest may have had --source)
+        if (raw / "FashionMNIST").is_dir():
+            rows, label_names, _ = _load_fashion_mnist(cfg, raw)
+            rows = {s: r[:limit] for s, r in rows.items()} if limit else rows
+            _require_train_and_test({s: len(r) for s, r in rows.items()}, raw)
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+            for split in SPLITS:
+                items = rows[split]
+                images = (
+                    np.stack([r[0] for r in items]) if items else np.zeros((0, *shape), np.uint8)
+                )
+                np.save(staging / f"{split}_images.npy", images)
+                index[split] = [(source, digest, label) for _, label, source, digest in items]
+        else:
+            plan, label_names, duplicates = _plan_folder(cfg, raw)
+            plan = {s: p[:limit] for s, p in plan.items()} if limit else plan
+            _require_train_and_test({s: len(p) for s, p in plan.items()}, raw)
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+            kept = _decode_into(cfg, plan, staging, shape)
+            kept_rels = {i.rel for items in kept.values() for i in items}
+            bad = [i.rel for s in SPLITS for i in plan[s] if i.rel not in kept_rels]
+            _require_train_and_test({s: len(k) for s, k in kept.items()}, raw)
+            index = {s: [(i.rel, i.digest, i.label) for i in kept[s]] for s in SPLITS}
+        with open(staging / "index.csv", "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["split", "row", "source", "sha256", "label"])
+            for split in SPLITS:
+                labels = np.asarray([label for _, _, label in index[split]], dtype=np.int64)
+                np.save(staging / f"{split}_labels.npy", labels)
+                for row, (source, digest, label) in enumerate(index[split]):
+                    writer.writerow([split, row, source, digest, label])
+        manifest = {
+            "data_version": data_version,
+            "source": cfg.data.source,
+            "image_size": cfg.data.image_size,
+            "channels": cfg.data.channels,
+            "counts": {s: len(index[s]) for s in SPLITS},
+            "label_names": label_names,
+            "bad_images": bad,
+            "duplicates": duplicates,
+        }
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
-    log.info("prepared %s in %s (%d bad images skipped)", manifest["counts"], out, len(bad))
+    log.info(
+        "prepared %s in %s (%d bad images skipped, %d duplicates left out)",
+        manifest["counts"],
+        out,
+        len(bad),
+        len(duplicates),
+    )
     return manifest
