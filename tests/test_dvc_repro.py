@@ -1,4 +1,5 @@
-"""dvc.yaml: `vae-pipeline ingest` then `dvc repro` runs prepare -> train -> evaluate via the CLI."""
+"""dvc.yaml: `vae-pipeline ingest` then `dvc repro` runs prepare -> train -> evaluate via the CLI;
+a fresh clone pulls, reproduces nothing, and runs and lists an experiment."""
 
 import json
 import os
@@ -14,24 +15,53 @@ from .conftest import copy_project_files
 pytestmark = pytest.mark.slow
 
 
-def test_dvc_repro_reproduces_the_chain(workspace):
+def test_fresh_clone_pulls_reproduces_and_runs_an_experiment(workspace, tmp_path):
+    """A teammate's view: clone, `dvc pull`, `dvc repro` (nothing to do), `dvc exp run -S`,
+    and `dvc exp show` listing the experiment's params and metrics."""
     copy_project_files(workspace, "dvc.yaml", "vae_pipeline")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
 
-    def run(*cmd):
-        return subprocess.run(
-            cmd, cwd=workspace, env=env, capture_output=True, text=True, timeout=600
-        )
+    def run(*cmd, cwd=workspace):
+        result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, f"{cmd}: {result.stderr}{result.stdout}"
+        return result.stdout
 
-    ingest = run(sys.executable, "-m", "vae_pipeline.cli", "ingest")
-    assert ingest.returncode == 0, ingest.stderr
-    data_version = ingest.stdout.strip().splitlines()[-1]
-    repro = run(sys.executable, "-m", "dvc", "repro")
-    assert repro.returncode == 0, repro.stderr + repro.stdout
+    dvc = (sys.executable, "-m", "dvc")
+    data_version = run(sys.executable, "-m", "vae_pipeline.cli", "ingest").strip().splitlines()[-1]
+    run(*dvc, "repro")
     lock = yaml.safe_load((workspace / "dvc.lock").read_text())
     assert set(lock["stages"]) == {"prepare", "train", "evaluate"}
     metrics = json.loads((workspace / "reports/metrics.json").read_text())
-    assert metrics["data_version"] == data_version
-    assert metrics["iw_nll"] > 0
-    status = run(sys.executable, "-m", "dvc", "status")
-    assert "up to date" in status.stdout.lower()
+    assert metrics["data_version"] == data_version and metrics["iw_nll"] > 0
+    run(*dvc, "push")  # the pipeline's outputs too, so a clone needs to run nothing
+    (workspace / ".gitignore").write_text(
+        "/mlflow.db\n/mlruns/\n/.dvc-storage/\n/data/ingest_report.json\n"
+    )
+    run("git", "add", "-A")
+    run("git", "commit", "-qm", "baseline")
+
+    clone = tmp_path / "clone"
+    run("git", "clone", "-q", str(workspace), str(clone))
+    run(*dvc, "pull", cwd=clone)
+    baseline = json.loads((clone / "reports/metrics.json").read_text())
+    assert baseline == json.loads((workspace / "reports/metrics.json").read_text())
+    assert "up to date" in run(*dvc, "status", cwd=clone).lower()
+    run(*dvc, "repro", cwd=clone)  # nothing changed: nothing runs
+    assert json.loads((clone / "reports/metrics.json").read_text()) == baseline
+
+    run(*dvc, "exp", "run", "-n", "slower-lr", "-S", "train.lr=0.0003", cwd=clone)
+    rows = json.loads(run(*dvc, "exp", "show", "--json", cwd=clone))
+    found = {}
+    for commit in rows:
+        for exp in [commit, *[e for e in (commit.get("experiments") or []) for e in e["revs"]]]:
+            data = exp.get("data") or {}
+            params = data.get("params", {}).get("params.yaml", {}).get("data", {})
+            metrics = data.get("metrics", {}).get("reports/metrics.json", {}).get("data", {})
+            if params and metrics:
+                found[exp.get("name") or data.get("rev")] = (
+                    params["train"]["lr"],
+                    metrics["iw_nll"],
+                )
+    assert found["slower-lr"][0] == 0.0003
+    assert found["slower-lr"][1] != baseline["iw_nll"]  # it really trained again
+    assert any(lr != 0.0003 for lr, _ in found.values())  # the baseline row is listed too

@@ -154,7 +154,7 @@ def _keys(server):
 def test_failed_push_records_no_version_and_keeps_the_previous_one(workspace, tmp_path, flaky_s3):
     server, proxy = flaky_s3
     src = _png_folder(tmp_path / "imgs", 20)
-    cfg = _cfg(source=str(src), remote="s3", s3_url="s3://vae-data/dvc", push_attempts=2)
+    cfg = _cfg(source=str(src), remote="s3", s3_url="s3://vae-data/dvc", push_attempts=1)
     snapshot_source(cfg, workspace)
     first = versioning.version_data(cfg, workspace)
     pointer = (workspace / "data/raw.dvc").read_text()
