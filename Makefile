@@ -56,6 +56,7 @@ test: install data cxx  ## the test suite
 bench: install  ## benchmarks (see docs/benchmarks.md); not part of the tests
 	$(BIN)/python bench/eval_throughput.py
 	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/data_throughput.py
 
 lint: install  ## ruff check + format check
 	$(BIN)/ruff check vae_pipeline flows tests bench

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vae_pipeline.data.images import BadImage, check_image, decode_image, load_image
+from vae_pipeline.data.images import BadImage, check_image, decode_image, fit_image, load_image
 
 
 def _save(img: Image.Image, path, **kw):
@@ -109,3 +109,24 @@ def test_decompression_bomb_is_refused_from_the_header(tmp_path):
     with pytest.raises(BadImage, match=r"2000x1500 = 3,000,000 pixels.*max_image_pixels"):
         check_image(path, max_pixels=1_000_000)
     check_image(path, max_pixels=3_000_000)  # at the limit: accepted
+
+
+@pytest.mark.parametrize("w,h", [(40, 50), (50, 40), (32, 32), (7, 100), (250, 181), (31, 64)])
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_resize_and_crop_match_torchvision(w, h, mode):
+    from torchvision.transforms.v2 import functional as TF
+
+    shape = (h, w) if mode == "L" else (h, w, 3)
+    img = Image.fromarray(np.random.default_rng(w * h).integers(0, 256, shape, dtype=np.uint8))
+    ref = np.asarray(TF.center_crop(TF.resize(img, [32], antialias=True), [32, 32]))
+    ref = ref[None] if ref.ndim == 2 else ref.transpose(2, 0, 1)
+    np.testing.assert_array_equal(fit_image(img, 32), ref)
+
+
+def test_decode_workers_start_without_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, vae_pipeline.data.images; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -236,11 +236,12 @@ def test_symlinks_in_a_folder_are_not_followed(tmp_path):
     assert "dogs/link.png" not in _tree(tmp_path / "data/raw/images")
 
 
-def test_many_files_are_checked_in_worker_processes(tmp_path):
-    src = _folder(tmp_path / "src", n=80)  # above the in-process threshold
+def test_many_files_are_checked_in_worker_processes(tmp_path, pools):
+    src = _folder(tmp_path / "src", n=80)  # above the (patched) in-process threshold
     (src / "dogs/broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     report = snapshot_source(_cfg(src, decode_workers=2), tmp_path)
     assert report.images == 80 and [s["path"] for s in report.skipped] == ["dogs/broken.png"]
+    assert pools == [2]
     shutil.rmtree(src)
 
 

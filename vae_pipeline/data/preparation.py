@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from vae_pipeline.config import Config
 from vae_pipeline.data.errors import DataError
-from vae_pipeline.data.images import BadImage, decode_image, list_images
+from vae_pipeline.data.images import decode_worker, list_images
 from vae_pipeline.data.sources import map_in_pool, worker_count
 
 log = logging.getLogger(__name__)
@@ -105,15 +105,6 @@ class _Item:
     label: int = -1
 
 
-def _decode(args: tuple[str, int, int, int]) -> np.ndarray | str:
-    """Worker: the decoded (C, H, W) uint8 image, or why it cannot be used."""
-    path, size, channels, max_pixels = args
-    try:
-        return decode_image(Path(path), size, channels, max_pixels)
-    except BadImage as exc:
-        return str(exc)
-
-
 def _plan_folder(cfg: Config, raw: Path) -> tuple[dict[str, list[_Item]], list[str], list[dict]]:
     """Hash every image, drop exact duplicates (the first path in sorted order stays) and
     assign each to its split by content hash: a plan, before any pixel is decoded."""
@@ -166,7 +157,9 @@ def _decode_into(
     ]
     good: dict[str, list[bool]] = {s: [True] * len(plan[s]) for s in SPLITS}
     for (split, row, _), result in zip(
-        order, map_in_pool(_decode, jobs, worker_count(cfg), "decode", chunksize=64), strict=True
+        order,
+        map_in_pool(decode_worker, jobs, worker_count(cfg), "decode", chunksize=64),
+        strict=True,
     ):
         if isinstance(result, str):
             if cfg.data.on_bad_image == "fail":

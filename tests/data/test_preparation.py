@@ -9,7 +9,7 @@ from PIL import Image
 
 from vae_pipeline.config import build_config
 from vae_pipeline.data import DataError, PreparedSplit, prepare, snapshot_source
-from vae_pipeline.data.prepare import assign_split, content_hash
+from vae_pipeline.data.preparation import assign_split, content_hash
 
 from ..conftest import tiny_params
 
@@ -146,8 +146,8 @@ def test_growing_dataset_keeps_old_test_set_inside_the_new_one(tmp_path):
     assert old_test and old_test <= {d for d, s in new.items() if s == "test"}
 
 
-def test_prepare_in_worker_processes_matches_in_process(tmp_path):
-    src = _folder(tmp_path, n=100)  # above the pool threshold
+def test_prepare_in_worker_processes_matches_in_process(tmp_path, pools):
+    src = _folder(tmp_path, n=100)  # above the (patched) pool threshold
     arrays = {}
     for workers in (1, 2):
         ws = tmp_path / f"ws{workers}"
@@ -161,6 +161,7 @@ def test_prepare_in_worker_processes_matches_in_process(tmp_path):
     for a, b in zip(arrays[1], arrays[2], strict=True):
         assert a.shape[1:] == (3, 16, 16)
         np.testing.assert_array_equal(a, b)
+    assert pools == [2, 2]  # the 2-worker ingest and prepare ran in pools; 1 worker did not
 
 
 def test_missing_fashion_mnist_says_how_to_install(tmp_path):
