@@ -34,9 +34,7 @@ def test_fresh_clone_pulls_reproduces_and_runs_an_experiment(workspace, tmp_path
     metrics = json.loads((workspace / "reports/metrics.json").read_text())
     assert metrics["data_version"] == data_version and metrics["iw_nll"] > 0
     run(*dvc, "push")  # the pipeline's outputs too, so a clone needs to run nothing
-    (workspace / ".gitignore").write_text(
-        "/mlflow.db\n/mlruns/\n/.dvc-storage/\n/data/ingest_report.json\n"
-    )
+    copy_project_files(workspace, ".gitignore")  # the project's: metrics must stay visible to git
     run("git", "add", "-A")
     run("git", "commit", "-qm", "baseline")
 
