@@ -53,7 +53,8 @@ class DataConfig(_Section):
     """Images with more pixels (width x height, read from the header) are refused before
     decoding: the decompression-bomb guard. The default is Pillow's own limit."""
     decode_workers: int | None = Field(None, ge=1, le=256)
-    """Processes that check and decode images at ingest and prepare; null = one per CPU core."""
+    """Processes that check and decode images at ingest and prepare (used from 4,096 files up;
+    fewer are handled in-process); null = one per CPU core."""
     remote: Literal["local", "s3"] = "local"
     s3_url: str | None = None
     push_attempts: int = Field(3, ge=1, le=20)

@@ -488,7 +488,6 @@ def snapshot_source(cfg: Config, workdir: Path = Path(".")) -> IngestReport:
         raw.rename(old)
     staging.rename(raw)
     shutil.rmtree(old, ignore_errors=True)
-    report.source = cfg.data.source if kind in ("fashion-mnist", "s3") else source
     report.write(report_path(cfg, workdir))
     log.info(
         "snapshot of %s in %s: %d images (%d fetched, %d unchanged, %d removed, %d skipped)",
