@@ -18,3 +18,12 @@ def pools(monkeypatch):
     monkeypatch.setattr(sources, "POOL_THRESHOLD", 16)
     monkeypatch.setattr(sources, "ProcessPoolExecutor", Counted)
     return started
+
+
+def file_tree(folder):
+    """Every file below `folder`: relative POSIX path -> bytes."""
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }

@@ -13,6 +13,7 @@ from vae_pipeline.data import DataError, snapshot_source
 
 from ..conftest import tiny_params
 from ..s3_helpers import MotoServer, free_port
+from .conftest import file_tree as _tree
 
 BUCKET = "team-images"
 
@@ -55,14 +56,6 @@ def _cfg(source):
     params = tiny_params()
     params["data"].update(source=source)
     return build_config(params)
-
-
-def _tree(folder):
-    return {
-        p.relative_to(folder).as_posix(): p.read_bytes()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
 
 
 def test_s3_prefix_is_snapshotted_and_resynced_incrementally(moto, aws_env, tmp_path, caplog):

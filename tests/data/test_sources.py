@@ -16,6 +16,7 @@ from vae_pipeline.data import DataError, snapshot_source
 from vae_pipeline.data.sources import report_path, unsafe_reason
 
 from ..conftest import tiny_params
+from .conftest import file_tree as _tree
 
 
 def _png(seed: int, size=(12, 10)) -> bytes:
@@ -37,14 +38,6 @@ def _cfg(source, **data):
     params = tiny_params()
     params["data"].update(source=str(source), **{"decode_workers": 2, **data})
     return build_config(params)
-
-
-def _tree(folder):
-    return {
-        p.relative_to(folder).as_posix(): p.read_bytes()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
 
 
 def test_folder_snapshot_mirrors_the_tree_and_writes_a_report(tmp_path):
