@@ -170,14 +170,7 @@ def test_failed_push_records_no_version_and_keeps_the_previous_one(workspace, tm
     assert versioning.read_data_version(cfg, workspace) == first
     raw = workspace / "data/raw"
     assert {p: (raw / p).read_bytes() for p in _files(raw)} == raw_before
-    # every object of the recorded version is in the remote
-    listing = (
-        server.client()
-        .get_object(Bucket="vae-data", Key=f"dvc/files/md5/{first[:2]}/{first[2:]}.dir")["Body"]
-        .read()
-    )
-    for entry in __import__("json").loads(listing):
-        assert f"dvc/files/md5/{entry['md5'][:2]}/{entry['md5'][2:]}" in _keys(server)
+    _assert_complete_in_remote(server, first)  # the recorded version's objects are all there
     # the remote comes back: the next ingest records the new version
     proxy.restore()
     snapshot_source(cfg, workspace)

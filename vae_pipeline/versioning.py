@@ -114,8 +114,12 @@ def version_data(cfg: Config, workdir: Path = Path("."), push: bool = True) -> s
         try:
             _push(remote, rel, workdir, cfg.data.push_attempts)
         except VersioningError as exc:
-            if version != previous_version:
-                _restore_pointer(pointer, previous, cfg, workdir)
+            if version == previous_version:  # nothing new to record; the remote lags behind
+                raise VersioningError(
+                    f"pushing data version {version} (unchanged) to DVC remote {remote!r} failed "
+                    f"{cfg.data.push_attempts} times; run `vae-pipeline ingest` again. {exc}"
+                ) from exc
+            _restore_pointer(pointer, previous, cfg, workdir)
             kept = f"still {previous_version}" if previous_version else "not versioned yet"
             raise VersioningError(
                 f"data version {version} was not recorded: pushing it to DVC remote {remote!r} "
