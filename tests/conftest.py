@@ -70,3 +70,23 @@ def copy_project_files(dest: Path, *names: str) -> None:
             shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(src, dest / name)
+
+
+def fashion_mnist_pngs(root: Path, start: int, n: int, invert: bool = False) -> Path:
+    """Fashion-MNIST test images start..start+n as PNG files in one folder per class (the
+    layout a team's image folder has); `invert` makes a shifted copy (255 - pixel)."""
+    import gzip
+
+    import numpy as np
+    from PIL import Image
+
+    with gzip.open(FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz") as fh:
+        images = np.frombuffer(fh.read(), np.uint8, offset=16).reshape(-1, 28, 28)
+    with gzip.open(FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz") as fh:
+        labels = np.frombuffer(fh.read(), np.uint8, offset=8)
+    for i in range(start, start + n):
+        folder = root / f"class{labels[i]}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = 255 - images[i] if invert else images[i]
+        Image.fromarray(pixels).save(folder / f"{'inv' if invert else 'img'}{i:05d}.png")
+    return root

@@ -19,12 +19,13 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The retrain flow run twice in one workspace: (workspace, first summary, second summary)."""
+    """The retrain flow run twice in one workspace: (workspace, first summary, second summary).
+    The second is forced: with the same inputs it would otherwise reuse the first's work."""
     from flows.retrain import retrain
 
     ws = make_workspace(tmp_path_factory.mktemp("e2e") / "ws")
     first = retrain(workdir=str(ws))
-    second = retrain(workdir=str(ws))
+    second = retrain(workdir=str(ws), force=True)
     return ws, first, second
 
 

@@ -131,7 +131,43 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("lineage", "A version's lineage tags and the commands that reproduce it.")
     p.add_argument("model_version", metavar="VERSION", help="model version number")
     p.add_argument("--json", action="store_true", help="print JSON")
-    add("retrain", "Run the whole retrain flow (Prefect): ingest -> ... -> promote.")
+    p = add(
+        "retrain",
+        "Run the whole retrain flow (Prefect): ingest -> prepare -> train -> evaluate -> "
+        "register -> promote. Steps that finished for the same inputs (data version, training "
+        "params, code) are reused, so a re-run after a failure resumes where it failed.",
+    )
+    p.add_argument("--source", default=None, help="sets data.source for this run")
+    p.add_argument(
+        "--no-promote", action="store_true", help="register only; never move the champion"
+    )
+    p.add_argument("--force", action="store_true", help="redo every step (ignore the cache)")
+    p = add(
+        "monitor",
+        "Score new images (monitor.source) with the champion and start a retrain when their "
+        "mean negative ELBO has shifted past monitor.threshold_nats (Prefect flow).",
+    )
+    p.add_argument("--source", default=None, help="sets monitor.source: folder, archive, s3://")
+    p.add_argument(
+        "--always", action="store_true", help="retrain whatever the shift (it is still measured)"
+    )
+    p.add_argument(
+        "--retrain-deployment",
+        default=None,
+        metavar="FLOW/DEPLOYMENT",
+        help="start the retrain through this deployment (e.g. retrain/retrain) instead of here",
+    )
+    p = add(
+        "deploy",
+        "Render prefect.yaml from params (orchestration.*, monitor.*) and create the retrain "
+        "and monitor deployments with their schedules on orchestration.work_pool (needs "
+        "PREFECT_API_URL). Then run a worker: prefect worker start --pool POOL.",
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="only check that prefect.yaml matches params (exit 1 if not); deploys nothing",
+    )
     p = add("sample", "Decode samples from the prior into a PNG grid.")
     _model_arg(p, "the champion")
     p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
@@ -280,7 +316,51 @@ def cmd_lineage(cfg: Config, args) -> None:
 def cmd_retrain(cfg: Config, args) -> None:
     from flows.retrain import retrain
 
-    retrain(params=str(args.params), overrides=args.overrides)
+    retrain(
+        params=str(args.params),
+        overrides=args.overrides,
+        source=args.source,
+        promote=False if args.no_promote else None,
+        force=args.force,
+    )
+
+
+def cmd_monitor(cfg: Config, args) -> None:
+    from flows.monitor import monitor
+
+    monitor(
+        params=str(args.params),
+        overrides=args.overrides,
+        source=args.source,
+        always=True if args.always else None,
+        retrain_deployment=args.retrain_deployment,
+    )
+
+
+def cmd_deploy(cfg: Config, args) -> None:
+    from flows import deploy
+
+    root = Path(".").resolve()
+    if args.check:
+        path = root / deploy.PREFECT_FILE
+        if not path.is_file() or path.read_text() != deploy.render(cfg, args.overrides):
+            raise DeployMismatch(
+                f"{path.name} does not match {args.params}: run `vae-pipeline deploy` (or "
+                "render it and commit the change)"
+            )
+        print(f"{path.name} matches {args.params}")
+        return
+    for name in deploy.deploy(cfg, root, args.overrides):
+        print(f"deployed {name}")
+    o = cfg.orchestration
+    print(
+        f"schedules: retrain {o.retrain_cron or 'none'}, monitor {cfg.monitor.cron or 'none'} ({o.timezone})"
+    )
+    print(f"start a worker: prefect worker start --pool {o.work_pool}")
+
+
+class DeployMismatch(RuntimeError):
+    """prefect.yaml is stale."""
 
 
 def _load(cfg: Config, ref: str | None):
@@ -387,6 +467,8 @@ COMMANDS = {
     "history": cmd_history,
     "lineage": cmd_lineage,
     "retrain": cmd_retrain,
+    "monitor": cmd_monitor,
+    "deploy": cmd_deploy,
     "sample": cmd_sample,
     "encode": cmd_encode,
     "score": cmd_score,

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import zoneinfo
 from pathlib import Path
 from typing import Any, Literal
 
@@ -173,6 +175,88 @@ class PromotionConfig(_Section):
     lock_stale_s: float = Field(900.0, gt=0.0)
 
 
+_CRON_FIELD = re.compile(r"^[0-9A-Za-z*/,\-?LW#]+$")
+
+
+def check_cron(value: str | None) -> str | None:
+    """A 5-field cron expression (minute hour day month weekday) or None; Prefect checks the
+    ranges again when the deployment is created."""
+    if value is not None:
+        fields = value.split()
+        if len(fields) != 5 or not all(_CRON_FIELD.match(f) for f in fields):
+            raise ValueError("must be a 5-field cron expression, e.g. '0 3 * * 0', or null")
+    return value
+
+
+class OrchestrationConfig(_Section):
+    """How Prefect runs the retrain: deployments, schedule, retries, timeouts, the GPU lock."""
+
+    work_pool: str = Field("vae-pipeline", min_length=1)
+    """Prefect work pool the deployments run on; `vae-pipeline deploy` creates it (type
+    process) when missing."""
+    retrain_cron: str | None = "0 3 * * 0"
+    """Cron schedule of the `retrain` deployment (null = no schedule: runs when triggered)."""
+    timezone: str = Field("UTC", min_length=1)
+    retries: int = Field(3, ge=0, le=20)
+    """Retries of the steps that touch the network (MLflow, the DVC remote, S3); training is
+    never retried (a divergence would only diverge again; a restart resumes its checkpoint)."""
+    retry_delay_s: float = Field(10.0, ge=0.0)
+    """First retry's delay; it doubles at each further retry (exponential backoff, jittered)."""
+    step_timeout_s: float | None = Field(3600.0, gt=0.0)
+    """Time limit of every step but training (null = none)."""
+    train_timeout_s: float | None = Field(86400.0, gt=0.0)
+    """Time limit of training; at the limit torchrun and its ranks are stopped (null = none)."""
+    train_lock: str = Field("vae-pipeline-train@{host}", min_length=1)
+    """Prefect global concurrency limit held while training: two retrains never train on the
+    same GPUs at once. `{host}` becomes the worker's host name (one lock per GPU machine)."""
+    train_lock_slots: int = Field(1, ge=1, le=64)
+    """Trainings allowed at once under that lock."""
+
+    @field_validator("retrain_cron")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        return check_cron(value)
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError("must be an IANA time zone, e.g. UTC or Europe/Berlin") from None
+        return value
+
+
+class MonitorConfig(_Section):
+    """The `monitor` flow: score new data with the champion, retrain on a shift."""
+
+    source: str | None = None
+    """Where new images land (a folder, an archive or s3://bucket/prefix); null = data.source."""
+    snapshot_dir: str = "data/monitor"
+    """Local, incremental snapshot of monitor.source (not versioned: only scored)."""
+    cron: str | None = "0 * * * *"
+    """Cron schedule of the `monitor` deployment (null = no schedule)."""
+    always_retrain: bool = False
+    """The monitor schedule starts a retrain whatever the shift (the shift is still measured)."""
+    max_images: int = Field(2000, ge=2)
+    """Images scored per check (a seeded random sample when the snapshot holds more)."""
+    threshold_nats: float = Field(5.0, ge=0.0)
+    """Retrain when the mean negative ELBO of the new images exceeds the champion's on its
+    own test set by more than this (nats per image), at monitor.confidence."""
+    confidence: float = Field(0.95, gt=0.5, lt=1.0)
+    """The shift's one-sided lower confidence bound must pass the threshold, so sampling
+    noise in a small snapshot does not start a retrain."""
+    seed: int = Field(0, ge=0)
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        return check_cron(value)
+
+
+TRAINING_SECTIONS = ("data", "model", "train", "evaluate")
+
+
 class Config(_Section):
     """The root configuration: one section per pipeline step."""
 
@@ -182,6 +266,8 @@ class Config(_Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
+    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
 
     @model_validator(mode="after")
     def _binarize_needs_bernoulli(self) -> Config:
@@ -195,6 +281,13 @@ class Config(_Section):
     def params_hash(self) -> str:
         """Short, stable hash of every value: same params -> same hash (a lineage tag)."""
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def training_hash(self) -> str:
+        """Hash of what decides the trained and evaluated model (data, model, train, evaluate);
+        not of how it is orchestrated, registered or promoted. Retrain caching keys on it."""
+        sections = {k: getattr(self, k).model_dump(mode="json") for k in TRAINING_SECTIONS}
+        blob = json.dumps(sections, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def flat(self) -> dict[str, Any]:

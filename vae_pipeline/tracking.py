@@ -240,6 +240,41 @@ def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     MlflowClient(tracking_uri=uri).set_terminated(run_id, status=status)
 
 
+def reopen_run(uri: str, run_id: str) -> None:
+    """A re-run of a failed retrain continues its run: FAILED/KILLED back to RUNNING."""
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(run_id)  # raises, naming the run, when it was deleted
+    if run.info.lifecycle_stage == "deleted":
+        raise RuntimeError(
+            f"MLflow run {run_id} was deleted; re-run the retrain with force=True (--force)"
+        )
+    if run.info.status in ("FAILED", "KILLED"):
+        client.update_run(run_id, status="RUNNING")
+        log.info("continuing MLflow run %s (it was %s)", run_id, run.info.status)
+
+
+LOCAL_UI = "http://127.0.0.1:5000"
+
+
+def ui_links(uri: str, run_id: str, model_name: str, version: str) -> dict[str, str]:
+    """Links to the run and the model version in the MLflow UI. For a local store they point
+    at `mlflow ui` on its default address, and `note` says how to start it."""
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = client.get_run(run_id).info.experiment_id
+    scheme = urlsplit(uri).scheme
+    base = str(redact(uri)).rstrip("/") if scheme in ("http", "https") else LOCAL_UI
+    links = {
+        "run": f"{base}/#/experiments/{experiment_id}/runs/{run_id}",
+        "model_version": f"{base}/#/models/{model_name}/versions/{version}",
+    }
+    if base == LOCAL_UI:
+        links["note"] = (
+            f"The links need the MLflow UI on the local store: `mlflow ui --backend-store-uri "
+            f"{redact(uri)}`"
+        )
+    return links
+
+
 def download_weights(uri: str, model_uri: str, dest: Path | None = None) -> Path:
     """Fetch a logged/registered model's weights file (e.g. models:/conv-vae@champion)."""
     client_for(uri)

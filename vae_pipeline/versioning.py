@@ -8,6 +8,8 @@ DVC reads them from the standard AWS environment/profile chain.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import subprocess
 import sys
@@ -158,3 +160,30 @@ def git_commit(workdir: Path = Path(".")) -> str:
     except (subprocess.CalledProcessError, FileNotFoundError):
         return "unknown"
     return head + ("-dirty" if dirty else "")
+
+
+def code_version(*extra: Path) -> str:
+    """Hash of the vae_pipeline sources and of the `extra` folders (every .py file, by path
+    and content): the code part of a retrain's identity, committed or not."""
+    import vae_pipeline
+
+    digest = hashlib.sha256()
+    for root in (Path(vae_pipeline.__file__).parent, *extra):
+        for path in sorted(root.rglob("*.py")):
+            digest.update(f"{root.name}/{path.relative_to(root)}\0".encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def retrain_key(cfg: Config, data_version: str, workdir: Path, code: str) -> str:
+    """What makes two retrains the same work: the workdir, the data version, the training
+    params (data/model/train/evaluate sections) and the code. Same key, same model."""
+    blob = "\0".join((str(workdir.resolve()), data_version, cfg.training_hash(), code))
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def prepare_key(cfg: Config, data_version: str, workdir: Path, code: str) -> str:
+    """Like retrain_key, for the prepared data alone: the data section decides it."""
+    data = json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True)
+    blob = "\0".join((str(workdir.resolve()), data_version, data, code))
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]

@@ -1,2 +1,6 @@
 class DataError(RuntimeError):
     """A data source or prepared dataset that cannot be used; the message names it and the fix."""
+
+
+class SourceUnreachable(DataError):
+    """The source's endpoint did not answer: transient, worth retrying (unlike bad input)."""

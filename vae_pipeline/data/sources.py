@@ -37,7 +37,7 @@ from pathlib import Path, PurePosixPath
 from tqdm import tqdm
 
 from vae_pipeline.config import Config
-from vae_pipeline.data.errors import DataError
+from vae_pipeline.data.errors import DataError, SourceUnreachable
 from vae_pipeline.data.images import check_worker, is_image_name, list_images
 
 log = logging.getLogger(__name__)
@@ -262,7 +262,7 @@ def s3_error(exc: Exception, url: str) -> DataError:
             "AWS_PROFILE (a profile in ~/.aws/credentials)"
         )
     if isinstance(exc, bx.EndpointConnectionError | bx.ConnectTimeoutError | bx.ReadTimeoutError):
-        return DataError(
+        return SourceUnreachable(
             f"cannot reach the S3 endpoint for {url} ({exc}): check AWS_ENDPOINT_URL / the network"
         )
     if isinstance(exc, bx.ClientError):

@@ -7,8 +7,10 @@ rank reads that file, so all ranks, and a torchrun restart, train with the same 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -62,6 +64,44 @@ def torchrun_command(
     ]  # fmt: skip
 
 
+def run_torchrun(cmd: list[str], workdir: Path, env: dict | None = None) -> int:
+    """Run torchrun and wait; if waiting is interrupted (Ctrl-C, a Prefect task timeout or
+    cancellation), stop torchrun and its ranks before re-raising, so no rank outlives the step.
+
+    torchrun runs in its own process group; SIGTERM lets it stop its ranks (it forwards the
+    signal), SIGKILL to the whole group follows after STOP_GRACE_S.
+    """
+    proc = subprocess.Popen(cmd, cwd=workdir, env=env, start_new_session=True)
+    try:
+        while True:  # short waits: an exception raised into this thread is seen within 0.5 s
+            try:
+                return proc.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                continue
+    except BaseException:
+        stop_process_group(proc)
+        raise
+
+
+STOP_GRACE_S = 30.0
+
+
+def stop_process_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to `proc`'s process group, then SIGKILL to the group if it is still there."""
+    for sig, grace in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, 10.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            continue
+        if sig == signal.SIGTERM:  # torchrun is gone; make sure no rank lingers
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        log.warning("stopped torchrun (pid %d) and its ranks", proc.pid)
+        return
+
+
 def launch(
     cfg: Config, out_dir: Path, workdir: Path = Path("."), worker_args: list[str] = ()
 ) -> Path:
@@ -90,13 +130,13 @@ def launch(
         " ".join(cmd[2:]),
     )
     try:
-        result = subprocess.run(cmd, cwd=workdir, env=torchrun_env())
+        returncode = run_torchrun(cmd, workdir, torchrun_env())
     finally:
         if node:
             config_path.unlink(missing_ok=True)
-    if result.returncode != 0:
+    if returncode != 0:
         raise TrainingError(
-            f"training failed (torchrun exit code {result.returncode}); the rank's error is "
+            f"training failed (torchrun exit code {returncode}); the rank's error is "
             "printed above. A restart resumes from the last checkpoint in " + str(out_dir)
         )
     return workdir / out_dir / "model.pt"
@@ -111,9 +151,9 @@ def launch_evaluation(cfg: Config, model_ref: str, workdir: Path = Path(".")) ->
             config_path, cfg.evaluate.nproc_per_node, ["--model", model_ref], EVAL_WORKER_MODULE
         )
         log.info("launching %d evaluation rank(s)", cfg.evaluate.nproc_per_node)
-        result = subprocess.run(cmd, cwd=workdir)
-    if result.returncode != 0:
+        returncode = run_torchrun(cmd, workdir)
+    if returncode != 0:
         raise RuntimeError(
-            f"evaluation failed (torchrun exit code {result.returncode}); the rank's error is "
+            f"evaluation failed (torchrun exit code {returncode}); the rank's error is "
             "printed above"
         )

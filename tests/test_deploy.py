@@ -1,0 +1,196 @@
+"""Deployments: prefect.yaml rendered from params, and a real `prefect server` on 127.0.0.1 with
+a process worker running the scheduled `retrain` and `monitor` deployments."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+from mlflow.tracking import MlflowClient
+
+from flows import deploy
+from vae_pipeline.config import load_config, tracking_uri
+
+from .conftest import REPO, copy_project_files, fashion_mnist_pngs, make_workspace
+from .test_registry_server import free_port, stop, wait_http
+
+
+def _cli(cwd: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "vae_pipeline.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+
+
+def test_the_committed_prefect_yaml_is_rendered_from_params_yaml():
+    result = _cli(REPO, "deploy", "--check")
+    assert result.returncode == 0, result.stderr
+    result = _cli(REPO, "deploy", "--check", "--set", "orchestration.retrain_cron='0 4 * * *'")
+    assert result.returncode == 1
+    assert "prefect.yaml does not match" in result.stderr
+
+
+def test_rendered_deployments_carry_the_schedules_pool_and_parameters():
+    cfg = load_config(
+        REPO / "params.yaml",
+        [
+            "orchestration.work_pool=gpu-pool",
+            "orchestration.retrain_cron='15 2 * * 1'",
+            "orchestration.timezone=Europe/Berlin",
+            "monitor.cron=null",
+        ],
+    )
+    doc = yaml.safe_load(deploy.render(cfg, ["train.epochs=5"]))
+    retrain, monitor = doc["deployments"]
+    assert retrain["entrypoint"] == "flows/retrain.py:retrain"
+    assert retrain["work_pool"]["name"] == monitor["work_pool"]["name"] == "gpu-pool"
+    assert retrain["schedules"] == [
+        {"cron": "15 2 * * 1", "timezone": "Europe/Berlin", "slug": "retrain-cron"}
+    ]
+    assert monitor["schedules"] == []  # monitor.cron null: triggered by hand only
+    assert retrain["parameters"] == {"overrides": ["train.epochs=5"]}
+    assert monitor["parameters"]["retrain_deployment"] == "retrain/retrain"
+    assert retrain["concurrency_limit"]["limit"] == 1
+    # The flows' own signatures accept every parameter the deployments set.
+    import inspect
+
+    from flows.monitor import monitor as monitor_flow
+    from flows.retrain import retrain as retrain_flow
+
+    assert set(retrain["parameters"]) <= set(inspect.signature(retrain_flow.fn).parameters)
+    assert set(monitor["parameters"]) <= set(inspect.signature(monitor_flow.fn).parameters)
+    assert {"source", "overrides", "promote", "force"} <= set(
+        inspect.signature(retrain_flow.fn).parameters
+    )
+
+
+def test_deploy_without_a_server_says_how_to_start_one(tmp_path):
+    ws = make_workspace(tmp_path / "ws")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    result = _cli(ws, "deploy", env=env)
+    assert result.returncode == 1
+    assert "PREFECT_API_URL is not set" in result.stderr and "prefect server start" in result.stderr
+    assert not (ws / "prefect.yaml").exists()  # nothing written before the check
+
+
+class PrefectServer:
+    """`prefect server start` on 127.0.0.1 with its own PREFECT_HOME; stopped by the test."""
+
+    def __init__(self, home: Path):
+        self.port = free_port()
+        self.api = f"http://127.0.0.1:{self.port}/api"
+        self.env = {
+            **os.environ,
+            "PREFECT_HOME": str(home),
+            "PREFECT_API_URL": self.api,
+            "PREFECT_LOGGING_LEVEL": "INFO",
+        }
+        self.log = open(home.parent / "server.log", "w")  # noqa: SIM115 (open while it runs)
+        server_env = {k: v for k, v in self.env.items() if k != "PREFECT_API_URL"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start",
+             "--host", "127.0.0.1", "--port", str(self.port)],
+            env=server_env, stdout=self.log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        wait_http(self.api + "/health", 120, self.proc)
+
+    def get(self, path: str):
+        response = requests.get(self.api + path, timeout=10)
+        response.raise_for_status()
+        return response.json()
+
+    def post(self, path: str, body: dict):
+        response = requests.post(self.api + path, json=body, timeout=10)
+        response.raise_for_status()
+        return response.json()
+
+    def wait_flow_run(self, run_id: str, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            run = self.get(f"/flow_runs/{run_id}")
+            if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                return run
+            time.sleep(1)
+        raise TimeoutError(f"flow run {run_id} did not finish within {timeout} s")
+
+    def stop(self):
+        stop(self.proc)
+        self.log.close()
+
+
+@pytest.mark.slow
+def test_scheduled_deployments_run_on_a_process_worker(tmp_path):
+    ws = make_workspace(
+        tmp_path / "ws",
+        orchestration={"retrain_cron": "0 3 1 1 *", "work_pool": "test-pool"},
+        monitor={"cron": "30 4 1 1 *"},  # next January: no scheduled run fires during the test
+    )
+    copy_project_files(ws, "flows")  # a clone of the project holds flows/
+    shifted = fashion_mnist_pngs(tmp_path / "incoming", 0, 200, invert=True)
+    (tmp_path / "home").mkdir()
+    server = PrefectServer(tmp_path / "home")
+    worker = None
+    try:
+        result = _cli(ws, "deploy", env=server.env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "deployed retrain/retrain" in result.stdout
+        assert "prefect worker start --pool test-pool" in result.stdout
+        assert (ws / "prefect.yaml").read_text() == deploy.render(load_config(ws / "params.yaml"))
+
+        retrain = server.get("/deployments/name/retrain/retrain")
+        monitor = server.get("/deployments/name/monitor/monitor")
+        assert [s["schedule"]["cron"] for s in retrain["schedules"]] == ["0 3 1 1 *"]
+        assert [s["schedule"]["cron"] for s in monitor["schedules"]] == ["30 4 1 1 *"]
+        assert monitor["schedules"][0]["parameters"] == {"always": False}
+        assert retrain["work_pool_name"] == "test-pool"
+        assert retrain["pull_steps"] == [
+            {"prefect.deployments.steps.set_working_directory": {"directory": str(ws)}}
+        ]
+        assert server.get("/work_pools/test-pool")["type"] == "process"
+        limits = server.post("/v2/concurrency_limits/filter", {})
+        assert any(lim["name"].startswith("vae-pipeline-train@") for lim in limits)
+
+        worker_log = open(tmp_path / "worker.log", "w")  # noqa: SIM115
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "worker", "start", "--pool", "test-pool"],
+            cwd=ws, env=server.env, stdout=worker_log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        run = server.post(f"/deployments/{retrain['id']}/create_flow_run", {})
+        done = server.wait_flow_run(run["id"], 420)
+        assert done["state"]["type"] == "COMPLETED", (tmp_path / "worker.log").read_text()[-3000:]
+
+        uri = tracking_uri(load_config(ws / "params.yaml"), ws)
+        client = MlflowClient(uri, registry_uri=uri)
+        mv = client.get_model_version_by_alias("conv-vae", "champion")
+        assert str(mv.version) == "1" and mv.tags["flow_run_id"] == run["id"]
+
+        # The monitor deployment finds the inverted images shifted and starts the retrain
+        # deployment (not waiting for it); the worker runs that too.
+        run = server.post(
+            f"/deployments/{monitor['id']}/create_flow_run",
+            {"parameters": {"source": str(shifted)}},
+        )
+        done = server.wait_flow_run(run["id"], 300)
+        assert done["state"]["type"] == "COMPLETED", (tmp_path / "worker.log").read_text()[-3000:]
+        runs = server.post(
+            "/flow_runs/filter",
+            {"deployments": {"id": {"any_": [retrain["id"]]}}, "sort": "EXPECTED_START_TIME_DESC"},
+        )
+        started = [r for r in runs if r["id"] != mv.tags["flow_run_id"]]
+        assert len(started) == 1 and started[0]["parent_task_run_id"] is not None
+        done = server.wait_flow_run(started[0]["id"], 300)
+        assert done["state"]["type"] == "COMPLETED"
+    finally:
+        if worker is not None:
+            stop(worker)
+        server.stop()
