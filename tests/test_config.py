@@ -14,6 +14,8 @@ def test_params_yaml_loads_with_every_section():
         "evaluate",
         "registry",
         "promotion",
+        "orchestration",
+        "monitor",
     }
     assert cfg.data.image_size == 32 and cfg.data.channels == 1
     assert cfg.train.nproc_per_node == 2

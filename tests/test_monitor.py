@@ -60,12 +60,12 @@ def test_always_retrains_without_calling_it_drift():
         drift_decision(np.array([1.0]), same, MonitorConfig())
 
 
-def test_monitor_refuses_fashion_mnist_as_a_source(tmp_path):
+def test_fashion_mnist_is_not_snapshotted_for_the_monitor(tmp_path):
     from vae_pipeline.monitor import snapshot
 
     cfg = load_config(make_workspace(tmp_path / "ws") / "params.yaml")
-    with pytest.raises(MonitorError, match="fixed dataset"):
-        snapshot(cfg, "fashion-mnist", tmp_path)
+    assert snapshot(cfg, "fashion-mnist", tmp_path) is None
+    assert not (tmp_path / cfg.monitor.snapshot_dir).exists()
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +146,15 @@ def test_new_images_are_those_not_in_the_prepared_data(champion_ws, tmp_path):
     fashion_mnist_pngs(folder, 9000, 3)
     found = sorted(p.name for p in new_images(folder, known))
     assert found == ["img09000.png", "img09001.png", "img09002.png"]
+
+
+@pytest.mark.slow
+def test_a_check_of_fashion_mnist_reports_nothing_new(champion_ws):
+    from vae_pipeline.monitor import check_drift
+
+    cfg = load_config(champion_ws / "params.yaml")
+    report = check_drift(cfg, tracking_uri(cfg, champion_ws), champion_ws, "fashion-mnist")
+    assert not report["retrain"] and report["new_images"] == 0
+    assert report["reason"].startswith("fashion-mnist is a fixed dataset")
+    forced = check_drift(cfg, tracking_uri(cfg, champion_ws), champion_ws, "fashion-mnist", True)
+    assert forced["retrain"] and not forced["drift"]

@@ -127,12 +127,16 @@ def test_preflight_passes_on_a_live_server_and_fails_fast_on_a_dead_one(server):
 
 
 def test_retrain_stops_before_any_work_when_mlflow_is_down(tmp_path):
-    from flows.retrain import retrain
+    from flows.retrain import RetrainFailed, retrain
 
     ws = make_workspace(tmp_path / "ws")
     dead = f"http://127.0.0.1:{free_port()}"
-    with pytest.raises(tracking.TrackingUnavailable, match=dead):
-        retrain(workdir=str(ws), overrides=[f"registry.tracking_uri={dead}"])
+    with pytest.raises(RetrainFailed, match=f"step 'preflight' failed: MLflow .*{dead}") as info:
+        retrain(
+            workdir=str(ws),
+            overrides=[f"registry.tracking_uri={dead}", "orchestration.retries=0"],
+        )
+    assert isinstance(info.value.__cause__, tracking.TrackingUnavailable)
     assert not (ws / "data").exists() and not (ws / "runs").exists()  # nothing ingested/trained
 
 

@@ -112,15 +112,18 @@ def monitor_source(cfg: Config, source: str | None = None) -> str:
     return source or cfg.monitor.source or cfg.data.source
 
 
-def snapshot(cfg: Config, source: str, workdir: Path = Path(".")) -> Path:
+FIXED_SOURCE = (
+    "{source} is a fixed dataset: no new images to score (point monitor.source or --source at "
+    "the folder, archive or s3:// prefix where new images arrive)"
+)
+
+
+def snapshot(cfg: Config, source: str, workdir: Path = Path(".")) -> Path | None:
     """Incrementally copy `source` into monitor.snapshot_dir, checking every new image as
-    ingest does (bad ones are left out per data.on_bad_image); returns the folder."""
+    ingest does (bad ones are left out per data.on_bad_image); returns the folder, or None
+    for Fashion-MNIST (a fixed dataset: nothing new ever arrives)."""
     if source_kind(source) == "fashion-mnist":
-        raise MonitorError(
-            "monitor.source is fashion-mnist, a fixed dataset with no new images: point "
-            "monitor.source (or --source) at the folder, archive or s3:// prefix new images "
-            "arrive in"
-        )
+        return None
     folder = Path(cfg.monitor.snapshot_dir) / "images"
     mcfg = cfg.model_copy(
         update={"data": cfg.data.model_copy(update={"source": source, "raw_dir": str(folder)})}
@@ -213,14 +216,17 @@ def check_drift(
     mv, reference = champion_reference(cfg, uri)
     tags = mv.tags or {}
     folder = snapshot(cfg, source, workdir)
-    fresh = new_images(folder, known_hashes(cfg, workdir))
+    fresh = [] if folder is None else new_images(folder, known_hashes(cfg, workdir))
     found = {
         "source": source,
-        "snapshot_images": len(list_images(folder)),
+        "snapshot_images": 0 if folder is None else len(list_images(folder)),
         "champion_version": str(mv.version),
         "champion_test_data_version": tags.get("test_data_version"),
     }
-    if len(fresh) < 2:
+    if folder is None:
+        why = FIXED_SOURCE.format(source=source)
+        decision = no_new_data(0, reference, cfg.monitor, always, why)
+    elif len(fresh) < 2:
         decision = no_new_data(len(fresh), reference, cfg.monitor, always)
     else:
         names, images = load_images(cfg, folder, fresh, cfg.monitor.max_images, cfg.monitor.seed)
@@ -240,10 +246,10 @@ def check_drift(
 
 
 def no_new_data(
-    n_new: int, reference: np.ndarray, mcfg: MonitorConfig, always: bool
+    n_new: int, reference: np.ndarray, mcfg: MonitorConfig, always: bool, why: str | None = None
 ) -> DriftDecision:
     """The decision when fewer than 2 images are new: nothing to measure."""
-    reason = f"{n_new} new image(s) since the prepared data: nothing to measure"
+    reason = why or f"{n_new} new image(s) since the prepared data: nothing to measure"
     if always:
         reason += "; retraining anyway (always_retrain)"
     nan = math.nan
