@@ -324,6 +324,7 @@ def retrain(
         version = steps.run(register, cfg, root, run_id, weights, metrics, network=True)
         decision = None
         if cfg.promotion.enabled:
+            steps.current = "promote"  # reading the champion is part of it
             incumbent = registry.champion(tracking.client_for(uri), cfg.registry.model_name)
             gate = json.dumps(cfg.promotion.model_dump(mode="json"), sort_keys=True)
             champion = "none" if incumbent is None else str(incumbent.version)
