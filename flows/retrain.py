@@ -95,7 +95,8 @@ def retry_options(cfg: Config) -> dict:
     }
 
 
-CACHED = {"persist_result": True}
+# Persisted results (in PREFECT_HOME) are JSON: paths, dicts and strings, not pickles.
+CACHED = {"persist_result": True, "result_serializer": "json"}
 
 
 @task(name="preflight", cache_policy=NO_CACHE)

@@ -18,7 +18,7 @@ from flows import deploy
 from vae_pipeline.config import load_config, tracking_uri
 
 from .conftest import REPO, copy_project_files, fashion_mnist_pngs, make_workspace
-from .test_registry_server import free_port, stop, wait_http
+from .server_helpers import free_port, stop, wait_http
 
 
 def _cli(cwd: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 from vae_pipeline.config import load_config, tracking_uri
 
 from .conftest import make_workspace
+from .server_helpers import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -185,7 +186,7 @@ def test_a_failed_retrain_resumes_where_it_failed(tmp_path, capfd):
 def test_network_steps_retry_with_backoff_and_bad_input_does_not(tmp_path):
     from flows.retrain import FAILURE_ARTIFACT, retrain
 
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     ws = make_workspace(
         tmp_path / "ws",
         registry={"tracking_uri": dead},
@@ -211,14 +212,6 @@ def test_network_steps_retry_with_backoff_and_bad_input_does_not(tmp_path):
     assert "no-such-folder" in state.message
     runs = _task_runs(state.state_details.flow_run_id)
     assert [r.run_count for r in runs["version-data"]] == [1]  # bad input: no retry
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_a_step_timeout_stops_torchrun_and_its_processes(tmp_path):
