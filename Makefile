@@ -17,7 +17,7 @@ export DVC_NO_ANALYTICS := 1
 export AWS_EC2_METADATA_DISABLED := true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test install data cxx lint format bench clean help
+.PHONY: run test install data cxx lint format bench clean help stack-up stack-down stack-status
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -41,8 +41,19 @@ $(FASHION_MNIST):
 	       "(or set data.fashion_mnist_dir: null in params.yaml to download it)"; exit 1; \
 	fi
 
-run: install data  ## the retrain flow on params.yaml (ingest -> prepare -> train -> evaluate -> register -> promote)
-	$(BIN)/vae-pipeline retrain
+run: install data  ## the retrain flow on params.yaml (against the local stack when it is up)
+	@if [ -f .stack/env ]; then echo "using the local stack (.stack/env)"; fi
+	set -a; [ ! -f .stack/env ] || . .stack/env; set +a; \
+	$(BIN)/vae-pipeline retrain $$VAE_PIPELINE_STACK_ARGS
+
+stack-up: install  ## start mlflow server, prefect server and an S3 server (moto) on 127.0.0.1; writes .stack/env
+	$(BIN)/python infra/local_stack.py up
+
+stack-down:  ## stop the local stack (its data stays in .stack/)
+	$(BIN)/python infra/local_stack.py down
+
+stack-status:
+	$(BIN)/python infra/local_stack.py status
 
 cxx:  ## a C++ compiler, for torch.compile on CPU (train.compile; one test uses it)
 	@command -v g++ >/dev/null || { \
@@ -59,11 +70,11 @@ bench: install  ## benchmarks (see docs/benchmarks.md); not part of the tests
 	$(BIN)/python bench/data_throughput.py
 
 lint: install  ## ruff check + format check
-	$(BIN)/ruff check vae_pipeline flows tests bench
-	$(BIN)/ruff format --check vae_pipeline flows tests bench
+	$(BIN)/ruff check vae_pipeline flows tests bench infra
+	$(BIN)/ruff format --check vae_pipeline flows tests bench infra
 
 format: install
-	$(BIN)/ruff format vae_pipeline flows tests bench
+	$(BIN)/ruff format vae_pipeline flows tests bench infra
 	$(BIN)/ruff check --fix vae_pipeline flows tests
 
 clean:  ## remove run outputs (keeps .venv, the DVC cache and the MLflow store)
