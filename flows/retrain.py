@@ -66,8 +66,7 @@ def _cache_on(*names: str) -> Callable[[Any, dict], str]:
     """A cache key from the task's name and the named (string) parameters."""
 
     def key(context, parameters: dict) -> str:
-        parts = [context.task.name, *(str(parameters[n]) for n in names)]
-        return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
+        return _hash(context.task.name, *(str(parameters[n]) for n in names))
 
     return key
 
@@ -313,7 +312,9 @@ def retrain(
         key = versioning.retrain_key(cfg, data_version, root, CODE_VERSION)
         prepare_key = versioning.prepare_key(cfg, data_version, root, CODE_VERSION)
         steps.run(prepare, cfg, root, prepare_key, valid=_prepared_matches(cfg, root, data_version))
-        run_id = steps.run(open_run, cfg, root, data_version, key, network=True)
+        # The run lives in one tracking store: the same work against another store is new.
+        run_key = _hash(key, uri, cfg.registry.experiment)
+        run_id = steps.run(open_run, cfg, root, data_version, run_key, network=True)
         tracking.reopen_run(uri, run_id)
         out_dir = Path("runs") / run_id
         weights = steps.run(
@@ -327,7 +328,11 @@ def retrain(
         if cfg.promotion.enabled:
             steps.current = "promote"  # reading the champion is part of it
             incumbent = registry.champion(tracking.client_for(uri), cfg.registry.model_name)
-            gate = json.dumps(cfg.promotion.model_dump(mode="json"), sort_keys=True)
+            gate = _hash(
+                json.dumps(cfg.promotion.model_dump(mode="json"), sort_keys=True),
+                uri,
+                cfg.registry.model_name,
+            )
             champion = "none" if incumbent is None else str(incumbent.version)
             decision = steps.run(promote_version, cfg, root, version, champion, gate, network=True)
         tracking.finish_run(uri, run_id)
@@ -359,6 +364,10 @@ def retrain(
     )
     print(format_summary(cfg, summary))
     return summary
+
+
+def _hash(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
 
 
 def _reason(exc: BaseException) -> str:

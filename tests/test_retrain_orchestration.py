@@ -267,6 +267,19 @@ def test_flow_parameters_choose_source_and_promotion(tmp_path):
     manifest = (ws / "data/prepared/manifest.json").read_text()
     assert '"class0"' in manifest  # the folder's labels, not Fashion-MNIST's names
 
+    # The same work against another MLflow store is new there: the cached run (which lives
+    # in the first store) is not reused.
+    other = f"sqlite:///{ws / 'other.db'}"
+    again = retrain(
+        workdir=str(ws),
+        source=str(images),
+        promote=False,
+        overrides=[f"registry.tracking_uri={other}"],
+    )
+    assert again["run_id"] != summary["run_id"]
+    assert MlflowClient(other).get_run(again["run_id"]).info.status == "FINISHED"
+    assert again["metrics"]["iw_nll"] == pytest.approx(summary["metrics"]["iw_nll"], rel=1e-6)
+
 
 def test_the_cli_retrain_has_flags_for_the_deployment_parameters():
     result = subprocess.run(
