@@ -11,6 +11,7 @@ work pool live in one place; `vae-pipeline deploy` writes it, makes sure the wor
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -38,13 +39,20 @@ def _schedule(cron: str | None, tz: str, slug: str, parameters: dict | None = No
     return [entry]
 
 
-def render(cfg: Config, overrides: list[str] = ()) -> str:
+def render(
+    cfg: Config, overrides: list[str] = (), workdir: str | None = None, params: str | None = None
+) -> str:
     """prefect.yaml for `cfg`: the retrain and monitor deployments on orchestration.work_pool.
-    `overrides` (the --set given to deploy) become the runs' default `overrides` parameter."""
+    `overrides` (the --set given to deploy) become the runs' default `overrides` parameter;
+    `workdir` (with the absolute `params` file) makes the runs work in that folder rather than
+    the deploy folder, as a container does with its state volume (infra/compose.yaml)."""
     o, m = cfg.orchestration, cfg.monitor
-    extra = {"overrides": list(overrides)} if overrides else {}
+    extra: dict = {"overrides": list(overrides)} if overrides else {}
+    if workdir is not None:
+        extra = {"workdir": workdir, "params": params or "params.yaml", **extra}
 
-    def pool() -> dict:  # a fresh mapping each time: no YAML anchors in the file
+    # fresh mappings and lists for each deployment: no YAML anchors in the file
+    def pool() -> dict:
         return {"name": o.work_pool, "work_queue_name": None, "job_variables": {}}
 
     doc = {
@@ -56,7 +64,7 @@ def render(cfg: Config, overrides: list[str] = ()) -> str:
                 "description": "Version data, prepare, train (torchrun), evaluate, register "
                 "and promote the ConvVAE.",
                 "entrypoint": "flows/retrain.py:retrain",
-                "parameters": {**extra},
+                "parameters": copy.deepcopy(extra),
                 "work_pool": pool(),
                 # one retrain of this deployment at a time (they share the working folder);
                 # the training lock (orchestration.train_lock) covers every other retrain
@@ -68,7 +76,7 @@ def render(cfg: Config, overrides: list[str] = ()) -> str:
                 "description": "Score new images with the champion; start the retrain "
                 "deployment when they have shifted.",
                 "entrypoint": "flows/monitor.py:monitor",
-                "parameters": {"retrain_deployment": "retrain/retrain", **extra},
+                "parameters": {"retrain_deployment": "retrain/retrain", **copy.deepcopy(extra)},
                 "work_pool": pool(),
                 "concurrency_limit": {"limit": 1, "collision_strategy": "CANCEL_NEW"},
                 "schedules": _schedule(
@@ -86,9 +94,15 @@ def _prefect_version() -> str:
     return version("prefect")
 
 
-def write(cfg: Config, root: Path, overrides: list[str] = ()) -> Path:
+def write(
+    cfg: Config,
+    root: Path,
+    overrides: list[str] = (),
+    workdir: str | None = None,
+    params: str | None = None,
+) -> Path:
     path = root / PREFECT_FILE
-    text = render(cfg, overrides)
+    text = render(cfg, overrides, workdir, params)
     if not path.is_file() or path.read_text() != text:
         path.write_text(text)
     return path
@@ -113,9 +127,15 @@ class DeployError(RuntimeError):
     """The deployments could not be created; the message says why and what to do."""
 
 
-def deploy(cfg: Config, root: Path, overrides: list[str] = ()) -> list[str]:
+def deploy(
+    cfg: Config,
+    root: Path,
+    overrides: list[str] = (),
+    workdir: str | None = None,
+    params: str | None = None,
+) -> list[str]:
     """Write prefect.yaml, make sure the pool and the training lock exist, deploy; returns
-    the deployment names."""
+    the deployment names. `workdir`/`params`: see `render`."""
     from vae_pipeline.config import apply_quiet_offline_defaults
 
     apply_quiet_offline_defaults(root)
@@ -126,7 +146,7 @@ def deploy(cfg: Config, root: Path, overrides: list[str] = ()) -> list[str]:
         )
     from flows.retrain import ensure_concurrency_limit, train_lock_name
 
-    path = write(cfg, root, overrides)
+    path = write(cfg, root, overrides, workdir, params)
     created = ensure_work_pool(cfg.orchestration.work_pool)
     ensure_concurrency_limit(train_lock_name(cfg), cfg.orchestration.train_lock_slots)
     prefect = Path(sys.executable).with_name("prefect")

@@ -72,7 +72,13 @@ def _cache_on(*names: str) -> Callable[[Any, dict], str]:
 
 
 # Bad input or a state only a person can fix: retrying would only fail again.
-PERMANENT = (ConfigError, DataError, registry.PromotionError, MonitorError)
+PERMANENT = (
+    ConfigError,
+    DataError,
+    registry.PromotionError,
+    MonitorError,
+    tracking.TrackingAuthError,
+)
 
 
 def is_transient(task, task_run, state) -> bool:

@@ -74,6 +74,32 @@ def test_rendered_deployments_carry_the_schedules_pool_and_parameters():
     )
 
 
+
+def test_deployments_with_a_workdir_run_there_with_the_deploy_folders_params(tmp_path):
+    """`deploy --workdir` (a container's state volume): both deployments get the folder and the
+    absolute params file, each as its own mapping (no YAML anchors shared between them)."""
+    cfg = load_config(REPO / "params.yaml")
+    text = deploy.render(cfg, ["data.remote=s3"], "/var/lib/vae-pipeline", "/srv/p/params.yaml")
+    assert "&id" not in text and "*id" not in text
+    retrain, monitor = yaml.safe_load(text)["deployments"]
+    for d in (retrain, monitor):
+        assert d["parameters"]["workdir"] == "/var/lib/vae-pipeline"
+        assert d["parameters"]["params"] == "/srv/p/params.yaml"
+        assert d["parameters"]["overrides"] == ["data.remote=s3"]
+    # The flows resolve `params` against `workdir`; an absolute one stays itself.
+    assert Path("/var/lib/vae-pipeline") / "/srv/p/params.yaml" == Path("/srv/p/params.yaml")
+    # The CLI's --check compares with the same rendering.
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cli = [sys.executable, "-m", "vae_pipeline.cli", "deploy", "--check", "--workdir", "state"]
+    (tmp_path / "prefect.yaml").write_text(
+        deploy.render(cfg, (), str(tmp_path / "state"), str(tmp_path / "params.yaml"))
+    )
+    ok = subprocess.run(cli, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    stale = subprocess.run(cli[:-2], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert stale.returncode == 1 and "does not match" in stale.stderr
+
 def test_deploy_without_a_server_says_how_to_start_one(tmp_path):
     ws = make_workspace(tmp_path / "ws")
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}

@@ -168,6 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="only check that prefect.yaml matches params (exit 1 if not); deploys nothing",
     )
+    p.add_argument(
+        "--workdir",
+        default=None,
+        metavar="DIR",
+        help="runs work in DIR (data, models, DVC and Prefect state) with this folder's params "
+        "file, instead of in the folder deployed from (a container's state volume)",
+    )
     p = add("sample", "Decode samples from the prior into a PNG grid.")
     _model_arg(p, "the champion")
     p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
@@ -337,20 +344,28 @@ def cmd_monitor(cfg: Config, args) -> None:
     )
 
 
+def _deploy_workdir(args) -> tuple[str | None, str | None]:
+    """(workdir, absolute params path) for deployments that run in --workdir; (None, None)."""
+    if args.workdir is None:
+        return None, None
+    return str(Path(args.workdir).resolve()), str(Path(args.params).resolve())
+
+
 def cmd_deploy(cfg: Config, args) -> None:
     from flows import deploy
 
     root = Path(".").resolve()
     if args.check:
         path = root / deploy.PREFECT_FILE
-        if not path.is_file() or path.read_text() != deploy.render(cfg, args.overrides):
+        expected = deploy.render(cfg, args.overrides, *_deploy_workdir(args))
+        if not path.is_file() or path.read_text() != expected:
             raise DeployMismatch(
                 f"{path.name} does not match {args.params}: run `vae-pipeline deploy` (or "
                 "render it and commit the change)"
             )
         print(f"{path.name} matches {args.params}")
         return
-    for name in deploy.deploy(cfg, root, args.overrides):
+    for name in deploy.deploy(cfg, root, args.overrides, *_deploy_workdir(args)):
         print(f"deployed {name}")
     o = cfg.orchestration
     print(

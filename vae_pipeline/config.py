@@ -375,7 +375,30 @@ def save_config(cfg: Config, path: str | os.PathLike) -> Path:
 
 # --- environment: the one place that reads it --------------------------------------------------
 
-_QUIET_OFFLINE = {
+# Every environment variable the pipeline reads, itself or through the libraries it drives
+# (MLflow, Prefect, boto3 and DVC), and what for. Deployment manifests (infra/compose.yaml,
+# infra/k8s/) set names from this list only; tests/test_infra.py checks both directions.
+ENVIRONMENT: dict[str, str] = {
+    "MLFLOW_TRACKING_URI": "MLflow tracking server (registry.tracking_uri wins; else SQLite)",
+    "MLFLOW_TRACKING_USERNAME": "MLflow basic-auth user (read by the MLflow client)",
+    "MLFLOW_TRACKING_PASSWORD": "MLflow basic-auth password (read by the MLflow client)",
+    "PREFECT_API_URL": "Prefect server API (unset = an ephemeral in-process server)",
+    "PREFECT_API_KEY": "Prefect Cloud API key (read by the Prefect client)",
+    "PREFECT_API_AUTH_STRING": "user:password of a Prefect server with basic auth (Prefect client)",
+    "PREFECT_HOME": "Prefect's local state: cached task results (default <workdir>/.prefect)",
+    "AWS_ACCESS_KEY_ID": "S3 credentials for data sources, the DVC remote and MLflow artifacts",
+    "AWS_SECRET_ACCESS_KEY": "S3 credentials (secret)",
+    "AWS_DEFAULT_REGION": "S3 region",
+    "AWS_PROFILE": "a profile in ~/.aws/credentials instead of keys",
+    "AWS_ENDPOINT_URL": "S3-protocol endpoint (MinIO, moto); unset = AWS",
+    "AWS_ENDPOINT_URL_S3": "S3 endpoint for S3 only (wins over AWS_ENDPOINT_URL)",
+    "MLFLOW_S3_ENDPOINT_URL": "S3 endpoint of the MLflow client's direct artifact access",
+    "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "torchrun: a rendezvous store per restart (set by us)",
+}
+# Set by torchrun for each rank; never set by hand.
+TORCHRUN_ENVIRONMENT = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+QUIET_OFFLINE = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_UI_ENABLED": "false",
     # The default 20 s can time out on 2 cores.
@@ -394,7 +417,7 @@ def apply_quiet_offline_defaults(workdir: str | os.PathLike = ".") -> None:
 
     Must run before prefect is imported (it reads its settings at import).
     """
-    for key, value in _QUIET_OFFLINE.items():
+    for key, value in QUIET_OFFLINE.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("PREFECT_HOME", str(Path(workdir, ".prefect").resolve()))
 

@@ -44,11 +44,35 @@ class TrackingUnavailable(RuntimeError):
     """The MLflow tracking/registry store cannot be reached; raised before any work starts."""
 
 
+class TrackingAuthError(TrackingUnavailable):
+    """The MLflow server refused this client's credentials (basic auth); retrying won't help."""
+
+
+def _check_access(uri: str, shown: str) -> None:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except MlflowException as exc:
+        status = exc.get_http_status_code()
+        if status in (401, 403):
+            raise TrackingAuthError(
+                f"MLflow tracking server {shown} refused access (HTTP {status}): it requires a "
+                "user; set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to one of its "
+                "users (with infra/compose.yaml: MLFLOW_ADMIN_USERNAME / _PASSWORD in infra/.env)"
+            ) from None
+        raise
+
+
 def preflight(uri: str, timeout_s: float = 5.0) -> None:
     """Fail fast, before data or training work, when the tracking store is unusable.
 
-    http(s): the server's /health endpoint must answer (one try, `timeout_s`); sqlite: the
-    database's folder must exist and be writable. Other schemes are left to MLflow.
+    http(s): the server's /health endpoint must answer (one try, `timeout_s`), and a read of
+    the experiments must be allowed: a server with authentication (`--app-name basic-auth`)
+    answers /health to anyone but the API only to a user, whom the MLflow client takes from
+    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD. sqlite: the database's folder must
+    exist and be writable. Other schemes are left to MLflow.
     """
     import requests
 
@@ -69,6 +93,7 @@ def preflight(uri: str, timeout_s: float = 5.0) -> None:
                 f"MLflow tracking server {shown} answered /health with HTTP "
                 f"{response.status_code}: check the server and its logs"
             )
+        _check_access(uri, shown)
     elif scheme == "sqlite":
         path = Path(uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else "")
         folder = path.parent if path.name else Path(".")

@@ -1,0 +1,15 @@
+# The MLflow server of infra/compose.yaml: MLflow with the PostgreSQL driver and boto3 (artifacts
+# in MinIO), versions from the project's constraints.txt. Build from the repository root.
+FROM python:3.11-slim-bookworm
+
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+
+COPY constraints.txt /tmp/constraints.txt
+RUN pip install --no-cache-dir -c /tmp/constraints.txt "mlflow[auth]==3.17.2" boto3 psycopg2-binary==2.9.10 \
+    && useradd --create-home --uid 10001 mlflow \
+    && mkdir -p /var/lib/mlflow \
+    && chown mlflow /var/lib/mlflow
+USER 10001
+WORKDIR /var/lib/mlflow
+EXPOSE 5000
+CMD ["mlflow", "server", "--host", "0.0.0.0", "--port", "5000"]
