@@ -74,7 +74,6 @@ def test_rendered_deployments_carry_the_schedules_pool_and_parameters():
     )
 
 
-
 def test_deployments_with_a_workdir_run_there_with_the_deploy_folders_params(tmp_path):
     """`deploy --workdir` (a container's state volume): both deployments get the folder and the
     absolute params file, each as its own mapping (no YAML anchors shared between them)."""
@@ -99,6 +98,7 @@ def test_deployments_with_a_workdir_run_there_with_the_deploy_folders_params(tmp
     assert ok.returncode == 0, ok.stderr
     stale = subprocess.run(cli[:-2], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert stale.returncode == 1 and "does not match" in stale.stderr
+
 
 def test_deploy_without_a_server_says_how_to_start_one(tmp_path):
     ws = make_workspace(tmp_path / "ws")

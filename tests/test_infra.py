@@ -306,7 +306,15 @@ def _names_set_by_the_manifests() -> dict[str, set[str]]:
             r"^ENV ([A-Z][A-Z0-9_]+)=", (INFRA / "docker" / "worker.Dockerfile").read_text(), re.M
         )
     )
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("local_stack", INFRA / "local_stack.py")
+    local_stack = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(local_stack)
+    stack_env = local_stack.stack_env({"s3": 1, "mlflow": 2, "prefect": 3})
     return {
+        # VAE_PIPELINE_STACK_ARGS is `make run`'s, not the pipeline's
+        "local stack (.stack/env)": set(stack_env) - {"VAE_PIPELINE_STACK_ARGS"},
         "compose worker": set(services["worker"]["environment"]),
         "k8s base job template": set(template["variables"]["properties"]["env"]["default"]),
         "PyTorchJob": {e["name"] for e in torch_container["env"]},
