@@ -88,6 +88,16 @@ def test_compose_declares_health_checks_start_order_and_the_gpu_reservation():
         "prefect": {"condition": "service_healthy"},
     }
     assert "--app-name=basic-auth" in services["mlflow"]["command"]
+    # MLflow answers the Host headers it is reached by: the worker's and the published port's.
+    from urllib.parse import urlsplit
+
+    from mlflow.server.security_utils import is_allowed_host_header
+
+    allowed = services["mlflow"]["environment"]["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")
+    worker_host = urlsplit(services["worker"]["environment"]["MLFLOW_TRACKING_URI"]).netloc
+    for host in (worker_host, "localhost:5000", "127.0.0.1:5000"):
+        assert is_allowed_host_header(allowed, host), host
+    assert not is_allowed_host_header(allowed, "elsewhere.example:5000")
     devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
     # Published ports listen on the loopback interface only.
@@ -112,7 +122,8 @@ def test_compose_declares_health_checks_start_order_and_the_gpu_reservation():
 
 def test_compose_credentials_come_from_the_git_ignored_env_file():
     text = COMPOSE.read_text()
-    used = set(re.findall(r"\$\{([A-Z0-9_]+)", text))
+    # ${VAR} is compose's interpolation; $${VAR} is left to the container's shell
+    used = set(re.findall(r"(?<!\$)\$\{([A-Z0-9_]+)", text))
     example = _env_example()
     assert used == set(example), used ^ set(example)
     # Every password-like setting is interpolated, never a literal in the compose file.

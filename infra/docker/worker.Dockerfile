@@ -35,10 +35,10 @@ COPY flows flows
 RUN pip install --no-cache-dir --no-deps -c constraints.txt .
 COPY params.yaml dvc.yaml prefect.yaml ./
 
-# Runs as a user; the flows write only to the state volume and prefect.yaml (vae-pipeline deploy).
+# Runs as a user; the flows write to the state volume, `vae-pipeline deploy` to the project folder.
 RUN useradd --create-home --uid 10001 vae \
     && mkdir -p /var/lib/vae-pipeline \
-    && chown vae /var/lib/vae-pipeline /srv/vae-pipeline/prefect.yaml
+    && chown -R vae /var/lib/vae-pipeline /srv/vae-pipeline
 USER 10001
 VOLUME ["/var/lib/vae-pipeline"]
 
