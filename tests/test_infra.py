@@ -9,7 +9,9 @@ from __future__ import annotations
 import ast
 import asyncio
 import copy
+import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -308,17 +310,9 @@ def _names_set_by_the_manifests() -> dict[str, set[str]]:
         "Worker"
     ]["template"]["spec"]["containers"][0]
     secret = yaml.safe_load((INFRA / "k8s" / "secret.example.yaml").read_text())
-    dockerfile_env = set(
-        re.findall(
-            r"^\s+([A-Z][A-Z0-9_]+)=", (INFRA / "docker" / "worker.Dockerfile").read_text(), re.M
-        )
-    ) | set(
-        re.findall(
-            r"^ENV ([A-Z][A-Z0-9_]+)=", (INFRA / "docker" / "worker.Dockerfile").read_text(), re.M
-        )
-    )
-    import importlib.util
-
+    # ENV NAME=value lines and their continuation lines
+    dockerfile = (INFRA / "docker" / "worker.Dockerfile").read_text()
+    dockerfile_env = set(re.findall(r"^(?:ENV |\s+)([A-Z][A-Z0-9_]+)=", dockerfile, re.M))
     spec = importlib.util.spec_from_file_location("local_stack", INFRA / "local_stack.py")
     local_stack = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(local_stack)
@@ -401,8 +395,6 @@ def test_the_pipeline_uses_an_mlflow_server_with_the_stacks_basic_auth(tmp_path,
     """`mlflow server --app-name basic-auth` with infra/mlflow/basic_auth.ini (its user database
     moved into tmp_path): preflight refuses a missing or wrong password up front with the
     variables to set, and the pipeline's calls work as the admin from the env file's names."""
-    import os
-
     from mlflow import MlflowClient
 
     from vae_pipeline import tracking
