@@ -1,4 +1,5 @@
 import pytest
+import yaml
 
 from vae_pipeline.config import Config, ConfigError, build_config, load_config, parse_override
 
@@ -12,6 +13,9 @@ def test_params_yaml_loads_with_every_section():
         "model",
         "train",
         "evaluate",
+        "anomaly",
+        "probe",
+        "generation",
         "registry",
         "promotion",
         "orchestration",
@@ -19,6 +23,10 @@ def test_params_yaml_loads_with_every_section():
     }
     assert cfg.data.image_size == 32 and cfg.data.channels == 1
     assert cfg.train.nproc_per_node == 2
+    # Every key in params.yaml is spelled out (nothing left to a default silently).
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section in ("anomaly", "probe", "generation"):
+        assert set(raw[section]) == set(getattr(cfg, section).model_fields), section
 
 
 def test_overrides_are_typed_from_yaml():

@@ -157,6 +157,60 @@ class EvaluateConfig(_Section):
     or sampled once (seeded). Recorded with the metrics: published NLLs differ by it."""
 
 
+class AnomalyConfig(_Section):
+    """Anomaly detection: the held-out-class benchmark and the threshold stored with the model."""
+
+    holdout_class: str | None = None
+    """A label (its name, e.g. Bag, or its index) left out of training and validation; the test
+    images of it are the anomalies for AUROC/AUPRC. null = no benchmark (the threshold is still
+    calibrated). Likelihood scores rank simple images as typical: see the README."""
+    score: Literal["iw_nll", "neg_elbo"] = "iw_nll"
+    """The score the threshold applies to: the IW bound (K = evaluate.iw_samples) or the
+    negative ELBO; both in nats per image, higher = more anomalous."""
+    threshold_percentile: float = Field(99.0, gt=0.0, lt=100.0)
+    """Threshold = this percentile of the validation images' scores: about (100 - p)% of
+    normal images are flagged."""
+    calibration_images: int = Field(2000, ge=2)
+    """Validation images scored for the threshold (a seeded sample when there are more)."""
+
+    @field_validator("holdout_class", mode="before")
+    @classmethod
+    def _name_or_index(cls, value: object) -> str | None:
+        if value is not None and not isinstance(value, str | int) or isinstance(value, bool):
+            raise ValueError("must be a label name or index, or null")
+        if value is not None and not str(value).strip():
+            raise ValueError("must be a label name or index, or null")
+        return None if value is None else str(value)
+
+
+class ProbeConfig(_Section):
+    """Few-label learning: logistic regression on latent means vs on raw pixels."""
+
+    labels_per_class: list[int] = Field(default_factory=lambda: [10, 100], min_length=1)
+    """Labelled training images per class (each N is measured separately)."""
+    draws: int = Field(5, ge=1, le=100)
+    """Independent label draws per N; accuracy is reported as mean and standard deviation."""
+    seed: int = Field(0, ge=0)
+    max_iter: int = Field(1000, ge=10)
+    """Iterations of the logistic regression's solver (L-BFGS)."""
+
+    @field_validator("labels_per_class")
+    @classmethod
+    def _positive_unique(cls, value: list[int]) -> list[int]:
+        if any(n < 1 for n in value) or len(set(value)) != len(value):
+            raise ValueError("must be distinct positive counts, e.g. [10, 100]")
+        return sorted(value)
+
+
+class GenerationConfig(_Section):
+    """Sample quality: a Frechet distance in a feature space fitted here (no downloaded weights)."""
+
+    fd_images: int = Field(2000, ge=10)
+    """Prior samples, and real test images, compared by the Frechet distance."""
+    fd_components: int = Field(32, ge=1, le=512)
+    """Principal components of the test images that make the feature space."""
+
+
 class RegistryConfig(_Section):
     tracking_uri: str | None = None
     experiment: str = Field("vae-pipeline", min_length=1)
@@ -173,6 +227,30 @@ class PromotionConfig(_Section):
     min_active_units: int = Field(1, ge=0)
     lock_timeout_s: float = Field(300.0, gt=0.0)
     lock_stale_s: float = Field(900.0, gt=0.0)
+    floors: dict[str, float] = Field(default_factory=dict)
+    """Extra criteria on the uses' metrics: metric -> how much worse than the champion's the
+    candidate's value may be (its own units), e.g. {anomaly_auroc: 0.01}. Compared only when
+    both were measured the same way; see floor_metrics for the names."""
+
+    @field_validator("floors")
+    @classmethod
+    def _non_negative(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = [k for k, v in value.items() if v < 0]
+        if bad:
+            raise ValueError(f"allowed worsening must be >= 0 (got {bad[0]}: {value[bad[0]]})")
+        return value
+
+
+# The uses' metrics that promotion.floors may name, and whether higher is better. The probe's
+# accuracies are named per labels-per-class N (probe_latent_acc_n10, ...).
+USE_METRICS_HIGHER_BETTER = {"anomaly_auroc": True, "anomaly_auprc": True, "sample_fd": False}
+PROBE_METRIC = "probe_latent_acc_n{n}"
+
+
+def floor_metrics(labels_per_class: list[int]) -> dict[str, bool]:
+    """Every metric promotion.floors may name -> higher is better."""
+    probes = {PROBE_METRIC.format(n=n): True for n in labels_per_class}
+    return {**USE_METRICS_HIGHER_BETTER, **probes}
 
 
 _CRON_FIELD = re.compile(r"^[0-9A-Za-z*/,\-?LW#]+$")
@@ -254,7 +332,7 @@ class MonitorConfig(_Section):
         return check_cron(value)
 
 
-TRAINING_SECTIONS = ("data", "model", "train", "evaluate")
+TRAINING_SECTIONS = ("data", "model", "train", "evaluate", "anomaly", "probe", "generation")
 
 
 class Config(_Section):
@@ -264,6 +342,9 @@ class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    anomaly: AnomalyConfig = Field(default_factory=AnomalyConfig)
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
@@ -275,6 +356,16 @@ class Config(_Section):
             raise ValueError(
                 f"evaluate.binarize={self.evaluate.binarize} applies to the Bernoulli likelihood;"
                 " use evaluate.binarize=none with model.likelihood=gaussian"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _floors_known(self) -> Config:
+        known = floor_metrics(self.probe.labels_per_class)
+        unknown = sorted(set(self.promotion.floors) - set(known))
+        if unknown:
+            raise ValueError(
+                f"promotion.floors: unknown metric {unknown[0]!r} (one of {', '.join(known)})"
             )
         return self
 

@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
 from vae_pipeline.config import Config
-from vae_pipeline.data.dataset import PreparedSplit, to_unit_float
+from vae_pipeline.data.dataset import PreparedSplit, read_manifest, resolve_label, to_unit_float
 from vae_pipeline.elbo import terms_from_outputs
 from vae_pipeline.model import ConvVAE
 from vae_pipeline.train import checkpoint
@@ -133,12 +133,19 @@ def set_rng_states(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
+def holdout_label(cfg: Config, prepared_dir: Path) -> int | None:
+    """The label index of anomaly.holdout_class in the prepared data (None: no held-out class)."""
+    names = read_manifest(prepared_dir).get("label_names") or []
+    return resolve_label(cfg.anomaly.holdout_class, names, "anomaly.holdout_class")
+
+
 def resume_fingerprint(cfg: Config) -> dict:
     """Settings a checkpoint must share with the run that resumes it (epochs may grow; the
     world size may change: the batches and the noise do not depend on it)."""
     return {
         "data": cfg.data.model_dump(mode="json"),
         "model": cfg.model.model_dump(mode="json"),
+        "holdout_class": cfg.anomaly.holdout_class,
         "train": cfg.train.model_dump(
             mode="json", include={"batch_size", "lr", "seed", "kl_warmup_steps"}
         ),
@@ -167,8 +174,10 @@ class Trainer:
             )
         self.local_batch = tc.batch_size // env.world_size
         prepared = workdir / cfg.data.prepared_dir
-        self.train_set = PreparedSplit(prepared, "train")
-        self.val_set = PreparedSplit(prepared, "val")
+        # The anomaly benchmark's held-out class is in neither training nor validation.
+        self.holdout = holdout_label(cfg, prepared)
+        self.train_set = PreparedSplit(prepared, "train", self.holdout)
+        self.val_set = PreparedSplit(prepared, "val", self.holdout)
         self.data_version = self.train_set.manifest.get("data_version", "unversioned")
         if len(self.train_set) < tc.batch_size:
             raise TrainingError(
@@ -472,7 +481,7 @@ class Trainer:
         idx = torch.arange(self.env.rank, len(self.val_set), self.env.world_size)
         for start in range(0, len(idx), 1024):
             rows = idx[start : start + 1024]
-            x = to_unit_float(torch.from_numpy(self.val_set.images[rows.numpy()]).to(self.device))
+            x = to_unit_float(self.val_set.take(rows.numpy()).to(self.device))
             eps = noise[rows].to(self.device)
             terms = _ElboPath(self.model)(x, eps)
             sums += torch.stack([-terms["elbo"].sum(), terms["recon"].sum(), terms["kl"].sum()])
@@ -539,6 +548,10 @@ class Trainer:
             data_version=self.data_version,
             params_hash=self.cfg.params_hash(),
             epochs=self.epoch,
+            # The class the model never saw (label name), or None: evaluation checks it.
+            holdout_class=None
+            if self.holdout is None
+            else self.train_set.manifest["label_names"][self.holdout],
         )
         self.model.to(self.device)
         (self.out_dir / "history.json").write_text(json.dumps(self.history, indent=2))
