@@ -52,7 +52,7 @@ from prefect.tasks import exponential_backoff  # noqa: E402
 
 from vae_pipeline import pipeline, registry, tracking, versioning  # noqa: E402
 from vae_pipeline.data.errors import DataError, SourceUnreachable  # noqa: E402
-from vae_pipeline.evaluate import summary_markdown  # noqa: E402
+from vae_pipeline.evaluate import summary_markdown, uses_markdown  # noqa: E402
 from vae_pipeline.monitor import MonitorError  # noqa: E402
 from vae_pipeline.registry import decision_dict  # noqa: E402
 
@@ -409,8 +409,9 @@ def summary_artifact(cfg: Config, summary: dict) -> str:
         f"| metric (test) | value |\n|---|---|\n"
         f"| ELBO | {m['elbo']:.2f} |\n| reconstruction | {m['recon']:.2f} |\n"
         f"| KL | {m['kl']:.2f} |\n| IW NLL | {m['iw_nll']:.2f} |\n"
-        f"| bits/dim | {m['bits_per_dim']:.4f} |\n| active units | {m['active_units']} |\n\n"
-        f"| step | seconds | state |\n|---|---|---|\n{rows}\n\n"
+        f"| bits/dim | {m['bits_per_dim']:.4f} |\n| active units | {m['active_units']} |\n"
+        + "\n".join(uses_markdown(m))
+        + f"\n\n| step | seconds | state |\n|---|---|---|\n{rows}\n\n"
         + (f"{links['note']}\n" if links.get("note") else "")
     )
 
@@ -424,6 +425,17 @@ def format_summary(cfg: Config, summary: dict) -> str:
         f"iw_nll {m['iw_nll']:.2f} nats  {m['bits_per_dim']:.4f} bits/dim  "
         f"{m['active_units']} active units",
     ]
+    uses = [
+        f"{label} {m[key]:.3f}"
+        for key, label in (
+            ("anomaly_auroc", f"AUROC ({m.get('holdout_class')} held out)"),
+            ("probe_latent_acc_n100", "100-label probe accuracy"),
+            ("sample_fd", "sample_fd"),
+        )
+        if key in m
+    ]
+    if uses:
+        lines.append("  uses: " + "  ".join(uses))
     if d is None:
         lines.append("  promotion disabled: champion alias untouched")
     else:

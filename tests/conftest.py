@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vae_pipeline.config import apply_quiet_offline_defaults, build_config
+from vae_pipeline.config import apply_quiet_offline_defaults, build_config, save_config
 
 REPO = Path(__file__).resolve().parents[1]
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -21,6 +21,10 @@ TINY = {
     "model": {"latent_dim": 8},
     "train": {"epochs": 1, "batch_size": 64, "nproc_per_node": 2, "log_every": 1000},
     "evaluate": {"iw_samples": 4, "iw_chunk": 4, "batch_size": 128, "n_samples": 16},
+    "probe": {"labels_per_class": [10], "draws": 2},
+    "generation": {"fd_images": 200, "fd_components": 8},
+    # No floors by default: a tiny model's probe accuracy is noisy; floor tests set their own.
+    "promotion": {"floors": {}},
 }
 
 
@@ -90,3 +94,46 @@ def fashion_mnist_pngs(root: Path, start: int, n: int, invert: bool = False) -> 
         pixels = 255 - images[i] if invert else images[i]
         Image.fromarray(pixels).save(folder / f"{'inv' if invert else 'img'}{i:05d}.png")
     return root
+
+
+@pytest.fixture(scope="session")
+def bagless(tmp_path_factory):
+    """A short real training on 2,000 Fashion-MNIST images without the class Bag (the anomaly
+    benchmark's held-out class), evaluated: (workspace, config, model, metrics). Shared by the
+    uses' tests (uses, inference, the CLI) so the suite trains it once (about 30 s)."""
+    from vae_pipeline import pipeline
+    from vae_pipeline.data import snapshot_source
+    from vae_pipeline.train import Trainer, load_model
+
+    ws = make_workspace(tmp_path_factory.mktemp("bagless") / "ws")
+    cfg = build_config(
+        tiny_params(
+            data={"limit": 2000},
+            train={"epochs": 3, "nproc_per_node": 1},
+            anomaly={"holdout_class": "Bag"},
+            probe={"labels_per_class": [10, 50], "draws": 3},
+            generation={"fd_images": 500, "fd_components": 16},
+        )
+    )
+    snapshot_source(cfg, ws)
+    pipeline.prepare_data(cfg, ws)
+    Trainer(cfg, ws / "models", workdir=ws).fit()
+    model, _ = load_model(ws / "models" / "model.pt")
+    metrics = pipeline.evaluate_model(cfg, "models", ws)
+    save_config(cfg, ws / "bagless.yaml")  # the CLI's --params for this model
+    return ws, cfg, model, metrics
+
+
+@pytest.fixture(scope="session")
+def registered(bagless) -> str:
+    """`bagless` registered the way the retrain does it (anomaly.json with the threshold), in
+    the SQLite store of its workspace; returns its models:/ URI."""
+    from vae_pipeline import pipeline, tracking
+    from vae_pipeline.config import tracking_uri
+
+    ws, cfg, _, metrics = bagless
+    uri = tracking_uri(cfg, ws)
+    run_id = tracking.start_run(cfg, uri, ws, "uses-test", {})
+    version = pipeline.register(cfg, run_id, ws / "models" / "model.pt", metrics, ws)
+    tracking.finish_run(uri, run_id)
+    return f"models:/{cfg.registry.model_name}/{version}"

@@ -34,6 +34,8 @@ def add_version(
     key: str = KEY,
     name: str = NAME,
     likelihood: str | None = None,
+    uses: dict[str, float] | None = None,
+    uses_key: str = "holdout=Bag|probe",
 ) -> str:
     experiment = client.get_experiment_by_name("gate-tests")
     experiment_id = (
@@ -60,6 +62,9 @@ def add_version(
             "active_units": str(active_units),
             "test_data_version": "abc",
             **({"likelihood": likelihood} if likelihood else {}),
+            # The uses' metrics, as pipeline.register tags them (promotion.floors read them).
+            **({k: repr(float(v)) for k, v in (uses or {}).items()}),
+            **({"uses_key": uses_key} if uses else {}),
         },
     )
     return str(mv.version)

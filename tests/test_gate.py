@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from vae_pipeline.config import PromotionConfig
-from vae_pipeline.gate import bootstrap_mean_upper_bound, decide
+from vae_pipeline.gate import bootstrap_mean_upper_bound, check_floors, decide
 
 
 def test_bootstrap_bound_matches_a_plain_reference_loop():
@@ -99,3 +99,28 @@ def test_posterior_collapse_guard():
 def test_unpaired_test_sets_are_refused():
     with pytest.raises(ValueError, match="cannot be paired"):
         decide(np.ones(10), np.ones(11), 5, _pcfg())
+
+
+def test_floors_allow_up_to_the_given_worsening_in_each_metric_direction():
+    pcfg = _pcfg(floors={"anomaly_auroc": 0.01, "sample_fd": 2.0, "probe_latent_acc_n10": 0.0})
+    champion = {"anomaly_auroc": 0.9, "sample_fd": 10.0, "probe_latent_acc_n10": 0.6}
+    ok, notes = check_floors(
+        {"anomaly_auroc": 0.891, "sample_fd": 11.9, "probe_latent_acc_n10": 0.6},
+        champion,
+        pcfg,
+        [10],
+    )
+    assert ok and len(notes) == 3
+    # AUROC is higher-better, sample_fd lower-better: each fails on its own side.
+    ok, notes = check_floors({**champion, "anomaly_auroc": 0.88}, champion, pcfg, [10])
+    assert not ok and "anomaly_auroc 0.88 vs champion 0.9: worse by 0.02" in notes[0]
+    ok, notes = check_floors({**champion, "sample_fd": 12.5}, champion, pcfg, [10])
+    assert not ok and any("sample_fd 12.5 vs champion 10: worse by 2.5" in n for n in notes)
+    ok, _ = check_floors(
+        {**champion, "sample_fd": 1.0, "anomaly_auroc": 0.99}, champion, pcfg, [10]
+    )
+    assert ok  # better is always fine
+    # Not measured on one side: reported, never blocking; no champion: nothing to compare.
+    ok, notes = check_floors({"sample_fd": 10.0}, champion, pcfg, [10])
+    assert ok and "anomaly_auroc not compared (not measured for the candidate)" in notes
+    assert check_floors({}, None, pcfg, [10]) == (True, [])

@@ -5,6 +5,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from vae_pipeline import registry
 from vae_pipeline.registry import PromotionError, history, promote_if_better, rollback
@@ -200,3 +201,79 @@ def test_a_candidate_with_another_likelihood_is_never_compared(store, tmp_path):
     # The same likelihood on both sides is compared as usual.
     v3 = add_version(client, evidence(3, shift=-1.0), likelihood="bernoulli")
     assert promote_if_better(cfg, uri, v3, tmp_path).promoted
+
+
+def test_floors_block_a_better_nll_that_costs_too_much_auroc(store, tmp_path):
+    uri, client = store
+    floors = {"anomaly_auroc": 0.01, "sample_fd": 5.0}
+    cfg = registry_cfg(uri, floors=floors)
+    v1 = add_version(client, evidence(1), uses={"anomaly_auroc": 0.90, "sample_fd": 40.0})
+    assert promote_if_better(cfg, uri, v1, tmp_path).promoted
+    # 1 nat better per image, but AUROC 0.05 lower: held back, and the reason says why.
+    v2 = add_version(
+        client, evidence(2, shift=-1.0), uses={"anomaly_auroc": 0.85, "sample_fd": 30.0}
+    )
+    blocked = promote_if_better(cfg, uri, v2, tmp_path)
+    assert not blocked.promoted
+    assert blocked.reason.startswith("floor not met: anomaly_auroc 0.85 vs champion 0.9: worse")
+    assert "promotion.floors.anomaly_auroc=0.01" in blocked.reason and "better:" in blocked.reason
+    assert (_alias(client, "champion"), _alias(client, "challenger")) == (v1, v2)
+    assert client.get_model_version(NAME, v2).tags["gate_decision"] == "rejected"
+    # Within the allowed worsening (0.005 < 0.01; sample_fd 4 higher < 5): promoted.
+    v3 = add_version(
+        client, evidence(3, shift=-1.0), uses={"anomaly_auroc": 0.895, "sample_fd": 44.0}
+    )
+    passed = promote_if_better(cfg, uri, v3, tmp_path)
+    assert passed.promoted and "floors: anomaly_auroc 0.895 vs champion 0.9" in passed.reason
+
+
+def test_floors_re_measure_a_champion_measured_with_other_settings(bagless, registered):
+    """Real models: the champion's stored uses were measured with other probe settings, so
+    both sides are re-measured on this workspace's test split before the floors compare."""
+    import shutil
+
+    from vae_pipeline import pipeline, tracking
+    from vae_pipeline.config import tracking_uri
+    from vae_pipeline.data.dataset import PreparedSplit
+    from vae_pipeline.evaluate import measure_uses, per_example_terms
+    from vae_pipeline.train import Trainer, load_model
+
+    ws, cfg, model, _ = bagless
+    uri = tracking_uri(cfg, ws)
+    champion_version = registered.rsplit("/", 1)[1]
+    # A better candidate: three more epochs from the same checkpoint, evaluated on its own.
+    shutil.copytree(ws / "models", ws / "models6")
+    longer = cfg.model_copy(
+        update={
+            "train": cfg.train.model_copy(update={"epochs": 6}),
+            "evaluate": cfg.evaluate.model_copy(update={"reports_dir": "reports6"}),
+        }
+    )
+    Trainer(longer, ws / "models6", workdir=ws).fit()
+    metrics = pipeline.evaluate_model(longer, "models6", ws)
+    run_id = tracking.start_run(longer, uri, ws, "longer", {})
+    candidate = pipeline.register(longer, run_id, ws / "models6" / "model.pt", metrics, ws)
+    tracking.finish_run(uri, run_id)
+
+    gate_cfg = cfg.model_copy(
+        update={
+            "probe": cfg.probe.model_copy(update={"draws": 2}),  # not what either stored
+            "promotion": cfg.promotion.model_copy(
+                update={"floors": {"anomaly_auroc": 1.0, "sample_fd": 1000.0}}
+            ),
+        }
+    )
+    assert promote_if_better(gate_cfg, uri, champion_version, ws).promoted
+    decision = promote_if_better(gate_cfg, uri, candidate, ws)
+    assert decision.promoted and decision.champion_evidence == "re-evaluated", decision.reason
+    # The floors compared freshly measured values: the same as measuring each model here.
+    test = PreparedSplit(ws / cfg.data.prepared_dir, "test")
+    images = test.tensor()
+    fresh = {}
+    for name, m in (("candidate", load_model(ws / "models6" / "model.pt")[0]), ("champion", model)):
+        terms = per_example_terms(m, images, gate_cfg.evaluate, torch.device("cpu"))
+        fresh[name] = measure_uses(gate_cfg, m, test, images, terms, ws, torch.device("cpu"))
+    auroc = f"anomaly_auroc {fresh['candidate']['anomaly_auroc']:.4g} vs champion "
+    auroc += f"{fresh['champion']['anomaly_auroc']:.4g}"
+    assert auroc in decision.reason
+    assert f"sample_fd {fresh['candidate']['sample_fd']:.4g} vs champion" in decision.reason

@@ -193,7 +193,8 @@ def test_cli_sample_encode_score_use_the_champion(runs, tmp_path):
     result = _cli(ws, "encode", "--split", "test", "--out", str(tmp_path / "z.csv"))
     assert result.returncode == 0, result.stderr
     rows = list(csv.reader((tmp_path / "z.csv").read_text().splitlines()))
-    assert rows[0] == ["image"] + [f"mu_{i}" for i in range(8)] and len(rows) == 257
+    header = ["image", "label"] + [f"mu_{i}" for i in range(8)] + [f"logvar_{i}" for i in range(8)]
+    assert rows[0] == header and len(rows) == 257
     result = _cli(ws, "score", "--split", "test", "--out", str(tmp_path / "score.csv"))
     assert result.returncode == 0, result.stderr
     scores = [
@@ -201,6 +202,11 @@ def test_cli_sample_encode_score_use_the_champion(runs, tmp_path):
         for r in csv.DictReader((tmp_path / "score.csv").read_text().splitlines())
     ]
     assert len(scores) == 256 and all(s > 0 for s in scores)
+    # The champion was registered with its calibrated threshold: score flags by it.
+    flags = [
+        r["is_anomaly"] for r in csv.DictReader((tmp_path / "score.csv").read_text().splitlines())
+    ]
+    assert set(flags) <= {"True", "False"} and "False" in flags
 
 
 def test_cli_rejects_bad_params_before_work(runs):

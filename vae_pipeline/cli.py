@@ -7,7 +7,6 @@ rejects an invalid value, naming the field, before doing any work.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import sys
@@ -175,21 +174,66 @@ def build_parser() -> argparse.ArgumentParser:
         help="runs work in DIR (data, models, DVC and Prefect state) with this folder's params "
         "file, instead of in the folder deployed from (a container's state volume)",
     )
-    p = add("sample", "Decode samples from the prior into a PNG grid.")
+    p = add(
+        "sample",
+        "Generate images: decoder means of z ~ N(0, temperature^2 I), as a PNG grid.",
+    )
     _model_arg(p, "the champion")
     p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="scale of the prior's standard deviation (default 1; < 1 = more typical images)",
+    )
     p.add_argument("--out", type=Path, default=Path("samples.png"), help="PNG path")
+    p = add(
+        "interpolate",
+        "Decode the straight line between two images' latent means, as a PNG strip "
+        "(first image, --steps decoded points, second image).",
+    )
+    _model_arg(p, "the champion")
+    p.add_argument("first", metavar="A", help="an image file, or SPLIT:ROW (e.g. test:0)")
+    p.add_argument("second", metavar="B", help="an image file, or SPLIT:ROW (e.g. test:1)")
+    p.add_argument("--steps", type=int, default=10, help="decoded points, ends included (10)")
+    p.add_argument("--out", type=Path, default=Path("interpolation.png"), help="PNG path")
     for name, what in (
-        ("encode", "latent means (one row per image)"),
-        ("score", "per-image anomaly score: negative ELBO in nats"),
+        (
+            "encode",
+            "the posterior's means and log-variances (mu_0.., logvar_0..), one row per image "
+            "with its source path and label",
+        ),
+        (
+            "score",
+            "anomaly scores in nats: negative ELBO and negative IW bound (K = "
+            "evaluate.iw_samples), and is_anomaly by the threshold stored with a registered "
+            "model (or --threshold)",
+        ),
     ):
-        p = add(name, f"Images -> {what}, as CSV.")
+        p = add(name, f"Images -> {what}; CSV or Parquet by the --out suffix.")
         _model_arg(p, "the champion")
         src = p.add_mutually_exclusive_group(required=True)
-        src.add_argument("--images", type=Path, help="a folder of images")
+        src.add_argument(
+            "--images", type=Path, help="a folder of images (sub-folder names are labels)"
+        )
         src.add_argument("--split", choices=("train", "val", "test"), help="a prepared split")
-        p.add_argument("--out", type=Path, required=True, help="CSV path")
+        p.add_argument("--out", type=Path, required=True, help="a .csv or .parquet path")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        metavar="NATS",
+        help="flag images whose anomaly.score is above this (default: the model's stored one)",
+    )
+    p = sub.choices["encode"]
+    p.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        metavar="PNG",
+        help="also draw the latent means' first two principal components, coloured by label",
+    )
     return parser
 
 
@@ -384,91 +428,100 @@ def _load(cfg: Config, ref: str | None):
     return pipeline.load_model_ref(cfg, ref or CHAMPION_URI.format(name=cfg.registry.model_name))
 
 
-def cmd_sample(cfg: Config, args) -> None:
+def _device(cfg: Config):
     import torch
+
+    use_cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
+    return torch.device("cuda" if use_cuda else "cpu")
+
+
+def cmd_sample(cfg: Config, args) -> None:
     from torchvision.utils import save_image
 
+    from vae_pipeline.evaluate import prior_samples
+
+    if args.n < 1 or args.temperature <= 0:
+        raise ValueError("--n must be >= 1 and --temperature > 0")
     model, _ = _load(cfg, args.model)
-    gen = torch.Generator().manual_seed(args.seed)
-    with torch.no_grad():
-        images = model.decode(torch.randn(args.n, model.latent_dim, generator=gen))
+    images = prior_samples(model, args.n, args.seed, _device(cfg), args.temperature)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_image(images, args.out, nrow=max(1, int(args.n**0.5)), padding=2, pad_value=0.5)
     print(args.out)
 
 
-def _images(cfg: Config, args):
-    """(names, uint8 tensor) from --images DIR or --split NAME."""
-    import numpy as np
-    import torch
+def cmd_interpolate(cfg: Config, args) -> None:
+    from torchvision.utils import save_image
 
-    from vae_pipeline.data.dataset import PreparedSplit
-    from vae_pipeline.data.errors import DataError
-    from vae_pipeline.data.images import BadImage, decode_image, list_images
+    from vae_pipeline import inference
+
+    _, a = inference.image_ref(cfg, args.first)
+    _, b = inference.image_ref(cfg, args.second)
+    model, _ = _load(cfg, args.model)
+    strip = inference.interpolate(model, a, b, args.steps, _device(cfg))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    save_image(strip, args.out, nrow=len(strip), padding=2, pad_value=0.5)
+    print(args.out)
+
+
+def _image_set(cfg: Config, args):
+    from vae_pipeline import inference
 
     if args.split:
-        split = PreparedSplit(Path(cfg.data.prepared_dir), args.split)
-        return [f"{args.split}[{i}]" for i in range(len(split))], split.tensor()
-    if not args.images.is_dir():
-        raise DataError(f"--images {args.images} is not a folder")
-    names, arrays = [], []
-    for path in list_images(args.images):
-        try:
-            arrays.append(decode_image(path, cfg.data.image_size, cfg.data.channels))
-            names.append(str(path.relative_to(args.images)))
-        except BadImage as exc:
-            if cfg.data.on_bad_image == "fail":
-                raise DataError(f"{exc} (set data.on_bad_image=skip to skip it)") from None
-            log.warning("skipping %s", exc)
-    if not arrays:
-        raise DataError(f"--images {args.images} holds no readable images")
-    return names, torch.from_numpy(np.stack(arrays))
+        return inference.split_images(cfg, args.split)
+    return inference.folder_images(cfg, args.images)
 
 
-def _write_csv(path: Path, header: list[str], rows) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(header)
-        writer.writerows(rows)
-    print(path)
+def _table_metadata(cfg: Config, args, data, **extra) -> dict:
+    source = f"split {args.split}" if args.split else str(args.images)
+    return {
+        "model": args.model or CHAMPION_URI.format(name=cfg.registry.model_name),
+        "images": source,
+        "data_version": data.data_version,
+        **extra,
+    }
 
 
 def cmd_encode(cfg: Config, args) -> None:
-    import torch
+    from vae_pipeline import inference, uses
 
-    from vae_pipeline.data.dataset import to_unit_float
-
+    inference.check_table_path(args.out)
     model, _ = _load(cfg, args.model)
-    names, images = _images(cfg, args)
-    with torch.no_grad():
-        mu = torch.cat(
-            [
-                model.encode(to_unit_float(images[i : i + 512]))[0]
-                for i in range(0, len(images), 512)
-            ]
-        )
-    header = ["image"] + [f"mu_{j}" for j in range(mu.shape[1])]
-    _write_csv(args.out, header, ([n, *row] for n, row in zip(names, mu.tolist(), strict=True)))
+    data = _image_set(cfg, args)
+    columns = inference.encode_columns(model, data, _device(cfg))
+    meta = _table_metadata(cfg, args, data, latent_dim=model.latent_dim)
+    print(inference.write_table(args.out, columns, meta))
+    if args.plot:
+        import numpy as np
+
+        mu = np.column_stack([columns[f"mu_{j}"] for j in range(model.latent_dim)])
+        print(uses.plot_latent_pca(mu, data.labels, data.label_names, args.plot))
 
 
 def cmd_score(cfg: Config, args) -> None:
-    import torch
+    from vae_pipeline import inference
 
-    from vae_pipeline.data.dataset import to_unit_float
-    from vae_pipeline.elbo import elbo_terms
-
-    model, _ = _load(cfg, args.model)
-    names, images = _images(cfg, args)
-    torch.manual_seed(cfg.evaluate.seed)
-    with torch.no_grad():
-        scores = torch.cat(
-            [
-                -elbo_terms(model, to_unit_float(images[i : i + 512]))["elbo"]
-                for i in range(0, len(images), 512)
-            ]
+    inference.check_table_path(args.out)
+    model, meta = _load(cfg, args.model)
+    threshold = meta.get("anomaly")
+    if args.threshold is not None:
+        threshold = {"score": cfg.anomaly.score, "threshold": args.threshold}
+    elif threshold is None:
+        log.info(
+            "no anomaly threshold stored with %s: no is_anomaly column (registered models carry "
+            "one; or pass --threshold NATS)",
+            args.model or CHAMPION_URI.format(name=cfg.registry.model_name),
         )
-    _write_csv(args.out, ["image", "neg_elbo_nats"], zip(names, scores.tolist(), strict=True))
+    data = _image_set(cfg, args)
+    columns = inference.score_columns(model, data, cfg.evaluate, _device(cfg), threshold)
+    meta_out = _table_metadata(
+        cfg,
+        args,
+        data,
+        iw_k=int((threshold or {}).get("k") or cfg.evaluate.iw_samples),
+        eval_seed=cfg.evaluate.seed,
+        threshold=threshold,
+    )
+    print(inference.write_table(args.out, columns, meta_out))
 
 
 COMMANDS = {
@@ -485,6 +538,7 @@ COMMANDS = {
     "monitor": cmd_monitor,
     "deploy": cmd_deploy,
     "sample": cmd_sample,
+    "interpolate": cmd_interpolate,
     "encode": cmd_encode,
     "score": cmd_score,
 }

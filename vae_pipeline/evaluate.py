@@ -18,8 +18,9 @@ import torch
 import torch.distributed as dist
 from torchvision.utils import save_image
 
+from vae_pipeline import uses
 from vae_pipeline.config import Config, EvaluateConfig
-from vae_pipeline.data.dataset import PreparedSplit, to_unit_float
+from vae_pipeline.data.dataset import PreparedSplit, resolve_label, to_unit_float
 from vae_pipeline.elbo import (
     gaussian_kl_per_dim,
     iw_log_likelihood,
@@ -282,6 +283,183 @@ def plot_kl_per_dim(kl_dims: np.ndarray, threshold_units: int, path: Path) -> Pa
     return path
 
 
+# --- the uses: anomaly detection, few-label probe, sample quality ------------------------------
+
+
+def anomaly_scores(terms: dict[str, np.ndarray], score: str) -> np.ndarray:
+    """Per-image anomaly score in nats (higher = more anomalous): anomaly.score's quantity."""
+    return -terms["iw_log_px"] if score == "iw_nll" else -terms["elbo"]
+
+
+def _seeded_subset(n: int, size: int, seed: int) -> np.ndarray:
+    """`size` of range(n) (all when n <= size), seeded, in increasing order."""
+    if n <= size:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
+
+
+@torch.no_grad()
+def encode_means(
+    model: ConvVAE, images: torch.Tensor, device: torch.device, batch: int = 512
+) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, logvar) of q(z|x) for uint8 images, as float64 arrays."""
+    model.eval().to(device)
+    mus, logvars = [], []
+    for start in range(0, len(images), batch):
+        mu, logvar = model.encode(to_unit_float(images[start : start + batch].to(device)))
+        mus.append(mu.double().cpu())
+        logvars.append(logvar.double().cpu())
+    if not mus:
+        return np.zeros((0, model.latent_dim)), np.zeros((0, model.latent_dim))
+    return torch.cat(mus).numpy(), torch.cat(logvars).numpy()
+
+
+@torch.no_grad()
+def prior_samples(
+    model: ConvVAE, n: int, seed: int, device: torch.device, temperature: float = 1.0
+) -> torch.Tensor:
+    """Decoder means of z ~ N(0, temperature^2 I), in [0, 1] (seeded)."""
+    model.eval().to(device)
+    z = torch.randn(n, model.latent_dim, generator=torch.Generator().manual_seed(seed))
+    out = [model.decode((z[i : i + 512] * temperature).to(device)) for i in range(0, n, 512)]
+    return torch.cat(out).cpu() if out else torch.zeros(0)
+
+
+def uses_key(cfg: Config, holdout_class: str | None) -> str:
+    """What must match, beside the evaluation's eval_key, for two models' uses metrics to be
+    compared (promotion.floors); `holdout_class` is the held-out label's name."""
+    a, p, g = cfg.anomaly, cfg.probe, cfg.generation
+    return (
+        f"holdout={holdout_class}|score={a.score}|pct={a.threshold_percentile}"
+        f"|cal={a.calibration_images}|probe={p.labels_per_class},{p.draws},{p.seed},"
+        f"{p.max_iter}|fd={g.fd_images},{g.fd_components}"
+    )
+
+
+def measure_uses(
+    cfg: Config,
+    model: ConvVAE,
+    test: PreparedSplit,
+    images: torch.Tensor,
+    terms: dict[str, np.ndarray],
+    workdir: Path,
+    device: torch.device,
+    pictures_dir: Path | None = None,
+) -> dict:
+    """Anomaly threshold (and AUROC/AUPRC on anomaly.holdout_class), the few-label probe on
+    latent means vs raw pixels, and sample_fd; with `pictures_dir`, their pictures."""
+    ecfg = cfg.evaluate
+    prepared = workdir / cfg.data.prepared_dir
+    names = list(test.manifest.get("label_names") or [])
+    holdout = resolve_label(cfg.anomaly.holdout_class, names, "anomaly.holdout_class")
+    out: dict = {"holdout_class": None if holdout is None else names[holdout]}
+    labels = np.asarray(test.labels)
+
+    # Anomaly: threshold from validation images of the training classes.
+    score_name = cfg.anomaly.score
+    scores = anomaly_scores(terms, score_name)
+    calib = PreparedSplit(prepared, "val", holdout)
+    if len(calib) < 2:
+        log.warning("the validation split has < 2 images: calibrating on the training split")
+        calib = PreparedSplit(prepared, "train", holdout)
+    pos = _seeded_subset(len(calib), cfg.anomaly.calibration_images, ecfg.seed)
+    log.info("anomaly threshold: scoring %d %s images", len(pos), calib.split)
+    cal_terms = per_example_terms(model, calib.take(pos), ecfg, device, torch.from_numpy(pos))
+    threshold = uses.calibrate_threshold(
+        anomaly_scores(cal_terms, score_name), cfg.anomaly.threshold_percentile
+    )
+    is_anomaly = None if holdout is None else labels == holdout
+    normal = np.ones(len(scores), bool) if is_anomaly is None else ~is_anomaly
+    out.update(
+        anomaly_score=score_name,
+        anomaly_threshold=threshold,
+        anomaly_threshold_percentile=cfg.anomaly.threshold_percentile,
+        anomaly_calibration_images=len(pos),
+        # The threshold on the test images: the false alarm rate it was calibrated for.
+        anomaly_flag_rate_normal=float((scores[normal] > threshold).mean()),
+    )
+    title = f"{score_name} of the test images"
+    if is_anomaly is not None and is_anomaly.any() and normal.any():
+        auroc, auprc = uses.auroc_auprc(scores, is_anomaly)
+        out.update(
+            anomaly_auroc=auroc,
+            anomaly_auprc=auprc,
+            anomaly_recall=float((scores[is_anomaly] > threshold).mean()),
+            anomaly_fraction=float(is_anomaly.mean()),
+        )
+        title += f": AUROC {auroc:.3f}, AUPRC {auprc:.3f}"
+    elif is_anomaly is not None:
+        log.warning("the test split lacks %s or normal images: no AUROC", out["holdout_class"])
+
+    # Few-label probe, on every class (the held-out one too: it is only unseen by the VAE).
+    train = PreparedSplit(prepared, "train")
+    per_draw: dict = {}
+    if (labels >= 0).any() and (train.labels >= 0).any():
+
+        def latent(positions: np.ndarray) -> np.ndarray:
+            return encode_means(model, train.take(positions), device)[0]
+
+        def pixels(positions: np.ndarray) -> np.ndarray:
+            return train.take(positions).flatten(1).numpy() / 255.0
+
+        test_pixels = images.flatten(1).numpy() / 255.0
+        log.info(
+            "few-label probe: N=%s labels per class, %d draws, latent means and pixels",
+            cfg.probe.labels_per_class,
+            cfg.probe.draws,
+        )
+        probe, per_draw, skipped = uses.few_label_probe(
+            np.asarray(train.labels),
+            labels,
+            {"latent": (latent, terms["mu"]), "pixel": (pixels, test_pixels)},
+            cfg.probe,
+        )
+        out.update(probe)
+        out["probe_chance"] = 1.0 / len(np.unique(labels[labels >= 0]))
+        if skipped:
+            out["probe_skipped_n"] = skipped
+            log.warning(
+                "probe: N=%s skipped (a class has fewer training images)",
+                ", ".join(map(str, skipped)),
+            )
+
+    # Sample quality: prior samples vs test images of the training classes, in the PCA space
+    # of those test images; the reference is real training images scored the same way.
+    gcfg = cfg.generation
+    keep = np.flatnonzero(normal)
+    ref_pool = PreparedSplit(prepared, "train", holdout)
+    n = min(gcfg.fd_images, len(keep), len(ref_pool))
+    if n >= 2:
+        real = images[keep[_seeded_subset(len(keep), n, ecfg.seed)]].flatten(1).numpy() / 255.0
+        reference = ref_pool.take(_seeded_subset(len(ref_pool), n, ecfg.seed + 1))
+        samples = prior_samples(model, n, ecfg.seed, device).flatten(1).numpy()
+        basis = uses.pca_basis(real, gcfg.fd_components)
+        real_f = uses.project(real, basis)
+        out["sample_fd"] = uses.frechet_distance(uses.project(samples, basis), real_f)
+        out["sample_fd_reference"] = uses.frechet_distance(
+            uses.project(reference.flatten(1).numpy() / 255.0, basis), real_f
+        )
+        out["sample_fd_images"] = n
+
+    if pictures_dir is not None:
+        pictures_dir.mkdir(parents=True, exist_ok=True)
+        uses.plot_anomaly_scores(
+            scores,
+            is_anomaly,
+            threshold,
+            score_name,
+            pictures_dir / "anomaly_scores.png",
+            anomaly_name=f"{out['holdout_class']} (held out)",
+            title=title,
+        )
+        if (labels >= 0).any():
+            uses.plot_latent_pca(
+                terms["mu"], labels, names, pictures_dir / "latent_pca.png", holdout
+            )
+        uses.plot_probe(per_draw, out.get("probe_chance", 0.0), pictures_dir / "probe.png")
+    return out
+
+
 def summary_markdown(metrics: dict) -> str:
     """The evaluation as a Markdown table (a Prefect artifact, a PR comment, the run's notes)."""
     rows = [
@@ -306,7 +484,45 @@ def summary_markdown(metrics: dict) -> str:
         shown = f"{stderr:.3g}" if isinstance(stderr, float) and math.isfinite(stderr) else ""
         value = metrics[key]
         lines.append(f"| {label} | {value:.4g} | {shown} | {unit} |")
+    lines += uses_markdown(metrics)
     return "\n".join(lines) + "\n"
+
+
+def uses_markdown(metrics: dict) -> list[str]:
+    """The uses' section of summary.md: anomaly detection, few-label probe, sample quality."""
+    if "anomaly_threshold" not in metrics:
+        return []
+    m = metrics
+    held = m.get("holdout_class")
+    lines = ["", "**Uses**", "", "| use | metric | value |", "|---|---|---|"]
+    if "anomaly_auroc" in m:
+        lines += [
+            f"| anomaly detection (held-out class `{held}`) | AUROC | {m['anomaly_auroc']:.3f} |",
+            f"| | AUPRC (anomalies are {m['anomaly_fraction']:.1%}) | {m['anomaly_auprc']:.3f} |",
+            f"| | anomalies flagged at the threshold | {m['anomaly_recall']:.1%} |",
+        ]
+    lines += [
+        f"| anomaly threshold | {m['anomaly_score']} > "
+        f"p{m['anomaly_threshold_percentile']:g} of validation | {m['anomaly_threshold']:.2f} nats |",
+        f"| | normal test images flagged | {m['anomaly_flag_rate_normal']:.1%} |",
+    ]
+    for n in sorted(
+        int(k.removeprefix("probe_latent_acc_n"))
+        for k in m
+        if k.startswith("probe_latent_acc_n") and not k.endswith("_std")
+    ):
+        lat, pix = f"probe_latent_acc_n{n}", f"probe_pixel_acc_n{n}"
+        lines.append(
+            f"| few-label probe, {n} labels/class | accuracy: latent means vs raw pixels "
+            f"(chance {m['probe_chance']:.2f}) | {m[lat]:.3f} ± {m[lat + '_std']:.3f} vs "
+            f"{m[pix]:.3f} ± {m[pix + '_std']:.3f} |"
+        )
+    if "sample_fd" in m:
+        lines.append(
+            f"| generation ({m['sample_fd_images']} samples) | sample_fd (real images: "
+            f"{m['sample_fd_reference']:.3g}) | {m['sample_fd']:.3g} |"
+        )
+    return lines
 
 
 def _upscale(x: torch.Tensor, min_side: int = 64) -> torch.Tensor:
@@ -373,6 +589,10 @@ def evaluate(
         return metrics
     reports = workdir / cfg.evaluate.reports_dir
     reports.mkdir(parents=True, exist_ok=True)
+    t1 = time.perf_counter()
+    metrics.update(measure_uses(cfg, model, test, images, terms, workdir, device, reports))
+    metrics["uses_key"] = uses_key(cfg, metrics["holdout_class"])
+    metrics["uses_seconds"] = time.perf_counter() - t1
     (reports / "metrics.json").write_text(json.dumps(metrics, indent=2))
     for key, values in per_example_metrics(terms).items():
         np.save(reports / f"per_example_{key}.npy", values)
@@ -396,4 +616,5 @@ def evaluate(
         metrics["n_examples"],
         metrics["eval_seconds"],
     )
+    log.info("uses (%.1f s):\n%s", metrics["uses_seconds"], "\n".join(uses_markdown(metrics)[3:]))
     return metrics

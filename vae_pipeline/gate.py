@@ -6,7 +6,9 @@ A candidate replaces the champion only when, on the same test examples:
   3. the paired difference d_i = candidate_i - champion_i (per-example `iw_nll`, nats; lower is
      better) has a one-sided bootstrap upper confidence bound (level `promotion.confidence`)
      below -`promotion.min_improvement_nats`: the candidate is better by more than the margin,
-     and that is not noise of this particular test set.
+     and that is not noise of this particular test set;
+  4. (`check_floors`) none of the uses' metrics named in `promotion.floors` (AUROC, probe
+     accuracy, sample_fd) is worse than the champion's by more than its allowed amount.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vae_pipeline.config import PromotionConfig
+from vae_pipeline.config import PromotionConfig, floor_metrics
 
 RESAMPLES_PER_CHUNK = 256
 
@@ -108,3 +110,36 @@ def decide(
         mean_diff,
         upper,
     )
+
+
+def check_floors(
+    candidate: dict[str, float],
+    champion: dict[str, float] | None,
+    pcfg: PromotionConfig,
+    labels_per_class: list[int],
+) -> tuple[bool, list[str]]:
+    """(passed, one line per floor) for `promotion.floors`: each metric may be worse than the
+    champion's by at most its allowed amount. A metric measured on one side only is reported
+    as not compared (it cannot block); no champion passes."""
+    higher_better = floor_metrics(labels_per_class)
+    if champion is None or not pcfg.floors:
+        return True, []
+    passed, notes = True, []
+    for metric, allowed in sorted(pcfg.floors.items()):
+        cand, champ = candidate.get(metric), champion.get(metric)
+        if cand is None or champ is None or not (math.isfinite(cand) and math.isfinite(champ)):
+            side = "candidate" if cand is None else "champion"
+            notes.append(f"{metric} not compared (not measured for the {side})")
+            continue
+        worse = (champ - cand) if higher_better[metric] else (cand - champ)
+        if worse > allowed + 1e-12:
+            passed = False
+            notes.append(
+                f"{metric} {cand:.4g} vs champion {champ:.4g}: worse by {worse:.4g} > "
+                f"promotion.floors.{metric}={allowed:g}"
+            )
+        else:
+            notes.append(
+                f"{metric} {cand:.4g} vs champion {champ:.4g} (allowed worse by {allowed:g})"
+            )
+    return passed, notes

@@ -15,11 +15,13 @@ import torch
 from vae_pipeline import registry, tracking, versioning
 from vae_pipeline.config import Config, tracking_uri
 from vae_pipeline.data import prepare, snapshot_source
+from vae_pipeline.data.dataset import read_manifest, resolve_label
 from vae_pipeline.evaluate import evaluate
 from vae_pipeline.model import ConvVAE
 from vae_pipeline.train import load_model
 from vae_pipeline.train.checkpoint import load as load_weights_meta
 from vae_pipeline.train.launch import launch, launch_evaluation
+from vae_pipeline.train.trainer import holdout_label
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +46,25 @@ def train(
     resolve it from the same config, environment and working directory as this process.
     """
     out_dir = Path(out_dir or cfg.train.out_dir)
+    holdout_label(cfg, workdir / cfg.data.prepared_dir)  # a bad name fails here, not in ranks
     return launch(cfg, out_dir, workdir, ["--mlflow-run-id", run_id] if run_id else [])
 
 
 def load_model_ref(cfg: Config, ref: str, workdir: Path = Path(".")) -> tuple[ConvVAE, dict]:
-    """A model from a local file/dir (model.pt) or an MLflow URI (models:/conv-vae@champion)."""
+    """A model from a local file/dir (model.pt) or an MLflow URI (models:/conv-vae@champion).
+
+    A registered model's calibrated anomaly threshold (anomaly.json beside its weights) comes
+    back as meta["anomaly"]."""
     if "://" in ref or ref.startswith("models:/") or ref.startswith("runs:/"):
         weights = tracking.download_weights(tracking_uri(cfg, workdir), ref)
     else:
         path = workdir / ref
         weights = path / "model.pt" if path.is_dir() else path
-    return load_model(weights)
+    model, meta = load_model(weights)
+    anomaly = weights.parent / tracking.ANOMALY_FILE
+    if anomaly.is_file():
+        meta["anomaly"] = json.loads(anomaly.read_text())
+    return model, meta
 
 
 def evaluate_model(
@@ -68,7 +78,9 @@ def evaluate_model(
     if cfg.evaluate.nproc_per_node > 1 and not torch.distributed.is_initialized():
         launch_evaluation(cfg, model_ref, workdir)
         return json.loads((workdir / cfg.evaluate.reports_dir / "metrics.json").read_text())
-    model, _ = load_model_ref(cfg, model_ref, workdir)
+    model, meta = load_model_ref(cfg, model_ref, workdir)
+    names = read_manifest(workdir / cfg.data.prepared_dir).get("label_names") or []
+    check_holdout(cfg, meta, model_ref, list(names))
     history_path = (
         (workdir / model_ref / "history.json") if (workdir / model_ref).is_dir() else None
     )
@@ -80,6 +92,20 @@ def evaluate_model(
             "cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu"
         )
     return evaluate(cfg, model, workdir, history=history, device=device)
+
+
+def check_holdout(cfg: Config, meta: dict, model_ref: str, label_names: list[str]) -> None:
+    """The model must have been trained without anomaly.holdout_class (and only without it):
+    otherwise its AUROC would measure something else. Models from before the field have none."""
+    held = resolve_label(cfg.anomaly.holdout_class, label_names, "anomaly.holdout_class")
+    wanted = None if held is None else label_names[held]
+    trained = meta.get("holdout_class")
+    if wanted != trained:
+        raise ValueError(
+            f"{model_ref} was trained without class {trained!r} but anomaly.holdout_class="
+            f"{cfg.anomaly.holdout_class!r}: evaluate it with --set "
+            f"anomaly.holdout_class={trained or 'null'}"
+        )
 
 
 def register(
@@ -98,7 +124,9 @@ def register(
     blob = load_weights_meta(weights)
     check_registrable(blob, metrics, weights)
     tracking.log_evaluation(uri, run_id, metrics, workdir / cfg.evaluate.reports_dir)
-    model_uri, torch_uri = tracking.log_model(uri, run_id, weights)
+    model_uri, torch_uri = tracking.log_model(
+        uri, run_id, weights, tracking.anomaly_record(metrics)
+    )
     tags = {
         "git_commit": versioning.git_commit(workdir),
         # The data the weights were trained on (their own record); the test side is in version_tags.

@@ -1,10 +1,16 @@
 """The registered model as MLflow pyfunc: images in, latent means / anomaly scores out.
 
 Logged as "models from code" (this file is the model's code, nothing is pickled), and its
-weights are loaded with `torch.load(weights_only=True)`. `predict` takes a float32 array (N, C, H, W) of intensities in [0, 1] and returns, per
-`params={"output": ...}`: "latent_mean" (default, N x latent_dim), "score" (negative ELBO per
-image in nats, the anomaly score), "iw_score" (negative importance-weighted bound with
-`params={"k": K}` samples, default 64: a tighter anomaly score) or "reconstruction" (N x C*H*W).
+weights are loaded with `torch.load(weights_only=True)`. `predict` takes a float32 array
+(N, C, H, W) of intensities in [0, 1] (or uint8 0..255) and returns, per
+`params={"output": ...}`:
+  "latent_mean" (default, N x latent_dim) and "latent_logvar" (N x latent_dim): q(z|x);
+  "score": negative ELBO per image in nats, the anomaly score;
+  "iw_score": negative importance-weighted bound with `params={"k": K}` samples (default 64),
+    a tighter anomaly score;
+  "is_anomaly": 1 where the image's score is above the threshold calibrated at evaluation
+    (anomaly.json: the score, its K and the threshold, stored with the model), else 0;
+  "reconstruction" (N x C*H*W).
 Scores are seeded, so the same images always get the same score.
 """
 
@@ -35,6 +41,12 @@ class VAEPyfunc(mlflow.pyfunc.PythonModel):
         from vae_pipeline.train.checkpoint import load_model
 
         self.model, self.meta = load_model(context.artifacts["weights"])
+        self.anomaly = None
+        if "anomaly" in context.artifacts:  # models registered before it existed have none
+            import json
+            from pathlib import Path
+
+            self.anomaly = json.loads(Path(context.artifacts["anomaly"]).read_text())
 
     # np.ndarray is a hint MLflow accepts without inferring a schema from it; the tensor
     # signature (N, C, H, W) and the `output` param are logged explicitly instead.
@@ -49,6 +61,21 @@ class VAEPyfunc(mlflow.pyfunc.PythonModel):
             torch.manual_seed(0)
             if output == "latent_mean":
                 return self.model.encode(x)[0].numpy()
+            if output == "latent_logvar":
+                return self.model.encode(x)[1].numpy()
+            if output == "is_anomaly":
+                if self.anomaly is None:
+                    raise ValueError(
+                        "this model version stores no anomaly threshold (registered before "
+                        "vae-pipeline calibrated one): use output=score and a threshold of yours"
+                    )
+                a = self.anomaly
+                if a["score"] == "iw_nll":
+                    k = int(a["k"])
+                    scores = -iw_log_likelihood(self.model, x, k, min(k, 64))
+                else:
+                    scores = -elbo_terms(self.model, x)["elbo"]
+                return (scores > float(a["threshold"])).to(torch.int64).numpy()
             if output == "score":
                 return (-elbo_terms(self.model, x)["elbo"]).numpy()
             if output == "iw_score":
@@ -59,7 +86,8 @@ class VAEPyfunc(mlflow.pyfunc.PythonModel):
             if output == "reconstruction":
                 return self.model.decode(self.model.encode(x)[0]).flatten(1).numpy()
         raise ValueError(
-            f"params.output must be latent_mean, score, iw_score or reconstruction, not {output!r}"
+            "params.output must be latent_mean, latent_logvar, score, iw_score, is_anomaly or "
+            f"reconstruction, not {output!r}"
         )
 
 

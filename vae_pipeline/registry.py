@@ -27,7 +27,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -39,14 +39,16 @@ from mlflow.tracking import MlflowClient
 
 from vae_pipeline import gate
 from vae_pipeline.config import Config
-from vae_pipeline.data.dataset import PreparedSplit
+from vae_pipeline.data.dataset import PreparedSplit, resolve_label
 from vae_pipeline.data.errors import DataError
 from vae_pipeline.evaluate import (
     EVAL_PROTOCOL,
     METRIC_KEYS,
+    measure_uses,
     per_example_metrics,
     per_example_terms,
     summarize,
+    uses_key,
 )
 from vae_pipeline.tracking import client_for, download_weights
 from vae_pipeline.train.checkpoint import load_model
@@ -104,7 +106,45 @@ def version_tags(metrics: dict) -> dict[str, str]:
     for key in ("iw_k", "binarize", "likelihood", "eval_seed", "n_examples", "eval_protocol"):
         tags[key] = str(metrics.get(key))
     tags["eval_key"] = eval_key(metrics)
+    for key, value in metrics.items():  # the uses' metrics, for promotion.floors
+        if key.startswith(USE_METRIC_PREFIXES) and _is_number(value):
+            tags[key] = repr(float(value))
+    for key in ("uses_key", "holdout_class", "anomaly_score"):
+        if key in metrics:
+            tags[key] = str(metrics[key])
     return tags
+
+
+USE_METRIC_PREFIXES = ("anomaly_", "probe_", "sample_fd")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def current_uses_key(cfg: Config, workdir: Path) -> str | None:
+    """The uses_key an evaluation with `cfg` would get here (None without prepared data)."""
+    try:
+        test = PreparedSplit(workdir / cfg.data.prepared_dir, "test")
+        names = list(test.manifest.get("label_names") or [])
+        holdout = resolve_label(cfg.anomaly.holdout_class, names, "anomaly.holdout_class")
+    except (OSError, ValueError, DataError):
+        return None
+    return uses_key(cfg, None if holdout is None else names[holdout])
+
+
+def stored_uses(tags: dict[str, str], key: str | None) -> dict[str, float] | None:
+    """A version's uses metrics from its tags, when measured as `key` says (else None)."""
+    if key is None or tags.get("uses_key") != key:
+        return None
+    out = {}
+    for name, value in tags.items():
+        if name.startswith(USE_METRIC_PREFIXES):
+            try:
+                out[name] = float(value)
+            except ValueError:
+                continue
+    return out
 
 
 def version_of_run(uri: str, name: str, run_id: str) -> str | None:
@@ -143,13 +183,25 @@ def champion(client: MlflowClient, name: str):
 # --- evidence ----------------------------------------------------------------------------------
 
 
-def per_example(cfg: Config, uri: str, mv, workdir: Path, key: str) -> tuple[np.ndarray, int, str]:
-    """(per-example promotion metric, active units, where it came from) for model version `mv`
-    on the evaluation `key`: its run's stored values when it was evaluated that way, else a
-    fresh evaluation of its weights on the prepared test split in `workdir`."""
+@dataclass(frozen=True)
+class Evidence:
+    values: np.ndarray  # the per-example promotion metric, in test-split order
+    active_units: int
+    source: str  # "stored" or "re-evaluated"
+    uses: dict[str, float] | None = None  # the uses' metrics, when asked for and comparable
+
+
+def per_example(
+    cfg: Config, uri: str, mv, workdir: Path, key: str, ukey: str | None = None
+) -> Evidence:
+    """The evidence for model version `mv` on the evaluation `key`: its run's stored values
+    when it was evaluated that way, else a fresh evaluation of its weights on the prepared test
+    split in `workdir`. With `ukey` (promotion.floors are set) its uses' metrics too, measured
+    as `ukey` says: stored, or re-measured (not for a model trained without another class)."""
     tags = mv.tags or {}
     metric = cfg.promotion.metric
-    if tags.get("eval_key") == key and mv.run_id:
+    uses = stored_uses(tags, ukey)
+    if tags.get("eval_key") == key and mv.run_id and (ukey is None or uses is not None):
         try:
             local = mlflow.artifacts.download_artifacts(
                 run_id=mv.run_id,
@@ -157,22 +209,40 @@ def per_example(cfg: Config, uri: str, mv, workdir: Path, key: str) -> tuple[np.
                 dst_path=tempfile.mkdtemp(prefix="vae-gate-"),
                 tracking_uri=uri,
             )
-            return np.load(local), int(float(tags.get("active_units", 0))), "stored"
+            stored = np.load(local)
+            return Evidence(stored, int(float(tags.get("active_units", 0))), "stored", uses)
         except (MlflowException, OSError) as exc:
             log.warning("v%s: stored per-example values unavailable (%s)", mv.version, exc)
     log.info(
-        "%s v%s was evaluated as %s; re-evaluating it as %s",
+        "%s v%s was evaluated as %s (uses %s); re-evaluating it as %s (uses %s)",
         mv.name,
         mv.version,
         tags.get("eval_key"),
+        tags.get("uses_key"),
         key,
+        ukey,
     )
-    model, _ = load_model(download_weights(uri, f"models:/{mv.name}/{mv.version}"))
+    model, meta = load_model(download_weights(uri, f"models:/{mv.name}/{mv.version}"))
     test = PreparedSplit(workdir / cfg.data.prepared_dir, "test")
     images = test.tensor()
-    terms = per_example_terms(model, images, cfg.evaluate, torch.device("cpu"))
+    device = torch.device("cpu")
+    terms = per_example_terms(model, images, cfg.evaluate, device)
     summary = summarize(terms, cfg.evaluate, int(images[0].numel()), model.likelihood)
-    return per_example_metrics(terms)[metric], int(summary["active_units"]), "re-evaluated"
+    uses = None
+    if ukey is not None:
+        names = list(test.manifest.get("label_names") or [])
+        held = resolve_label(cfg.anomaly.holdout_class, names, "anomaly.holdout_class")
+        if meta.get("holdout_class") == (None if held is None else names[held]):
+            uses = measure_uses(cfg, model, test, images, terms, workdir, device)
+        else:
+            log.info(
+                "v%s was trained without class %s, not %s: its uses are not compared",
+                mv.version,
+                meta.get("holdout_class"),
+                cfg.anomaly.holdout_class,
+            )
+    values = per_example_metrics(terms)[metric]
+    return Evidence(values, int(summary["active_units"]), "re-evaluated", uses)
 
 
 # --- the lock ----------------------------------------------------------------------------------
@@ -322,17 +392,22 @@ def promote_if_better(
     # Pair on the evaluation this config would run now, on this workdir's test split; a
     # candidate evaluated otherwise is re-evaluated too. Without prepared data, its own.
     key = current_eval_key(cfg, workdir) or ctags["eval_key"]
-    cand_values, cand_active, _ = per_example(cfg, uri, candidate, workdir, key)
+    ukey = (
+        (current_uses_key(cfg, workdir) or ctags.get("uses_key")) if cfg.promotion.floors else None
+    )
+    cand = per_example(cfg, uri, candidate, workdir, key, ukey)
+    cand_values, cand_active = cand.values, cand.active_units
     for _attempt in range(5):
         incumbent = champion(client, name)
         if incumbent is not None and str(incumbent.version) == str(version):
             return Decision(
                 True, "already champion", float(cand_values.mean()), candidate_version=str(version)
             )
-        champ_values, source = None, None
+        champ, champ_values, source = None, None, None
         mismatch = incumbent is not None and _likelihood(incumbent) != _likelihood(candidate)
         if incumbent is not None and not mismatch:
-            champ_values, _, source = per_example(cfg, uri, incumbent, workdir, key)
+            champ = per_example(cfg, uri, incumbent, workdir, key, ukey)
+            champ_values, source = champ.values, champ.source
         with promotion_lock(client, name, cfg, actor):
             now = champion(client, name)
             if (now and str(now.version)) != (incumbent and str(incumbent.version)):
@@ -349,6 +424,8 @@ def promote_if_better(
                 )
             else:
                 result = gate.decide(cand_values, champ_values, cand_active, cfg.promotion)
+                if result.promoted and champ is not None:
+                    result = _with_floors(cfg, result, cand.uses, champ.uses)
             decision = Decision(
                 **asdict(result),
                 candidate_version=str(version),
@@ -358,6 +435,28 @@ def promote_if_better(
             _apply(client, name, cfg, decision, candidate, incumbent, actor)
             return decision
     raise PromotionError(f"the {name} champion kept moving during promotion of v{version}; retry")
+
+
+def _with_floors(
+    cfg: Config,
+    result: gate.GateResult,
+    cand_uses: dict[str, float] | None,
+    champ_uses: dict[str, float] | None,
+) -> gate.GateResult:
+    """The gate's result with promotion.floors applied (they can only block a promotion)."""
+    passed, notes = gate.check_floors(
+        cand_uses or {}, champ_uses or {}, cfg.promotion, cfg.probe.labels_per_class
+    )
+    if not notes:
+        return result
+    if passed:
+        return replace(result, reason=f"{result.reason}; floors: {'; '.join(notes)}")
+    failed = [n for n in notes if "> promotion.floors." in n]
+    return replace(
+        result,
+        promoted=False,
+        reason=f"floor not met: {'; '.join(failed)} (though {result.reason})",
+    )
 
 
 def _likelihood(mv) -> str:

@@ -186,26 +186,58 @@ def log_evaluation(uri: str, run_id: str, metrics: dict, reports_dir: Path) -> N
             client.log_artifact(run_id, str(path), artifact_path="reports")
 
 
-def log_model(uri: str, run_id: str, weights: Path) -> tuple[str, str]:
-    """Log the model twice into the run: as pyfunc (what is registered and served; its artifact
-    is our weights file) and in MLflow's PyTorch flavor (torch.export "pt2", no pickle) for those
-    who want the module. Returns (pyfunc model URI, PyTorch model URI)."""
+ANOMALY_FILE = "anomaly.json"
+# The evaluation's keys that make the anomaly threshold stored with a model.
+ANOMALY_KEYS = {
+    "anomaly_score": "score",
+    "anomaly_threshold": "threshold",
+    "anomaly_threshold_percentile": "percentile",
+    "iw_k": "k",
+    "holdout_class": "holdout_class",
+    "data_version": "test_data_version",
+}
+
+
+def anomaly_record(metrics: dict) -> dict | None:
+    """The threshold consumers apply (score > threshold = anomaly), from an evaluation."""
+    if "anomaly_threshold" not in metrics:
+        return None
+    return {new: metrics.get(old) for old, new in ANOMALY_KEYS.items()}
+
+
+def log_model(uri: str, run_id: str, weights: Path, anomaly: dict | None = None) -> tuple[str, str]:
+    """Log the model twice into the run: as pyfunc (what is registered and served; its artifacts
+    are our weights file and, with `anomaly`, anomaly.json: the calibrated threshold) and in
+    MLflow's PyTorch flavor (torch.export "pt2", no pickle) for those who want the module.
+    Returns (pyfunc model URI, PyTorch model URI)."""
+    import json
+
     client_for(uri)
     from vae_pipeline import pyfunc
 
     signature, example = _signature(weights)
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            name=MODEL_ARTIFACT,
-            signature=signature,
-            input_example=example,
-            python_model=pyfunc.__file__,
-            artifacts={"weights": str(weights)},
-            # Explicit requirements: inferring them costs ~10 s per log.
-            pip_requirements=pyfunc.pip_requirements(),
-        )
-        torch_info = _log_pytorch_flavor(weights, example)
+    artifacts = {"weights": str(weights)}
+    with tempfile.TemporaryDirectory(prefix="vae-anomaly-") as tmp:
+        if anomaly is not None:
+            path = Path(tmp, ANOMALY_FILE)
+            path.write_text(json.dumps(anomaly, indent=2))
+            artifacts["anomaly"] = str(path)
+        with mlflow.start_run(run_id=run_id):
+            info = _log_pyfunc(pyfunc, signature, example, artifacts)
+            torch_info = _log_pytorch_flavor(weights, example)
     return info.model_uri, torch_info.model_uri
+
+
+def _log_pyfunc(pyfunc, signature, example, artifacts: dict[str, str]):
+    return mlflow.pyfunc.log_model(
+        name=MODEL_ARTIFACT,
+        signature=signature,
+        input_example=example,
+        python_model=pyfunc.__file__,
+        artifacts=artifacts,
+        # Explicit requirements: inferring them costs ~10 s per log.
+        pip_requirements=pyfunc.pip_requirements(),
+    )
 
 
 def _log_pytorch_flavor(weights: Path, example: np.ndarray):
