@@ -65,6 +65,7 @@ def add_version(
             # The uses' metrics, as pipeline.register tags them (promotion.floors read them).
             **({k: repr(float(v)) for k, v in (uses or {}).items()}),
             **({"uses_key": uses_key} if uses else {}),
+            **({"holdout_class": uses_key.split("|")[0].removeprefix("holdout=")} if uses else {}),
         },
     )
     return str(mv.version)

@@ -122,5 +122,5 @@ def test_floors_allow_up_to_the_given_worsening_in_each_metric_direction():
     assert ok  # better is always fine
     # Not measured on one side: reported, never blocking; no champion: nothing to compare.
     ok, notes = check_floors({"sample_fd": 10.0}, champion, pcfg, [10])
-    assert ok and "anomaly_auroc not compared (not measured for the candidate)" in notes
+    assert ok and "anomaly_auroc not compared (the candidate has no value measured alike)" in notes
     assert check_floors({}, None, pcfg, [10]) == (True, [])

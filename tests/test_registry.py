@@ -225,6 +225,14 @@ def test_floors_block_a_better_nll_that_costs_too_much_auroc(store, tmp_path):
     )
     passed = promote_if_better(cfg, uri, v3, tmp_path)
     assert passed.promoted and "floors: anomaly_auroc 0.895 vs champion 0.9" in passed.reason
+    # Trained without another class: not comparable, so not blocking, and the champion is not
+    # re-evaluated to find that out (these versions have no weights: it would fail).
+    v4 = add_version(
+        client, evidence(4, shift=-2.0), uses={"anomaly_auroc": 0.5}, uses_key="holdout=Coat|x"
+    )
+    other = promote_if_better(cfg, uri, v4, tmp_path)
+    assert other.promoted and other.champion_evidence == "stored"
+    assert "anomaly_auroc not compared (the champion has no value measured alike)" in other.reason
 
 
 def test_floors_re_measure_a_champion_measured_with_other_settings(bagless, registered):
@@ -241,11 +249,11 @@ def test_floors_re_measure_a_champion_measured_with_other_settings(bagless, regi
     ws, cfg, model, _ = bagless
     uri = tracking_uri(cfg, ws)
     champion_version = registered.rsplit("/", 1)[1]
-    # A better candidate: three more epochs from the same checkpoint, evaluated on its own.
+    # A better candidate: two more epochs from the same checkpoint, evaluated on its own.
     shutil.copytree(ws / "models", ws / "models6")
     longer = cfg.model_copy(
         update={
-            "train": cfg.train.model_copy(update={"epochs": 6}),
+            "train": cfg.train.model_copy(update={"epochs": 5}),
             "evaluate": cfg.evaluate.model_copy(update={"reports_dir": "reports6"}),
         }
     )
@@ -257,7 +265,9 @@ def test_floors_re_measure_a_champion_measured_with_other_settings(bagless, regi
 
     gate_cfg = cfg.model_copy(
         update={
-            "probe": cfg.probe.model_copy(update={"draws": 2}),  # not what either stored
+            # Not what either stored (and cheaper than the fixture's settings).
+            "probe": cfg.probe.model_copy(update={"labels_per_class": [10], "draws": 1}),
+            "generation": cfg.generation.model_copy(update={"fd_images": 200}),
             "promotion": cfg.promotion.model_copy(
                 update={"floors": {"anomaly_auroc": 1.0, "sample_fd": 1000.0}}
             ),

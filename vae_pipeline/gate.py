@@ -129,7 +129,7 @@ def check_floors(
         cand, champ = candidate.get(metric), champion.get(metric)
         if cand is None or champ is None or not (math.isfinite(cand) and math.isfinite(champ)):
             side = "candidate" if cand is None else "champion"
-            notes.append(f"{metric} not compared (not measured for the {side})")
+            notes.append(f"{metric} not compared (the {side} has no value measured alike)")
             continue
         worse = (champ - cand) if higher_better[metric] else (cand - champ)
         if worse > allowed + 1e-12:
