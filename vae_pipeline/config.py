@@ -37,8 +37,10 @@ class _Section(BaseModel):
 
 class DataConfig(_Section):
     source: str = "fashion-mnist"
-    """"fashion-mnist", a folder of images, a .zip/.tar/.tar.gz/.tgz archive of images, or an
-    S3 prefix s3://bucket/prefix (boto3; endpoint, region and credentials from the AWS chain)."""
+    """"fashion-mnist", `idx:<folder>` (the four MNIST-layout IDX files: MNIST, KMNIST,
+    EMNIST, Fashion-MNIST; labels and a classes.txt optional), a folder of images, a
+    .zip/.tar/.tar.gz/.tgz archive of images, or an S3 prefix s3://bucket/prefix (boto3;
+    endpoint, region and credentials from the AWS chain)."""
     fashion_mnist_dir: str | None = "/usr/share/datasets/fashion-mnist"
     """Folder with the Fashion-MNIST IDX .gz files; None lets torchvision download them."""
     raw_dir: str = "data/raw"
@@ -63,6 +65,13 @@ class DataConfig(_Section):
     """Tries of `dvc push` (with backoff) before an ingest gives up; a version is recorded only
     once its objects are in the remote."""
 
+    @field_validator("source")
+    @classmethod
+    def _idx_folder(cls, value: str) -> str:
+        if value.startswith("idx:") and not value[4:].strip():
+            raise ValueError("idx: needs a folder, e.g. idx:/data/mnist")
+        return value
+
     @field_validator("s3_url")
     @classmethod
     def _s3_scheme(cls, value: str | None) -> str | None:
@@ -73,9 +82,11 @@ class DataConfig(_Section):
 
 class ModelConfig(_Section):
     latent_dim: int = Field(32, ge=1, le=4096)
-    likelihood: Literal["bernoulli", "gaussian"] = "bernoulli"
-    """p(x|z): Bernoulli on the decoder's logits (the seed's BCE), or a Gaussian around
-    sigmoid(logits) with one learned sigma; both in nats with their normalising constants."""
+    likelihood: Literal["bernoulli", "gaussian", "discretized_logistic"] = "bernoulli"
+    """p(x|z): Bernoulli on the decoder's logits (the seed's BCE; a normalised density only of
+    binarized data: see train.binarize), a Gaussian around sigmoid(logits) with one learned
+    sigma, or a discretized logistic over the 256 levels of 8-bit pixels (mean and scale per
+    pixel; the one whose bits/dim of intensity data compare with published tables)."""
 
 
 class TrainConfig(_Section):
@@ -120,6 +131,22 @@ class TrainConfig(_Section):
     """torch.compile the training forward and backward (needs a C++ compiler on CPU; the first
     steps pay the compilation)."""
     out_dir: str = "models"
+    binarize: Literal["none", "fixed", "dynamic"] = "none"
+    """How the Bernoulli likelihood meets [0, 1] intensities in training: as they are (the
+    seed's loss; not a normalised density), thresholded at 0.5, or dynamic: a fresh seeded
+    Bernoulli draw of every pixel each time an image is seen (the standard protocol of binarized
+    MNIST benchmarks; independent of ranks and batching, exact across a resume)."""
+    objective: Literal["elbo", "iwae"] = "elbo"
+    """elbo = the VAE's one-sample bound; iwae = the importance-weighted bound with
+    train.iw_samples samples per image (Burda et al. 2016): tighter, more active units,
+    about K times the decoder's cost. With iw_samples 1 both are the ELBO."""
+    iw_samples: int = Field(1, ge=1, le=4096)
+    """K of the iwae objective (posterior samples per training image)."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """constant, or cosine decay from train.lr to train.lr_min over the run's steps
+    (train.epochs x steps per epoch); a function of the step, so a resume is exact."""
+    lr_min: float = Field(0.0, ge=0.0)
+    """Learning rate at the end of a cosine schedule."""
 
     @field_validator("rdzv_endpoint")
     @classmethod
@@ -152,9 +179,11 @@ class EvaluateConfig(_Section):
     mi_examples: int = Field(2000, ge=2, le=20000)
     nproc_per_node: int = Field(1, ge=1, le=256)
     """torchrun ranks that share the test examples (same numbers as 1; for several GPUs)."""
-    binarize: Literal["none", "fixed", "dynamic"] = "none"
-    """How [0, 1] intensities meet the Bernoulli likelihood: as they are, thresholded at 0.5,
-    or sampled once (seeded). Recorded with the metrics: published NLLs differ by it."""
+    binarize: Literal["auto", "none", "fixed", "dynamic"] = "auto"
+    """How [0, 1] intensities meet the Bernoulli likelihood: auto = as the model was trained
+    (train.binarize), none = as they are, fixed = thresholded at 0.5, dynamic = one seeded
+    Bernoulli draw per pixel (the same draw for an image whatever the batch or rank).
+    Recorded with the metrics and in the eval key: published NLLs differ by it."""
 
 
 class AnomalyConfig(_Section):
@@ -352,11 +381,18 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _binarize_needs_bernoulli(self) -> Config:
-        if self.model.likelihood == "gaussian" and self.evaluate.binarize != "none":
-            raise ValueError(
-                f"evaluate.binarize={self.evaluate.binarize} applies to the Bernoulli likelihood;"
-                " use evaluate.binarize=none with model.likelihood=gaussian"
-            )
+        likelihood = self.model.likelihood
+        for field, value in (
+            ("train.binarize", self.train.binarize),
+            ("evaluate.binarize", self.evaluate.binarize),
+        ):
+            if likelihood != "bernoulli" and value not in ("none", "auto"):
+                raise ValueError(
+                    f"{field}={value} applies to the Bernoulli likelihood; use {field}=none "
+                    f"with model.likelihood={likelihood}"
+                )
+        if self.evaluate.binarize == "auto":  # resolved once, here: everything reads the value
+            self.evaluate.binarize = self.train.binarize
         return self
 
     @model_validator(mode="after")

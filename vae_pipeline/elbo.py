@@ -12,11 +12,18 @@ from collections.abc import Callable
 
 import torch
 
-from vae_pipeline.model import bernoulli_log_likelihood, gaussian_log_likelihood
+from vae_pipeline.model import (
+    bernoulli_log_likelihood,
+    discretized_logistic_log_likelihood,
+    gaussian_log_likelihood,
+)
 
 __all__ = [
     "bernoulli_log_likelihood",
+    "discretized_logistic_log_likelihood",
     "gaussian_log_likelihood",
+    "effective_sample_size",
+    "iwae_terms",
     "gaussian_kl",
     "gaussian_kl_per_dim",
     "elbo_terms",
@@ -72,6 +79,49 @@ def elbo_terms(model, x: torch.Tensor, eps: torch.Tensor | None = None) -> dict[
     return {**terms, "mu": mu, "logvar": logvar}
 
 
+def iwae_terms(
+    decode_logits: Callable[[torch.Tensor], torch.Tensor],
+    log_likelihood: LogLikelihood,
+    x: torch.Tensor,
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    eps: torch.Tensor,
+    beta: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """The importance-weighted training objective per example (Burda et al. 2016, eq. 8) from
+    K posterior samples z_k = mu + sigma * eps[k], eps of shape (K, batch, latent):
+
+        iwae = log (1/K) sum_k exp(log p(x|z_k) + beta (log p(z_k) - log q(z_k|x)))
+
+    (beta < 1 is the KL warm-up, applied inside each weight). Also returned, for reporting:
+    recon = mean_k -log p(x|z_k), kl = mean_k log q(z_k|x) - log p(z_k) (the Monte Carlo KL)
+    and elbo = -(recon + kl), the K-sample average of the single-sample ELBO.
+
+    Differentiable (a training loss); `iw_log_likelihood` is the no-grad, chunked evaluation
+    of the same bound."""
+    k, batch = eps.shape[0], x.shape[0]
+    z = mu.unsqueeze(0) + eps * torch.exp(0.5 * logvar).unsqueeze(0)  # (K, batch, latent)
+    logits = decode_logits(z.reshape(k * batch, -1))
+    x_rep = x.unsqueeze(0).expand(k, *x.shape).reshape(k * batch, *x.shape[1:])
+    log_px_z = log_likelihood(logits.float(), x_rep).view(k, batch)
+    z = z.float()
+    log_prior_ratio = log_standard_normal(z) - log_normal_diag(z, mu.float(), logvar.float())
+    log_w = log_px_z + beta * log_prior_ratio
+    recon, kl = -log_px_z.mean(dim=0), -log_prior_ratio.mean(dim=0)
+    return {
+        "iwae": torch.logsumexp(log_w, dim=0) - math.log(k),
+        "recon": recon,
+        "kl": kl,
+        "elbo": -(recon + kl),
+    }
+
+
+def effective_sample_size(log_w_sum: torch.Tensor, log_w2_sum: torch.Tensor) -> torch.Tensor:
+    """Kish's effective sample size of importance weights, (sum w)^2 / sum w^2, from
+    log sum w and log sum w^2: between 1 (one weight dominates) and K (all equal)."""
+    return torch.exp(2.0 * log_w_sum - log_w2_sum)
+
+
 @torch.no_grad()
 def iw_log_likelihood(
     model,
@@ -82,7 +132,8 @@ def iw_log_likelihood(
     log_likelihood: LogLikelihood | None = None,
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
     noise: Callable[[int], torch.Tensor] | None = None,
-) -> torch.Tensor:
+    with_ess: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Importance-weighted lower bound on log p(x) per example with K posterior samples.
 
     log p(x) >= log (1/K) sum_k exp(log p(x|z_k) + log p(z_k) - log q(z_k|x)), z_k ~ q(z|x)
@@ -91,13 +142,15 @@ def iw_log_likelihood(
     `log_likelihood(decoder_output, x)` gives log p(x|z) per example (default: the model's own),
     `decode(z)` the decoder output (default: `model.decode_logits`), and `noise(n)` the standard
     normal draws for the next n samples, shape (n, batch, latent) (default: torch's global RNG).
+    With `with_ess`, also the effective sample size of the K importance weights per example
+    (`effective_sample_size`): near K the bound has converged, near 1 it rests on one sample.
     """
     log_likelihood = log_likelihood or model.log_likelihood
     decode = decode or model.decode_logits
     mu, logvar = mu_logvar if mu_logvar is not None else model.encode(x)
     batch = x.shape[0]
     std = torch.exp(0.5 * logvar)
-    log_w_chunks = []
+    log_w_chunks, log_w2_chunks = [], []
     done = 0
     while done < k:
         n = min(chunk, k - done)
@@ -111,8 +164,14 @@ def iw_log_likelihood(
         log_px_z = log_likelihood(logits, x_rep).view(n, batch)
         log_w = log_px_z + log_standard_normal(z) - log_normal_diag(z, mu, logvar)
         log_w_chunks.append(torch.logsumexp(log_w, dim=0))
+        if with_ess:
+            log_w2_chunks.append(torch.logsumexp(2.0 * log_w, dim=0))
         done += n
-    return torch.logsumexp(torch.stack(log_w_chunks), dim=0) - math.log(k)
+    log_w_sum = torch.logsumexp(torch.stack(log_w_chunks), dim=0)
+    bound = log_w_sum - math.log(k)
+    if not with_ess:
+        return bound
+    return bound, effective_sample_size(log_w_sum, torch.logsumexp(torch.stack(log_w2_chunks), 0))
 
 
 @torch.no_grad()

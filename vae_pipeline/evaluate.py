@@ -2,7 +2,9 @@
 
 Units: every ELBO component is nats per example (sum over pixels / latent dims, mean over test
 examples). `elbo` is the bound itself (a log-likelihood, negative); `recon`, `kl` and `iw_nll`
-are positive costs. bits/dim = iw_nll / (D ln 2), D = C*H*W.
+are positive costs. bits/dim = iw_nll / (D ln 2), D = the real pixels times channels (the
+model's `pixel_count()`: 784 for Fashion-MNIST's 28x28 padded to 32x32, whose padding the
+likelihood leaves out); metrics.json records D as `pixels`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import torch.distributed as dist
 from torchvision.utils import save_image
 
 from vae_pipeline import uses
+from vae_pipeline.binarize import TEST_STREAM
+from vae_pipeline.binarize import binarize as binarize_policy
 from vae_pipeline.config import Config, EvaluateConfig
 from vae_pipeline.data.dataset import PreparedSplit, resolve_label, to_unit_float
 from vae_pipeline.elbo import (
@@ -33,8 +37,9 @@ log = logging.getLogger(__name__)
 
 METRIC_KEYS = ("elbo", "recon", "kl", "iw_nll", "bits_per_dim", "active_units")
 # Bumped when the same settings would give different per-example numbers (2: per-example RNG
-# streams); part of the registry's eval_key, so older evaluations are re-run, never paired.
-EVAL_PROTOCOL = 2
+# streams; 3: padding outside the likelihood, hash-keyed dynamic binarization); part of the
+# registry's eval_key, so older evaluations are re-run, never paired.
+EVAL_PROTOCOL = 3
 PROGRESS_EVERY_S = 30.0
 
 
@@ -49,20 +54,12 @@ def example_generators(seed: int, indices: torch.Tensor) -> list[torch.Generator
 
 
 def binarize(
-    x: torch.Tensor, ecfg: EvaluateConfig, generators: list[torch.Generator] | None = None
+    x: torch.Tensor, ecfg: EvaluateConfig, indices: torch.Tensor | None = None
 ) -> torch.Tensor:
     """`evaluate.binarize`: none (as is), fixed (x > 0.5) or dynamic (one Bernoulli draw per
-    pixel, from each example's own stream when `generators` is given)."""
-    if ecfg.binarize == "fixed":
-        return (x > 0.5).to(x.dtype)
-    if ecfg.binarize == "dynamic":
-        if generators is None:
-            return torch.bernoulli(x)
-        draws = [
-            torch.bernoulli(row.cpu(), generator=g) for row, g in zip(x, generators, strict=True)
-        ]
-        return torch.stack(draws).to(x.device)
-    return x
+    pixel, keyed by evaluate.seed and each example's index: `vae_pipeline.binarize`)."""
+    policy = "none" if ecfg.binarize == "auto" else ecfg.binarize
+    return binarize_policy(x, policy, ecfg.seed, TEST_STREAM, indices)
 
 
 def _normal(generators: list[torch.Generator], shape: tuple[int, ...], dim: int) -> torch.Tensor:
@@ -91,7 +88,8 @@ def per_example_terms(
     model.eval().to(device)
     decode = model.inference_decoder()
     indices = torch.arange(len(images)) if indices is None else indices
-    out: dict[str, list] = {k: [] for k in ("recon", "kl", "elbo", "iw_log_px", "mu", "logvar")}
+    keys = ("recon", "kl", "elbo", "iw_log_px", "iw_ess", "mu", "logvar")
+    out: dict[str, list] = {k: [] for k in keys}
     t0 = last = time.perf_counter()
     for start in range(0, len(images), ecfg.batch_size):
         now = time.perf_counter()
@@ -106,14 +104,15 @@ def per_example_terms(
                 rate,
                 (len(images) - start) / rate / 60,
             )
-        gens = example_generators(ecfg.seed, indices[start : start + ecfg.batch_size])
+        rows = indices[start : start + ecfg.batch_size]
+        gens = example_generators(ecfg.seed, rows)
         x = to_unit_float(images[start : start + ecfg.batch_size].to(device))
-        x = binarize(x, ecfg, gens)
+        x = binarize(x, ecfg, rows)
         mu, logvar = model.encode(x)
         eps = _normal(gens, (mu.shape[1],), 0).to(device=device, dtype=mu.dtype)
         z = model.reparameterize(mu, logvar, eps)
         terms = terms_from_outputs(decode(z), mu, logvar, x, model.log_likelihood)
-        iw = iw_log_likelihood(
+        iw, ess = iw_log_likelihood(
             model,
             x,
             ecfg.iw_samples,
@@ -121,10 +120,12 @@ def per_example_terms(
             (mu, logvar),
             decode=decode,
             noise=lambda n, gens=gens, d=mu.shape[1]: _normal(gens, (n, d), 1),
+            with_ess=True,
         )
         for key in ("recon", "kl", "elbo"):
             out[key].append(terms[key].double().cpu())
         out["iw_log_px"].append(iw.double().cpu())
+        out["iw_ess"].append(ess.double().cpu())
         out["mu"].append(mu.double().cpu())
         out["logvar"].append(logvar.double().cpu())
     if not out["mu"]:
@@ -174,8 +175,10 @@ def mutual_info(terms: dict[str, np.ndarray], ecfg: EvaluateConfig) -> float:
 def summarize(
     terms: dict[str, np.ndarray], ecfg: EvaluateConfig, dims: int, likelihood: str = "bernoulli"
 ) -> dict:
-    """Metrics (means over examples) and their standard errors."""
+    """Metrics (means over examples) and their standard errors. `dims` is D of bits/dim: the
+    real pixels times channels (`ConvVAE.pixel_count()`)."""
     iw_nll = -terms["iw_log_px"]
+    mi_n = min(len(iw_nll), ecfg.mi_examples)
     mu_var = terms["mu"].var(axis=0, ddof=0)  # Cov_x(E_q[z_u]) for each unit u
     metrics = {
         "elbo": float(terms["elbo"].mean()),
@@ -190,13 +193,24 @@ def summarize(
         "iw_nll_stderr": _stderr(iw_nll),
         "kl_per_dim": [float(v) for v in kl_per_dim(terms)],
         "mutual_info": mutual_info(terms, ecfg),
+        # the estimate cannot exceed log N: near it, the number says "at least this much"
+        "mutual_info_ceiling": math.log(mi_n) if mi_n > 0 else math.nan,
+        "mutual_info_examples": int(mi_n),
         "iw_k": ecfg.iw_samples,
+        "pixels": int(dims),
         "binarize": ecfg.binarize,
         "likelihood": likelihood,
         "eval_seed": ecfg.seed,
         "eval_protocol": EVAL_PROTOCOL,
         "n_examples": int(len(iw_nll)),
     }
+    if "iw_ess" in terms and len(terms["iw_ess"]):
+        ess = terms["iw_ess"]
+        metrics.update(
+            iw_ess_mean=float(ess.mean()),
+            iw_ess_median=float(np.median(ess)),
+            iw_ess_min=float(ess.min()),
+        )
     return metrics
 
 
@@ -467,10 +481,16 @@ def summary_markdown(metrics: dict) -> str:
         ("reconstruction", "recon", "nats/example"),
         ("KL", "kl", "nats/example"),
         (f"IW NLL (K={metrics.get('iw_k')})", "iw_nll", "nats/example"),
-        ("bits/dim", "bits_per_dim", "bits"),
-        ("mutual information I(x;z)", "mutual_info", "nats"),
+        (f"bits/dim (D = {metrics.get('pixels')})", "bits_per_dim", "bits"),
+        (
+            f"mutual information I(x;z) (ceiling log N = {metrics.get('mutual_info_ceiling', 0):.2f})",
+            "mutual_info",
+            "nats",
+        ),
         ("active units", "active_units", "units"),
     ]
+    if "iw_ess_mean" in metrics:
+        rows.insert(4, ("IW effective sample size, mean (min)", "iw_ess_mean", "samples"))
     lines = [
         f"Test data version `{metrics.get('data_version')}`, {metrics.get('n_examples')} images, "
         f"{metrics.get('likelihood', 'bernoulli')} likelihood, "
@@ -483,6 +503,8 @@ def summary_markdown(metrics: dict) -> str:
         stderr = metrics.get(f"{key}_stderr")
         shown = f"{stderr:.3g}" if isinstance(stderr, float) and math.isfinite(stderr) else ""
         value = metrics[key]
+        if key == "iw_ess_mean":
+            shown = f"min {metrics['iw_ess_min']:.3g}"
         lines.append(f"| {label} | {value:.4g} | {shown} | {unit} |")
     lines += uses_markdown(metrics)
     return "\n".join(lines) + "\n"
@@ -581,7 +603,7 @@ def evaluate(
     images = test.tensor()
     t0 = time.perf_counter()
     terms = sharded_terms(model, images, cfg.evaluate, device)
-    dims = int(np.prod(images.shape[1:]))
+    dims = model.pixel_count()
     metrics = summarize(terms, cfg.evaluate, dims, model.likelihood)
     metrics["data_version"] = test.manifest.get("data_version", "unversioned")
     metrics["eval_seconds"] = time.perf_counter() - t0
@@ -604,14 +626,17 @@ def evaluate(
     if history:
         plot_loss_curves(history, reports / "loss_curve.png")
     log.info(
-        "test: elbo %.2f  recon %.2f  kl %.2f  iw_nll(K=%d) %.2f  %.4f bits/dim  %d active units"
-        "  (%d images, %.1f s)",
+        "test: elbo %.2f  recon %.2f  kl %.2f  iw_nll(K=%d) %.2f  %.4f bits/dim (D=%d)  "
+        "IW ESS mean %.1f min %.2f  %d active units  (%d images, %.1f s)",
         metrics["elbo"],
         metrics["recon"],
         metrics["kl"],
         metrics["iw_k"],
         metrics["iw_nll"],
         metrics["bits_per_dim"],
+        metrics["pixels"],
+        metrics.get("iw_ess_mean", math.nan),
+        metrics.get("iw_ess_min", math.nan),
         metrics["active_units"],
         metrics["n_examples"],
         metrics["eval_seconds"],

@@ -232,7 +232,7 @@ def per_example(
     images = test.tensor()
     device = torch.device("cpu")
     terms = per_example_terms(model, images, cfg.evaluate, device)
-    summary = summarize(terms, cfg.evaluate, int(images[0].numel()), model.likelihood)
+    summary = summarize(terms, cfg.evaluate, model.pixel_count(), model.likelihood)
     uses = None
     if ukey is not None:
         names = list(test.manifest.get("label_names") or [])

@@ -1,6 +1,7 @@
 """The trainer in-process (world size 1): checkpoints, exact resume, bad settings."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -43,6 +44,7 @@ def test_fit_writes_checkpoint_model_and_history(prepared):
         "image_size": 32,
         "latent_dim": 8,
         "likelihood": "bernoulli",
+        "content_box": [2, 2, 28, 28],  # Fashion-MNIST's 28x28 padded to 32: the real pixels
     }
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, state["model"][name], rtol=0, atol=0)
@@ -251,7 +253,8 @@ def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
 
 def _reference_gradient(cfg, trainer: Trainer, beta: float) -> dict[str, torch.Tensor]:
     """The first step's gradient in plain PyTorch, on the trainer's first batch and noise,
-    with the loss written out by hand (BCE + beta * closed-form KL)."""
+    with the loss written out by hand (BCE over the real 28x28 pixels, the 2-pixel padding
+    left out, + beta * closed-form KL)."""
     from vae_pipeline.data.dataset import to_unit_float
     from vae_pipeline.model import ConvVAE
 
@@ -265,7 +268,7 @@ def _reference_gradient(cfg, trainer: Trainer, beta: float) -> dict[str, torch.T
     logits = model.decode_logits(mu + torch.exp(0.5 * logvar) * eps)
     bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, x, reduction="none")
     kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(dim=1)
-    (bce.sum(dim=(1, 2, 3)) + beta * kl).mean().backward()
+    (bce[..., 2:30, 2:30].sum(dim=(1, 2, 3)) + beta * kl).mean().backward()
     return {name: p.grad for name, p in model.named_parameters()}
 
 
@@ -319,3 +322,107 @@ def test_precision_is_fp32_on_cpu_and_bf16_there_is_refused(prepared, tmp_path):
 def test_grad_accum_must_divide_the_local_batch(prepared, tmp_path):
     with pytest.raises(TrainingError, match="grad_accum_steps=3"):
         Trainer(_cfg(batch_size=64, grad_accum_steps=3), tmp_path / "x", workdir=prepared)
+
+
+def test_dynamic_binarization_iwae_and_cosine_resume_bit_for_bit(prepared, tmp_path):
+    # the benchmark preset's training path: a crash mid-epoch, a restart, the same weights
+    cfg = _cfg(
+        epochs=2,
+        checkpoint_every=3,
+        binarize="dynamic",
+        objective="iwae",
+        iw_samples=3,
+        lr_schedule="cosine",
+        lr_min=1e-4,
+    )
+    straight = Trainer(cfg, tmp_path / "straight", workdir=prepared)
+    history = straight.fit()
+    assert history[-1]["lr"] == pytest.approx(1e-4)  # the schedule ran to its end
+    assert history[0]["train_iwae_loss"] < history[0]["train_loss"]  # IWAE bound >= ELBO
+    crashed = Trainer(cfg, tmp_path / "crashed", workdir=prepared)
+    _crash_at(crashed, 7)
+    with pytest.raises(_Crash):
+        crashed.fit()
+    torch.manual_seed(999)
+    restarted = Trainer(cfg, tmp_path / "crashed", workdir=prepared)
+    restarted.fit()
+    for (name, x), y in zip(
+        straight.model.state_dict().items(), restarted.model.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, msg=name)
+    # and a checkpoint of another objective is not resumed by it
+    with pytest.raises(TrainingError, match="other data/model/train params"):
+        Trainer(_cfg(epochs=3, checkpoint_every=3), tmp_path / "crashed", workdir=prepared).fit()
+
+
+def _first_inputs(trainer: Trainer) -> torch.Tensor:
+    """The encoder's input at the first training step (the binarized batch), then stop."""
+    seen = {}
+
+    def hook(module, args):
+        if module.training:
+            seen["x"] = args[0].detach().clone()
+            raise _Crash("captured")
+
+    trainer.model.encoder.register_forward_pre_hook(hook)
+    with pytest.raises(_Crash):
+        trainer.fit()
+    return seen["x"]
+
+
+def test_dynamic_binarization_is_the_same_for_any_world_size(prepared, tmp_path):
+    from vae_pipeline.train.distributed import DistEnv
+
+    cfg = _cfg(binarize="dynamic")
+    whole = _first_inputs(Trainer(cfg, tmp_path / "one", workdir=prepared))
+    assert set(whole.unique().tolist()) == {0.0, 1.0}
+    for rank in (0, 1):  # rank r of 2 takes rows r::2 of the global batch
+        env = DistEnv(rank=rank, world_size=2)
+        part = _first_inputs(Trainer(cfg, tmp_path / f"rank{rank}", env, workdir=prepared))
+        torch.testing.assert_close(part, whole[rank::2], rtol=0, atol=0)
+
+
+def test_iwae_with_one_sample_is_the_elbo_and_with_k_matches_a_plain_loop(prepared, tmp_path):
+    from torch.distributions import Normal
+
+    from vae_pipeline.binarize import binarize
+    from vae_pipeline.data.dataset import to_unit_float
+    from vae_pipeline.model import ConvVAE
+
+    elbo = Trainer(_cfg(batch_size=256), tmp_path / "elbo", workdir=prepared)
+    elbo.fit()
+    one = Trainer(_cfg(batch_size=256, objective="iwae"), tmp_path / "k1", workdir=prepared)
+    one.fit()  # iw_samples defaults to 1
+    pairs = zip(elbo.model.state_dict().items(), one.model.state_dict().values(), strict=True)
+    for (name, a), b in pairs:
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+    k = 4
+    cfg = _cfg(batch_size=256, objective="iwae", iw_samples=k, binarize="dynamic")
+    trainer = Trainer(cfg, tmp_path / "k4", workdir=prepared)
+    trainer.fit()  # one step: the whole split in one batch
+    torch.manual_seed(cfg.train.seed)
+    model = ConvVAE(1, 32, cfg.model.latent_dim)
+    trainer.sampler.set_epoch(0)
+    idx = torch.tensor(trainer.sampler.order()[:256])
+    x = to_unit_float(torch.from_numpy(trainer.train_set.images[idx.numpy()]))
+    x = binarize(x, "dynamic", cfg.train.seed, 0, idx)
+    eps = torch.randn(k, 256, cfg.model.latent_dim, generator=trainer._epoch_noise(0))
+    mu, logvar = model.encode(x)
+    std = torch.exp(0.5 * logvar)
+    log_w = []
+    for j in range(k):
+        z = mu + std * eps[j]
+        logits = model.decode_logits(z)
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, x, reduction="none")
+        log_px = -bce[..., 2:30, 2:30].sum(dim=(1, 2, 3))
+        log_w.append(
+            log_px + Normal(0.0, 1.0).log_prob(z).sum(1) - Normal(mu, std).log_prob(z).sum(1)
+        )
+    (-(torch.logsumexp(torch.stack(log_w), 0) - math.log(k)).mean()).backward()
+    for name, p in trainer.model.named_parameters():
+        expected = dict(model.named_parameters())[name].grad
+        # float summation order only (the K samples are decoded in one batch there): up to
+        # 1e-3 of each gradient's scale (fp32 sums of 1,024 rows weighted by a softmax)
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(p.grad, expected, rtol=1e-3, atol=1e-3 * scale, msg=name)

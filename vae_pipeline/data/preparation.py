@@ -57,8 +57,18 @@ def assign_split(digest: str, val_fraction: float, test_fraction: float) -> str:
     return "train"
 
 
+def content_box(side: int, size: int) -> list[int] | None:
+    """Where a side x side image sits in the size x size prepared one when `_fit_square` pads
+    it: [top, left, height, width] (None when it was resized to fill the square)."""
+    if size <= side:
+        return None
+    pad = size - side
+    return [pad // 2, pad // 2, side, side]
+
+
 def _fit_fashion_mnist(images: torch.Tensor, size: int, channels: int) -> np.ndarray:
-    """(N, 28, 28) uint8 -> (N, C, size, size): zero-pad (the background is black) or resize."""
+    """(N, 28, 28) uint8 -> (N, C, size, size): zero-pad (the background is black) or resize.
+    (Any square IDX image set is fitted the same way.)"""
     x = images.unsqueeze(1)
     if size >= x.shape[-1]:
         pad = size - x.shape[-1]
@@ -93,6 +103,61 @@ def _load_fashion_mnist(cfg: Config, raw: Path) -> tuple[dict, list[str], list[s
             digest = content_hash(ds.data[i].numpy().tobytes())
             split = assign_split(digest, cfg.data.val_fraction, 0.0) if train else "test"
             rows[split].append((img, label, f"{part}[{i}]", digest))
+    return rows, label_names, []
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (the MNIST format: 2 zero bytes, type 0x08 = uint8, the number of dims,
+    then each dim as a big-endian int32, then the data)."""
+    with open(path, "rb") as fh:
+        header = fh.read(4)
+        if len(header) < 4 or header[:2] != b"\0\0" or header[2] != 0x08:
+            raise DataError(f"{path} is not an IDX file of unsigned bytes (header {header!r})")
+        dims = [int.from_bytes(fh.read(4), "big") for _ in range(header[3])]
+        data = np.frombuffer(fh.read(), dtype=np.uint8)
+    if data.size != int(np.prod(dims)):
+        raise DataError(f"{path} is truncated: {data.size} bytes for dims {dims}")
+    return data.reshape(dims)
+
+
+def _load_idx(cfg: Config, folder: Path) -> tuple[dict, list[str], list[str]]:
+    """An idx: snapshot's rows per split, as `_load_fashion_mnist` gives them."""
+    from vae_pipeline.data.sources import IDX_CLASSES, IDX_ROLES
+
+    rows: dict[str, list] = {s: [] for s in SPLITS}
+    max_label = -1
+    for part in ("train", "test"):
+        images = read_idx(folder / IDX_ROLES[(part, "images")])
+        if images.ndim != 3 or images.shape[1] != images.shape[2]:
+            raise DataError(
+                f"{folder / IDX_ROLES[(part, 'images')]}: images of shape {images.shape[1:]}; "
+                "an idx: source needs square grayscale images (N, side, side)"
+            )
+        label_path = folder / IDX_ROLES[(part, "labels")]
+        labels = read_idx(label_path).astype(np.int64) if label_path.is_file() else None
+        if labels is not None and len(labels) != len(images):
+            raise DataError(f"{label_path}: {len(labels)} labels for {len(images)} images")
+        if labels is None:
+            labels = np.full(len(images), -1, dtype=np.int64)
+        max_label = max(max_label, int(labels.max(initial=-1)))
+        fitted = _fit_fashion_mnist(
+            torch.from_numpy(images.copy()), cfg.data.image_size, cfg.data.channels
+        )
+        name = "train" if part == "train" else "t10k"
+        for i, (img, label) in enumerate(zip(fitted, labels.tolist(), strict=True)):
+            digest = content_hash(images[i].tobytes())
+            split = assign_split(digest, cfg.data.val_fraction, 0.0) if part == "train" else "test"
+            rows[split].append((img, label, f"{name}[{i}]", digest))
+    names_path = folder / IDX_CLASSES
+    if names_path.is_file():
+        label_names = [n.strip() for n in names_path.read_text().splitlines() if n.strip()]
+        if len(label_names) <= max_label:
+            raise DataError(
+                f"{names_path} names {len(label_names)} classes but the labels go up to "
+                f"{max_label}: one name per line, in label order"
+            )
+    else:
+        label_names = [str(k) for k in range(max_label + 1)]
     return rows, label_names, []
 
 
@@ -187,6 +252,16 @@ def _decode_into(
     return kept
 
 
+def read_idx_side(raw: Path) -> int:
+    """The side of the square images in an IDX snapshot (Fashion-MNIST's or an idx: one)."""
+    from vae_pipeline.data.sources import IDX_DIR
+
+    folder = raw / IDX_DIR if (raw / IDX_DIR).is_dir() else raw / "FashionMNIST" / "raw"
+    with open(folder / "train-images-idx3-ubyte", "rb") as fh:
+        header = fh.read(16)
+    return int.from_bytes(header[12:16], "big")
+
+
 def _require_train_and_test(counts: dict[str, int], raw: Path) -> None:
     for split in ("train", "test"):
         if not counts[split]:
@@ -214,8 +289,16 @@ def prepare(cfg: Config, workdir: Path = Path("."), data_version: str = "unversi
     index: dict[str, list[tuple[str, str, int]]] = {}  # split -> (source, sha256, label) per row
     try:
         # the layout of the snapshot, not data.source, decides (ingest may have had --source)
-        if (raw / "FashionMNIST").is_dir():
-            rows, label_names, _ = _load_fashion_mnist(cfg, raw)
+        from vae_pipeline.data.sources import IDX_DIR
+
+        box = None
+        if (raw / "FashionMNIST").is_dir() or (raw / IDX_DIR).is_dir():
+            if (raw / IDX_DIR).is_dir():
+                rows, label_names, _ = _load_idx(cfg, raw / IDX_DIR)
+            else:
+                rows, label_names, _ = _load_fashion_mnist(cfg, raw)
+            side = int(read_idx_side(raw))
+            box = content_box(side, cfg.data.image_size)
             rows = {s: r[:limit] for s, r in rows.items()} if limit else rows
             _require_train_and_test({s: len(r) for s, r in rows.items()}, raw)
             shutil.rmtree(staging, ignore_errors=True)
@@ -252,6 +335,8 @@ def prepare(cfg: Config, workdir: Path = Path("."), data_version: str = "unversi
             "image_size": cfg.data.image_size,
             "channels": cfg.data.channels,
             "counts": {s: len(index[s]) for s in SPLITS},
+            # the source's real pixels inside the prepared image (null: all of it)
+            "content_box": box,
             "label_names": label_names,
             "bad_images": bad,
             "duplicates": duplicates,

@@ -2,6 +2,9 @@
 
 Sources (`data.source`):
 - `fashion-mnist`: the IDX files, as `FashionMNIST/raw/<IDX files>` (torchvision reads them there).
+- `idx:<folder>`: any dataset in the four-file MNIST layout (MNIST, KMNIST, EMNIST, Fashion-MNIST),
+  as `IDX/{train,t10k}-{images,labels}-...-ubyte` (decompressed), plus `IDX/classes.txt` (one
+  label name per line) when the folder has one. The label files are optional.
 - a folder of images, a `.zip` / `.tar` / `.tar.gz` / `.tgz` archive, or an S3 prefix
   `s3://bucket/prefix`: the image files as `images/<relative path>` (sub-folders are labels; an
   archive's single top-level folder is dropped).
@@ -24,6 +27,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import shutil
 import tarfile
 import zipfile
@@ -87,6 +91,8 @@ class IngestReport:
 def source_kind(source: str) -> str:
     if source == FASHION_MNIST:
         return "fashion-mnist"
+    if source.startswith(IDX_PREFIX):
+        return "idx"
     if source.startswith("s3://"):
         return "s3"
     if source.lower().endswith(ARCHIVE_SUFFIXES):
@@ -151,6 +157,70 @@ def _download_fashion_mnist(dest: Path) -> None:
         raise DataError(f"downloading Fashion-MNIST failed ({exc}): {INSTALL_HINT}") from exc
     for gz in (dest / "FashionMNIST" / "raw").glob("*.gz"):
         gz.unlink()  # keep one copy of the data in the versioned snapshot
+
+
+# --- IDX (the MNIST layout) ---------------------------------------------------------------------
+
+IDX_PREFIX = "idx:"
+IDX_DIR = "IDX"  # the snapshot's folder of an idx: source
+IDX_CLASSES = "classes.txt"
+# train-images-idx3-ubyte, t10k-labels-idx1-ubyte.gz, emnist-digits-test-images-idx3-ubyte,
+# train-images.idx3-ubyte: (prefix)(train|t10k|test)-(images|labels)[-.]idx(3|1)-ubyte(.gz)
+_IDX_NAME = re.compile(r"(?:^|-)(train|t10k|test)-(images|labels)[-.]idx([13])-ubyte(\.gz)?$")
+IDX_ROLES = {
+    ("train", "images"): "train-images-idx3-ubyte",
+    ("train", "labels"): "train-labels-idx1-ubyte",
+    ("test", "images"): "t10k-images-idx3-ubyte",
+    ("test", "labels"): "t10k-labels-idx1-ubyte",
+}
+
+
+def idx_files(folder: Path) -> dict[tuple[str, str], Path]:
+    """The folder's IDX files by (split, kind); refuses a folder with two candidates for one
+    role (e.g. several EMNIST splits side by side) or without both image files."""
+    found: dict[tuple[str, str], list[Path]] = {}
+    for path in sorted(folder.iterdir()):
+        match = _IDX_NAME.search(path.name)
+        if match and path.is_file():
+            split = "train" if match.group(1) == "train" else "test"
+            found.setdefault((split, match.group(2)), []).append(path)
+    for role, paths in found.items():
+        if len(paths) > 1:
+            names = ", ".join(p.name for p in paths)
+            raise DataError(
+                f"{folder} holds several {role[0]} {role[1]} IDX files ({names}): point "
+                "data.source at a folder with one dataset's four files"
+            )
+    missing = [IDX_ROLES[r] for r in (("train", "images"), ("test", "images")) if r not in found]
+    if missing:
+        raise DataError(
+            f"{folder} has no {' or '.join(missing)}(.gz): an idx: source needs the MNIST "
+            "layout (train-images-idx3-ubyte, t10k-images-idx3-ubyte, and optionally the "
+            "two -labels-idx1-ubyte files), plain or gzipped"
+        )
+    return {role: paths[0] for role, paths in found.items()}
+
+
+def _copy_idx(src_dir: Path, dest: Path) -> int:
+    """Copy (decompressing) an IDX folder into dest/IDX; returns the number of images."""
+    if not src_dir.is_dir():
+        raise DataError(
+            f"data.source idx:{src_dir}: no such folder; point it at a folder holding the "
+            "MNIST-layout IDX files"
+        )
+    target = dest / IDX_DIR
+    target.mkdir(parents=True)
+    total = 0
+    for role, path in idx_files(src_dir).items():
+        opener = gzip.open if path.name.endswith(".gz") else open
+        with opener(path, "rb") as fin, open(target / IDX_ROLES[role], "wb") as fout:
+            shutil.copyfileobj(fin, fout)
+        if role[1] == "images":
+            with open(target / IDX_ROLES[role], "rb") as fh:
+                total += int.from_bytes(fh.read(8)[4:8], "big")
+    if (src_dir / IDX_CLASSES).is_file():
+        shutil.copyfile(src_dir / IDX_CLASSES, target / IDX_CLASSES)
+    return total
 
 
 # --- folder, archive and S3 entries -------------------------------------------------------------
@@ -464,6 +534,8 @@ def snapshot_source(cfg: Config, workdir: Path = Path(".")) -> IngestReport:
     source = cfg.data.source
     if kind in ("folder", "archive"):
         source = str((workdir / source).resolve())
+    elif kind == "idx":
+        source = IDX_PREFIX + str((workdir / source[len(IDX_PREFIX) :]).resolve())
     try:
         if kind == "fashion-mnist":
             report = IngestReport(source=source, kind=kind, raw_dir=cfg.data.raw_dir)
@@ -477,6 +549,10 @@ def snapshot_source(cfg: Config, workdir: Path = Path(".")) -> IngestReport:
                     )
                 _copy_fashion_mnist(src_dir, staging)
             report.images = report.fetched = _fashion_mnist_count(staging)
+        elif kind == "idx":
+            report = IngestReport(source=source, kind=kind, raw_dir=cfg.data.raw_dir)
+            count = _copy_idx(Path(source[len(IDX_PREFIX) :]), staging)
+            report.images = report.fetched = count
         else:
             report = _fill_images(cfg, kind, source, staging, raw)
     except BaseException:

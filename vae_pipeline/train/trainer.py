@@ -11,6 +11,11 @@ the weights, Adam's state, the epoch and the step within it, the noise generator
 global RNG states and the epoch's partial sums. The sampler's order is a function of (seed,
 epoch), so a restart skips the steps already taken and goes on with the same batches and noise:
 the final weights equal those of an uninterrupted run.
+
+Dynamic binarization (`train.binarize: dynamic`) is keyed by (seed, epoch, the image's index in
+the training split) through a counter-based hash (`vae_pipeline.binarize`): like the noise, it
+is the same for any world size and across a resume. The cosine learning-rate schedule is a
+function of the optimizer step, so it needs no state of its own.
 """
 
 from __future__ import annotations
@@ -30,9 +35,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
-from vae_pipeline.config import Config
+from vae_pipeline.binarize import VALIDATION_STREAM, binarize
+from vae_pipeline.config import Config, TrainConfig
 from vae_pipeline.data.dataset import PreparedSplit, read_manifest, resolve_label, to_unit_float
-from vae_pipeline.elbo import terms_from_outputs
+from vae_pipeline.elbo import iwae_terms, terms_from_outputs
 from vae_pipeline.model import ConvVAE
 from vae_pipeline.train import checkpoint
 from vae_pipeline.train.distributed import DistEnv, all_reduce_sum, barrier
@@ -72,9 +78,11 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 class _ElboPath(torch.nn.Module):
-    """DDP hooks `forward`; this routes it to the per-example ELBO terms the loss needs (so
-    every parameter, the Gaussian decoder's log sigma included, is used inside forward).
+    """DDP hooks `forward`; this routes it to the per-example terms the loss needs (so every
+    parameter, the Gaussian decoder's log sigma included, is used inside forward).
 
+    `eps` of shape (batch, latent) gives the one-sample ELBO terms; (K, batch, latent) the
+    importance-weighted bound too (`iwae`, with the KL weight `beta` inside each weight).
     With `dtype` (bf16 on CUDA) the network runs under autocast; the likelihood and KL are
     computed in fp32 from its outputs either way."""
 
@@ -83,10 +91,24 @@ class _ElboPath(torch.nn.Module):
         self.vae = vae
         self.dtype = dtype
 
-    def forward(self, x: torch.Tensor, eps: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.dtype is None:
-            return terms_from_outputs(*self.vae.forward_logits(x, eps), x, self.vae.log_likelihood)
-        with torch.autocast(x.device.type, dtype=self.dtype):
+    def _autocast(self, x: torch.Tensor):
+        return nullcontext() if self.dtype is None else torch.autocast(x.device.type, self.dtype)
+
+    def forward(
+        self, x: torch.Tensor, eps: torch.Tensor, beta: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        if eps.dim() == 3:
+            with self._autocast(x):
+                mu, logvar = self.vae.encode(x)
+
+            def decode(z: torch.Tensor) -> torch.Tensor:
+                with self._autocast(x):
+                    return self.vae.decode_logits(z)
+
+            return iwae_terms(
+                decode, self.vae.log_likelihood, x, mu.float(), logvar.float(), eps, beta
+            )
+        with self._autocast(x):
             logits, mu, logvar = self.vae.forward_logits(x, eps)
         return terms_from_outputs(
             logits.float(), mu.float(), logvar.float(), x, self.vae.log_likelihood
@@ -139,17 +161,37 @@ def holdout_label(cfg: Config, prepared_dir: Path) -> int | None:
     return resolve_label(cfg.anomaly.holdout_class, names, "anomaly.holdout_class")
 
 
+# Settings that change the trajectory, added after checkpoints already existed: part of the
+# fingerprint only when not at their default, so an older checkpoint still resumes.
+TRAJECTORY_SETTINGS = ("binarize", "objective", "iw_samples", "lr_schedule", "lr_min")
+
+
 def resume_fingerprint(cfg: Config) -> dict:
-    """Settings a checkpoint must share with the run that resumes it (epochs may grow; the
-    world size may change: the batches and the noise do not depend on it)."""
+    """Settings a checkpoint must share with the run that resumes it (epochs may grow, unless
+    a cosine schedule spans them; the world size may change: the batches, the noise and the
+    binarization do not depend on it)."""
+    train = cfg.train.model_dump(
+        mode="json", include={"batch_size", "lr", "seed", "kl_warmup_steps"}
+    )
+    for name in TRAJECTORY_SETTINGS:
+        if getattr(cfg.train, name) != TrainConfig.model_fields[name].default:
+            train[name] = getattr(cfg.train, name)
+    if cfg.train.lr_schedule != "constant":
+        train["epochs"] = cfg.train.epochs
     return {
         "data": cfg.data.model_dump(mode="json"),
         "model": cfg.model.model_dump(mode="json"),
         "holdout_class": cfg.anomaly.holdout_class,
-        "train": cfg.train.model_dump(
-            mode="json", include={"batch_size", "lr", "seed", "kl_warmup_steps"}
-        ),
+        "train": train,
     }
+
+
+def learning_rate(tc: TrainConfig, step: int, total_steps: int) -> float:
+    """train.lr at optimizer step `step` (0-based): constant, or cosine from lr to lr_min."""
+    if tc.lr_schedule == "constant" or total_steps <= 1:
+        return tc.lr
+    progress = min(1.0, step / (total_steps - 1))
+    return tc.lr_min + 0.5 * (tc.lr - tc.lr_min) * (1.0 + math.cos(math.pi * progress))
 
 
 class Trainer:
@@ -187,7 +229,12 @@ class Trainer:
 
         torch.manual_seed(tc.seed)  # identical initial weights on every rank
         self.model = ConvVAE(
-            cfg.data.channels, cfg.data.image_size, cfg.model.latent_dim, cfg.model.likelihood
+            cfg.data.channels,
+            cfg.data.image_size,
+            cfg.model.latent_dim,
+            cfg.model.likelihood,
+            # the source's real pixels (Fashion-MNIST's 28x28 inside the padded 32x32)
+            content_box=self.train_set.manifest.get("content_box"),
         )
         self.memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
         self.model.to(device, memory_format=self.memory_format)
@@ -225,6 +272,9 @@ class Trainer:
         self.bad_steps = 0  # skipped non-finite steps so far (train.max_bad_steps)
         self.history: list[dict] = []
         self._resume: dict | None = None  # a mid-epoch checkpoint's position, until used
+        self.steps_per_epoch = len(self.train_set) // tc.batch_size
+        # K posterior samples per image for the iwae objective (1 = the plain ELBO)
+        self.iw_samples = tc.iw_samples if tc.objective == "iwae" else 1
 
     # --- checkpoints -----------------------------------------------------------------------
     @property
@@ -294,8 +344,22 @@ class Trainer:
         return True
 
     # --- one step, one epoch ---------------------------------------------------------------
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole run (the cosine schedule's length)."""
+        return self.cfg.train.epochs * self.steps_per_epoch
+
     def _epoch_noise(self, epoch: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + epoch)
+
+    def _step_noise(self, noise: torch.Generator) -> torch.Tensor:
+        """This rank's reparameterisation noise for one step: drawn for the whole global batch
+        (K samples each for iwae) and sliced rank::world, so it is the same for any world size.
+        (batch, latent) for the ELBO; (K, batch, latent) for iwae with K > 1."""
+        shape = (self.iw_samples, self.cfg.train.batch_size, self.cfg.model.latent_dim)
+        eps = torch.randn(shape, generator=noise)[:, self.env.rank :: self.env.world_size]
+        eps = eps.to(self.device)
+        return eps[0] if self.iw_samples == 1 else eps
 
     def kl_weight(self) -> float:
         """beta for the next step: rises linearly from 0 to 1 over train.kl_warmup_steps."""
@@ -304,26 +368,46 @@ class Trainer:
 
     def _run_batch(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over train.grad_accum_steps micro-batches; returns the
-        per-example sums (on the device) and whether the loss and gradients were finite (a
-        device bool: no host sync here)."""
+        per-example sums (-ELBO, recon, KL, -objective; on the device) and whether the loss
+        and gradients were finite (a device bool: no host sync here).
+
+        `eps` is (batch, latent) for the ELBO, (K, batch, latent) for the iwae objective."""
         accum = self.cfg.train.grad_accum_steps
         beta = self.kl_weight()
+        lr = learning_rate(self.cfg.train, self.global_step, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        sums = torch.zeros(3, dtype=torch.float64, device=x.device)
+        sums = torch.zeros(4, dtype=torch.float64, device=x.device)
         finite = torch.ones((), dtype=torch.bool, device=x.device)
-        for i, (xm, em) in enumerate(zip(x.chunk(accum), eps.chunk(accum), strict=True)):
+        iwae = eps.dim() == 3
+        eps_chunks = eps.chunk(accum, dim=1) if iwae else eps.chunk(accum)
+        for i, (xm, em) in enumerate(zip(x.chunk(accum), eps_chunks, strict=True)):
             # DDP all-reduces the gradients on the last micro-batch only
             last = i == accum - 1 or self.ddp is None
             with nullcontext() if last else self.ddp.no_sync():
-                terms = self.net(xm, em)
-                if beta == 1.0:
-                    loss = -terms["elbo"].mean()  # nats per example
-                else:  # KL warm-up: the optimised loss; the reported one stays -ELBO
-                    loss = (terms["recon"] + beta * terms["kl"]).mean()
+                if iwae:
+                    terms = self.net(xm, em, torch.tensor(beta, device=xm.device))
+                    objective = terms["iwae"]
+                    loss = -objective.mean()
+                else:
+                    terms = self.net(xm, em)
+                    objective = terms["elbo"]
+                    if beta == 1.0:
+                        loss = -objective.mean()  # nats per example
+                    else:  # KL warm-up: the optimised loss; the reported one stays -ELBO
+                        loss = (terms["recon"] + beta * terms["kl"]).mean()
                 loss = loss / accum
                 loss.backward()
             finite &= torch.isfinite(loss.detach())
-            sums += torch.stack([-terms["elbo"].sum(), terms["recon"].sum(), terms["kl"].sum()])
+            sums += torch.stack(
+                [
+                    -terms["elbo"].sum(),
+                    terms["recon"].sum(),
+                    terms["kl"].sum(),
+                    -objective.detach().sum(),
+                ]
+            )
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         # DDP has averaged the gradients: a NaN on any rank is a NaN on every rank.
         finite &= torch.isfinite(torch.nn.utils.get_total_norm(grads))
@@ -332,7 +416,7 @@ class Trainer:
             bad = all_reduce_sum((~finite).to(torch.float64).reshape(1))
             if bad.item() > 0:  # on any rank: every rank skips, so weights stay in sync
                 self.optimizer.zero_grad(set_to_none=True)
-                return torch.zeros(3, dtype=torch.float64, device=x.device), bad[0] == 0
+                return torch.zeros(4, dtype=torch.float64, device=x.device), bad[0] == 0
         self.optimizer.step()
         # Per-example sums stay on the device: no host sync until a logging point.
         return sums.detach(), finite
@@ -377,7 +461,9 @@ class Trainer:
         # from them): a mid-epoch checkpoint stores these, so a restart replays the same draws.
         epoch_rng = rng_states()
         noise = self._epoch_noise(epoch)
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        # this rank's training-set indices for the whole epoch: they key the binarization
+        order = torch.tensor(self.sampler.order(), dtype=torch.int64)
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)
         count = torch.zeros(1, dtype=torch.float64, device=self.device)
         seen, skipped, t0 = 0, 0, time.perf_counter()
         if resume:
@@ -385,16 +471,22 @@ class Trainer:
             skipped = resume["skipped"]
             t0 -= resume["seconds"]
             if self.env.is_main:  # the partial sums are global: rank 0 carries them
-                sums += resume["sums"].to(self.device)
+                partial = resume["sums"].to(self.device)
+                if partial.numel() == 3:  # a checkpoint from before the objective's sum
+                    partial = torch.cat([partial, partial[:1]])
+                sums += partial
                 count += resume["count"]
         steps = start + len(self.loader)
         skip_mode = tc.max_bad_steps > 0
         first_bad = torch.tensor(-1, device=self.device)  # this rank's first non-finite step
+        local = self.local_batch
         for step, (images, _) in enumerate(self.loader, start=start):
             x = to_unit_float(images.to(self.device, non_blocking=True))
+            if tc.binarize != "none":
+                rows = order[step * local : (step + 1) * local].to(self.device)
+                x = binarize(x, tc.binarize, tc.seed, epoch, rows)
             x = x.contiguous(memory_format=self.memory_format)
-            eps = torch.randn(tc.batch_size, self.cfg.model.latent_dim, generator=noise)
-            eps = eps[self.env.rank :: self.env.world_size].to(self.device)
+            eps = self._step_noise(noise)
             batch_sums, finite = self._run_batch(x, eps)
             self.global_step += 1
             if skip_mode:
@@ -459,8 +551,8 @@ class Trainer:
                 f"every step of epoch {epoch + 1} was non-finite and skipped; no checkpoint "
                 "written: lower train.lr or check the data"
             )
-        loss, recon, kl = (sums / n).tolist()
-        return {
+        loss, recon, kl, objective = (sums / n).tolist()
+        record = {
             "train_loss": loss,
             "train_recon": recon,
             "train_kl": kl,
@@ -468,7 +560,11 @@ class Trainer:
             "skipped_steps": skipped,
             "images_per_s": n / seconds,
             "epoch_seconds": seconds,
+            "lr": learning_rate(tc, max(0, self.global_step - 1), self.total_steps),
         }
+        if self.iw_samples > 1:  # the optimised bound, -IWAE (K samples), beside -ELBO
+            record["train_iwae_loss"] = objective
+        return record
 
     @torch.no_grad()
     def _validate(self) -> dict:
@@ -479,9 +575,11 @@ class Trainer:
         gen = torch.Generator().manual_seed(self.cfg.train.seed + 7)
         noise = torch.randn(len(self.val_set), self.cfg.model.latent_dim, generator=gen)
         idx = torch.arange(self.env.rank, len(self.val_set), self.env.world_size)
+        tc = self.cfg.train
         for start in range(0, len(idx), 1024):
             rows = idx[start : start + 1024]
             x = to_unit_float(self.val_set.take(rows.numpy()).to(self.device))
+            x = binarize(x, tc.binarize, tc.seed, VALIDATION_STREAM, rows.to(self.device))
             eps = noise[rows].to(self.device)
             terms = _ElboPath(self.model)(x, eps)
             sums += torch.stack([-terms["elbo"].sum(), terms["recon"].sum(), terms["kl"].sum()])
@@ -499,16 +597,23 @@ class Trainer:
         self._load_checkpoint()
         total = self.cfg.train.epochs
         if self.env.is_main:
+            tc = self.cfg.train
             log.info(
-                "training %d -> %d epochs on %s (%s%s%s), world size %d, %d images/epoch",
+                "training %d -> %d epochs on %s (%s%s%s), world size %d, %d images/epoch; "
+                "objective %s, binarize %s, lr %s",
                 self.epoch,
                 total,
                 self.device,
                 "bf16 autocast" if self.autocast is not None else "fp32",
-                ", channels_last" if self.cfg.train.channels_last else "",
-                ", compiled" if self.cfg.train.compile else "",
+                ", channels_last" if tc.channels_last else "",
+                ", compiled" if tc.compile else "",
                 self.env.world_size,
-                len(self.loader) * self.cfg.train.batch_size,
+                self.steps_per_epoch * tc.batch_size,
+                f"iwae (K={self.iw_samples})" if self.iw_samples > 1 else "elbo",
+                tc.binarize,
+                f"{tc.lr:g}"
+                if tc.lr_schedule == "constant"
+                else f"cosine {tc.lr:g} -> {tc.lr_min:g}",
             )
         while self.epoch < total:
             record = {"epoch": self.epoch + 1, **self._run_epoch(self.epoch), **self._validate()}
@@ -548,6 +653,9 @@ class Trainer:
             data_version=self.data_version,
             params_hash=self.cfg.params_hash(),
             epochs=self.epoch,
+            train_binarize=self.cfg.train.binarize,
+            objective=self.cfg.train.objective,
+            iw_samples=self.iw_samples,
             # The class the model never saw (label name), or None: evaluation checks it.
             holdout_class=None
             if self.holdout is None

@@ -1,0 +1,227 @@
+"""The likelihoods a researcher compares: the discretized logistic, the padding left out of the
+likelihood and of bits/dim, the IWAE objective and the importance weights' effective sample
+size; each against a direct computation."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.distributions import Normal
+
+from vae_pipeline.config import build_config
+from vae_pipeline.elbo import (
+    discretized_logistic_log_likelihood,
+    effective_sample_size,
+    elbo_terms,
+    iw_log_likelihood,
+    iwae_terms,
+)
+from vae_pipeline.evaluate import summarize
+from vae_pipeline.model import ConvVAE
+from vae_pipeline.train.trainer import learning_rate
+
+from .conftest import tiny_params
+
+
+def _direct_discretized_logistic(mean: float, log_scale: float, k: int) -> float:
+    """P(level k) for one pixel, by the CDF of the logistic in float64 (no log-space tricks)."""
+    s = math.exp(max(log_scale, -7.0))
+
+    def cdf(v: float) -> float:
+        return 0.5 * (1.0 + math.tanh((v - mean) / s / 2))  # the logistic CDF, overflow-free
+
+    centre = 2.0 * k / 255 - 1.0
+    upper = 1.0 if k == 255 else cdf(centre + 1 / 255)
+    lower = 0.0 if k == 0 else cdf(centre - 1 / 255)
+    return upper - lower
+
+
+@pytest.mark.parametrize(
+    ("mean", "log_scale"), [(0.0, -2.0), (-0.9, -4.0), (0.7, 0.5), (1.3, -6.5), (-0.2, -9.0)]
+)
+def test_discretized_logistic_sums_to_one_and_matches_the_cdf(mean, log_scale):
+    levels = torch.arange(256, dtype=torch.float64)
+    x = (levels / 255).view(256, 1, 1, 1)
+    m = torch.full_like(x, mean)
+    ls = torch.full_like(x, log_scale)
+    log_p = discretized_logistic_log_likelihood(m, ls, x)  # one pixel per "example"
+    assert torch.logsumexp(log_p, 0).item() == pytest.approx(0.0, abs=1e-6)
+    direct = torch.tensor(
+        [_direct_discretized_logistic(mean, log_scale, k) for k in range(256)], dtype=torch.float64
+    )
+    big = direct > 1e-6  # where the difference of CDFs is not cancellation noise
+    torch.testing.assert_close(log_p[big].exp(), direct[big], rtol=1e-6, atol=1e-12)
+
+
+def test_discretized_logistic_in_float32_sums_to_one_per_pixel_of_an_image():
+    torch.manual_seed(0)
+    mean, log_scale = torch.randn(1, 1, 4, 4) * 0.5, torch.randn(1, 1, 4, 4) - 3
+    x = (torch.arange(256, dtype=torch.float32) / 255).view(256, 1, 1, 1).expand(256, 1, 4, 4)
+    per_pixel = torch.stack(
+        [
+            discretized_logistic_log_likelihood(
+                mean[..., i : i + 1, j : j + 1],
+                log_scale[..., i : i + 1, j : j + 1],
+                x[..., i : i + 1, j : j + 1],
+            )
+            for i in range(4)
+            for j in range(4)
+        ]
+    )  # (16 pixels, 256 levels)
+    torch.testing.assert_close(per_pixel.exp().sum(1), torch.ones(16), rtol=0, atol=1e-4)
+
+
+def test_the_model_with_a_discretized_logistic_has_2c_outputs_and_a_mean_in_unit_range():
+    model = ConvVAE(3, 16, 4, likelihood="discretized_logistic").eval()
+    z = torch.randn(5, 4)
+    assert model.decode_logits(z).shape == (5, 6, 16, 16)
+    mean = model.decode(z)
+    assert mean.shape == (5, 3, 16, 16) and mean.min() >= 0 and mean.max() <= 1
+    x = torch.randint(0, 256, (5, 3, 16, 16)).float() / 255
+    terms = elbo_terms(model, x)
+    # a normalised distribution over discrete values: log P <= 0, so recon >= 0
+    assert (terms["recon"] > 0).all()
+    assert ConvVAE(**model.hparams()).likelihood == "discretized_logistic"
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian", "discretized_logistic"])
+def test_the_padding_is_outside_the_likelihood(likelihood):
+    torch.manual_seed(0)
+    boxed = ConvVAE(1, 32, 4, likelihood=likelihood, content_box=[2, 2, 28, 28]).eval()
+    plain = ConvVAE(1, 32, 4, likelihood=likelihood).eval()
+    plain.load_state_dict(boxed.state_dict())
+    assert boxed.pixel_count() == 784 and plain.pixel_count() == 1024
+    x = torch.rand(3, 1, 32, 32)
+    out = boxed.decode_logits(torch.randn(3, 4))
+    # the boxed likelihood is the whole-image one summed over the 28x28 crop only
+    crop = ConvVAE(1, 28, 4, likelihood=likelihood)
+    if likelihood == "gaussian":
+        crop.log_sigma.data.copy_(boxed.log_sigma.data)
+    expected = crop.log_likelihood(out[..., 2:30, 2:30], x[..., 2:30, 2:30])
+    torch.testing.assert_close(boxed.log_likelihood(out, x), expected, rtol=1e-6, atol=1e-4)
+    # padding pixels change nothing
+    x2 = x.clone()
+    x2[..., :2, :] = 1.0 - x2[..., :2, :]
+    torch.testing.assert_close(boxed.log_likelihood(out, x2), boxed.log_likelihood(out, x))
+    assert not torch.equal(plain.log_likelihood(out, x2), plain.log_likelihood(out, x))
+    # pictures show the padding as padding (0)
+    assert boxed.decode(torch.randn(2, 4))[..., :2, :].abs().max() == 0
+
+
+def test_bits_per_dim_divides_by_the_real_pixel_count():
+    cfg = build_config(tiny_params())
+    rng = np.random.default_rng(0)
+    terms = {
+        "recon": rng.uniform(100, 200, 50),
+        "kl": rng.uniform(5, 10, 50),
+        "iw_log_px": -rng.uniform(100, 200, 50),
+        "mu": rng.normal(size=(50, 8)),
+        "logvar": rng.normal(size=(50, 8)),
+    }
+    terms["elbo"] = -(terms["recon"] + terms["kl"])
+    metrics = summarize(terms, cfg.evaluate, 784)
+    assert metrics["pixels"] == 784
+    assert metrics["bits_per_dim"] == pytest.approx(
+        -terms["iw_log_px"].mean() / (784 * math.log(2))
+    )
+    assert metrics["mutual_info_ceiling"] == pytest.approx(math.log(50))
+
+
+def _direct_iw_bound(model, x, eps, beta=1.0):
+    """log (1/K) sum_k p(x|z_k) p(z_k)^beta / q(z_k|x)^beta, one example and sample at a time."""
+    mu, logvar = model.encode(x)
+    std = torch.exp(0.5 * logvar)
+    out = []
+    for i in range(x.shape[0]):
+        log_w = []
+        for k in range(eps.shape[0]):
+            z = mu[i] + eps[k, i] * std[i]
+            log_px = model.log_likelihood(model.decode_logits(z[None]), x[i : i + 1])[0]
+            log_pz = Normal(0.0, 1.0).log_prob(z).sum()
+            log_qz = Normal(mu[i], std[i]).log_prob(z).sum()
+            log_w.append(log_px + beta * (log_pz - log_qz))
+        out.append(torch.logsumexp(torch.stack(log_w), 0) - math.log(eps.shape[0]))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_iwae_objective_matches_a_direct_computation(k):
+    torch.manual_seed(0)
+    model = ConvVAE(1, 16, 3).double()
+    x = torch.rand(4, 1, 16, 16, dtype=torch.float64)
+    eps = torch.randn(k, 4, 3, dtype=torch.float64)
+    mu, logvar = model.encode(x)
+    for beta in (0.3, 1.0):  # beta < 1: the KL warm-up, inside each weight
+        terms = iwae_terms(model.decode_logits, model.log_likelihood, x, mu, logvar, eps, beta)
+        torch.testing.assert_close(terms["iwae"], _direct_iw_bound(model, x, eps, beta))
+    # with K = 1 the bound is the one-sample ELBO (with the Monte Carlo KL) ...
+    if k == 1:
+        single = elbo_terms(model, x, eps[0])
+        torch.testing.assert_close(terms["recon"], single["recon"])
+        torch.testing.assert_close(terms["elbo"], terms["iwae"])
+    # ... and the evaluation's chunked bound is the same number with the same draws
+    with torch.no_grad():
+        iw = iw_log_likelihood(model, x, k, chunk=2, noise=_replay(eps))
+    torch.testing.assert_close(iw, terms["iwae"].detach())
+
+
+def _replay(eps):
+    state = {"done": 0}
+
+    def noise(n):
+        out = eps[state["done"] : state["done"] + n]
+        state["done"] += n
+        return out
+
+    return noise
+
+
+def test_iwae_tightens_the_elbo_on_average():
+    torch.manual_seed(1)
+    model = ConvVAE(1, 16, 3).double()
+    x = torch.rand(6, 1, 16, 16, dtype=torch.float64)
+    mu, logvar = model.encode(x)
+    eps = torch.randn(64, 6, 3, dtype=torch.float64)
+    terms = iwae_terms(model.decode_logits, model.log_likelihood, x, mu, logvar, eps)
+    assert (terms["iwae"] >= terms["elbo"]).all()  # Jensen: log mean exp >= mean
+
+
+def test_effective_sample_size_matches_the_weights():
+    torch.manual_seed(0)
+    log_w = torch.randn(20, 3, dtype=torch.float64) * 3
+    w = log_w.exp()
+    expected = w.sum(0) ** 2 / (w**2).sum(0)
+    got = effective_sample_size(torch.logsumexp(log_w, 0), torch.logsumexp(2 * log_w, 0))
+    torch.testing.assert_close(got, expected)
+    equal = torch.zeros(20, 1, dtype=torch.float64)
+    assert effective_sample_size(
+        torch.logsumexp(equal, 0), torch.logsumexp(2 * equal, 0)
+    ).item() == pytest.approx(20)
+    # the evaluation's chunked ESS is that of its K weights
+    model = ConvVAE(1, 16, 3).double().eval()
+    x = torch.rand(4, 1, 16, 16, dtype=torch.float64)
+    eps = torch.randn(10, 4, 3, dtype=torch.float64)
+    with torch.no_grad():
+        _, ess = iw_log_likelihood(model, x, 10, chunk=3, noise=_replay(eps), with_ess=True)
+        mu, logvar = model.encode(x)
+        z = mu + eps * torch.exp(0.5 * logvar)
+        log_px = torch.stack([model.log_likelihood(model.decode_logits(zk), x) for zk in z])
+        lw = (
+            log_px
+            + Normal(0.0, 1.0).log_prob(z).sum(-1)
+            - Normal(mu, torch.exp(0.5 * logvar)).log_prob(z).sum(-1)
+        )
+    w = (lw - lw.max(0).values).exp()
+    torch.testing.assert_close(ess, w.sum(0) ** 2 / (w**2).sum(0))
+    assert (ess >= 1 - 1e-9).all() and (ess <= 10 + 1e-9).all()
+
+
+def test_cosine_learning_rate_runs_from_lr_to_lr_min():
+    cfg = build_config(tiny_params(train={"lr_schedule": "cosine", "lr": 1e-3, "lr_min": 1e-5}))
+    tc = cfg.train
+    assert learning_rate(tc, 0, 101) == pytest.approx(1e-3)
+    assert learning_rate(tc, 50, 101) == pytest.approx((1e-3 + 1e-5) / 2)
+    assert learning_rate(tc, 100, 101) == pytest.approx(1e-5)
+    constant = build_config(tiny_params()).train
+    assert learning_rate(constant, 77, 101) == constant.lr
