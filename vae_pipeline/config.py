@@ -12,7 +12,7 @@ import os
 import re
 import zoneinfo
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -97,7 +97,14 @@ class TrainConfig(_Section):
     nproc_per_node: int = Field(2, ge=1, le=256)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: int = Field(100, ge=1)
-    num_workers: int = Field(0, ge=0)
+    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
+    """DataLoader worker processes per rank when the split is not resident on the device;
+    auto = 0 on CPU, up to 4 per rank on CUDA (pinned memory, prefetching)."""
+    resident_data: bool | Literal["auto"] = "auto"
+    """Keep the training and validation splits on the device as uint8 and gather each batch
+    there (in the sampler's order: the same batches as the loader). auto = when they take at
+    most 25% of the device's memory (a card's total memory; on CPU the RAM's share of each
+    rank on the node); true = always; false = the loader."""
     max_bad_steps: int = Field(0, ge=0)
     """Steps with a non-finite loss or gradient to skip (optimizer step not taken) before
     stopping; 0 = stop at the first one, checked without a per-step host sync."""

@@ -123,7 +123,7 @@ def _poison(trainer, *steps):
 def test_non_finite_step_stops_naming_step_and_batch_and_keeps_the_checkpoint(prepared, tmp_path):
     cfg = _cfg(epochs=3)
     trainer = Trainer(cfg, tmp_path / "nan", workdir=prepared)
-    steps = len(trainer.loader)
+    steps = trainer.steps_per_epoch
     _poison(trainer, steps + 2)  # epoch 2, step 2
     with pytest.raises(TrainingError) as err:
         trainer.fit()
@@ -199,7 +199,7 @@ def test_mid_epoch_checkpoint_resumes_to_exactly_the_same_weights(prepared, tmp_
     # 4 steps per epoch, 2 epochs, a checkpoint every 3 steps: global step 6 is epoch 2, step 2
     cfg = _cfg(epochs=2, checkpoint_every=3)
     straight = Trainer(cfg, tmp_path / "straight", workdir=prepared)
-    assert len(straight.loader) == 4
+    assert straight.steps_per_epoch == 4
     straight_history = straight.fit()
 
     crashed = Trainer(cfg, tmp_path / "crashed", workdir=prepared)
@@ -281,7 +281,7 @@ def test_a_step_matches_a_plain_loop_with_kl_warmup_and_accumulation(
     # one step per epoch: the whole 256-image training split in one batch
     cfg = _cfg(epochs=1, batch_size=256, kl_warmup_steps=warmup, grad_accum_steps=accum)
     trainer = Trainer(cfg, tmp_path / "one-step", workdir=prepared)
-    assert len(trainer.loader) == 1 and trainer.kl_weight() == beta
+    assert trainer.steps_per_epoch == 1 and trainer.kl_weight() == beta
     history = trainer.fit()
     assert history[0]["kl_weight"] == pytest.approx(1.0 if warmup == 0 else 1 / warmup)
     expected = _reference_gradient(cfg, trainer, beta)
@@ -426,3 +426,40 @@ def test_iwae_with_one_sample_is_the_elbo_and_with_k_matches_a_plain_loop(prepar
         # 1e-3 of each gradient's scale (fp32 sums of 1,024 rows weighted by a softmax)
         scale = expected.abs().max().item()
         torch.testing.assert_close(p.grad, expected, rtol=1e-3, atol=1e-3 * scale, msg=name)
+
+
+@pytest.mark.parametrize(
+    "path", [{"resident_data": False, "num_workers": 0}, {"resident_data": False, "num_workers": 2}]
+)
+def test_the_loader_path_trains_exactly_like_the_resident_path(prepared, tmp_path, path):
+    # the same batches in the same order (dynamic binarization keyed by their positions),
+    # whether gathered on the device or read by a loader with or without worker processes
+    cfg = _cfg(epochs=2, binarize="dynamic", checkpoint_every=3)
+    resident = Trainer(cfg, tmp_path / "resident", workdir=prepared)
+    assert resident.val_data is not None and "resident on cpu" in resident.batches.describe()
+    loaded = Trainer(
+        _cfg(epochs=2, binarize="dynamic", checkpoint_every=3, **path),
+        tmp_path / "loader",
+        workdir=prepared,
+    )
+    assert loaded.val_data is None and "loader" in loaded.batches.describe()
+    a, b = resident.fit(), loaded.fit()
+    for x, y in zip(a, b, strict=True):
+        assert x["train_loss"] == y["train_loss"] and x["val_loss"] == y["val_loss"]
+    for (name, x), y in zip(
+        resident.model.state_dict().items(), loaded.model.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, msg=name)
+
+
+def test_resident_data_follows_its_budget(prepared, tmp_path):
+    from vae_pipeline.train.data import resident_decision
+
+    tc = _cfg().train
+    cpu = torch.device("cpu")
+    assert resident_decision(tc, 2**20, cpu)[0]
+    fits, why = resident_decision(tc, 2**60, cpu)
+    assert not fits and "train.resident_data=true" in why
+    forced = _cfg(resident_data=True).train
+    assert resident_decision(forced, 2**60, cpu)[0]
+    assert not resident_decision(_cfg(resident_data=False).train, 1, cpu)[0]

@@ -14,6 +14,7 @@ class DistEnv:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    local_world_size: int = 1  # ranks on this node (they share its CPU, RAM and cards)
 
     @property
     def is_main(self) -> bool:
@@ -30,6 +31,7 @@ def read_env() -> DistEnv:
         rank=int(os.environ.get("RANK", 0)),
         local_rank=int(os.environ.get("LOCAL_RANK", 0)),
         world_size=int(os.environ.get("WORLD_SIZE", 1)),
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
     )
 
 

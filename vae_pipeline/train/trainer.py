@@ -25,7 +25,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DistributedSampler
 
 from vae_pipeline.binarize import VALIDATION_STREAM, binarize
 from vae_pipeline.config import Config, TrainConfig
@@ -41,6 +41,13 @@ from vae_pipeline.data.dataset import PreparedSplit, read_manifest, resolve_labe
 from vae_pipeline.elbo import iwae_terms, terms_from_outputs
 from vae_pipeline.model import ConvVAE
 from vae_pipeline.train import checkpoint
+from vae_pipeline.train.data import (
+    DeviceSplit,
+    StepBatches,
+    loader_workers,
+    resident_decision,
+    split_bytes,
+)
 from vae_pipeline.train.distributed import DistEnv, all_reduce_sum, barrier
 
 log = logging.getLogger(__name__)
@@ -116,21 +123,13 @@ class _ElboPath(torch.nn.Module):
 
 
 class ResumableSampler(DistributedSampler):
-    """DistributedSampler that can start an epoch part-way: after `skip` of this rank's indices
-    (the steps a checkpoint has already taken). The order itself stays a function of (seed,
-    epoch), and rank r's share of global batch s is the same for any world size."""
-
-    skip = 0
+    """DistributedSampler whose whole per-rank order of an epoch can be read at once: a
+    function of (seed, epoch), and rank r's share of global batch s is the same for any world
+    size. A resumed epoch starts part-way into this order (train/data.py)."""
 
     def order(self) -> list[int]:
         """This rank's whole order for the current epoch."""
         return list(super().__iter__())
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.order()[self.skip :])
-
-    def __len__(self) -> int:
-        return super().__len__() - self.skip
 
 
 def rng_states() -> dict[str, Any]:
@@ -258,15 +257,13 @@ class Trainer:
             seed=tc.seed,
             drop_last=True,
         )
-        self.loader = DataLoader(
-            self.train_set,
-            batch_size=self.local_batch,
-            sampler=self.sampler,
-            drop_last=True,
-            num_workers=tc.num_workers,
-            pin_memory=device.type == "cuda",
-            persistent_workers=tc.num_workers > 0,
-        )
+        # The data path: the splits on the device when they fit (one gather per step), else
+        # a batch-wise loader; the same batches either way (train/data.py).
+        need = split_bytes(self.train_set) + split_bytes(self.val_set)
+        resident, self.data_reason = resident_decision(tc, need, device, env.local_world_size)
+        workers = loader_workers(tc, device, env.local_world_size)
+        self.batches = StepBatches(self.train_set, device, resident, workers)
+        self.val_data = DeviceSplit(self.val_set, device) if resident else None
         self.epoch = 0  # completed epochs
         self.global_step = 0  # optimizer steps taken (or skipped) so far, for the KL warm-up
         self.bad_steps = 0  # skipped non-finite steps so far (train.max_bad_steps)
@@ -456,7 +453,6 @@ class Trainer:
         resume, self._resume = self._resume, None
         start = resume["step"] if resume else 0  # steps a mid-epoch checkpoint already took
         self.sampler.set_epoch(epoch)
-        self.sampler.skip = start * self.local_batch
         # The RNG states at the epoch's start (before the DataLoader's iterator draws its seed
         # from them): a mid-epoch checkpoint stores these, so a restart replays the same draws.
         epoch_rng = rng_states()
@@ -476,15 +472,14 @@ class Trainer:
                     partial = torch.cat([partial, partial[:1]])
                 sums += partial
                 count += resume["count"]
-        steps = start + len(self.loader)
+        local = self.local_batch
+        steps = len(order) // local
         skip_mode = tc.max_bad_steps > 0
         first_bad = torch.tensor(-1, device=self.device)  # this rank's first non-finite step
-        local = self.local_batch
-        for step, (images, _) in enumerate(self.loader, start=start):
-            x = to_unit_float(images.to(self.device, non_blocking=True))
+        for step, images, positions in self.batches.epoch(order, local, start):
+            x = to_unit_float(images)
             if tc.binarize != "none":
-                rows = order[step * local : (step + 1) * local].to(self.device)
-                x = binarize(x, tc.binarize, tc.seed, epoch, rows)
+                x = binarize(x, tc.binarize, tc.seed, epoch, positions)
             x = x.contiguous(memory_format=self.memory_format)
             eps = self._step_noise(noise)
             batch_sums, finite = self._run_batch(x, eps)
@@ -578,7 +573,10 @@ class Trainer:
         tc = self.cfg.train
         for start in range(0, len(idx), 1024):
             rows = idx[start : start + 1024]
-            x = to_unit_float(self.val_set.take(rows.numpy()).to(self.device))
+            if self.val_data is not None:
+                x = to_unit_float(self.val_data.batch(rows))
+            else:
+                x = to_unit_float(self.val_set.take(rows.numpy()).to(self.device))
             x = binarize(x, tc.binarize, tc.seed, VALIDATION_STREAM, rows.to(self.device))
             eps = noise[rows].to(self.device)
             terms = _ElboPath(self.model)(x, eps)
@@ -600,7 +598,7 @@ class Trainer:
             tc = self.cfg.train
             log.info(
                 "training %d -> %d epochs on %s (%s%s%s), world size %d, %d images/epoch; "
-                "objective %s, binarize %s, lr %s",
+                "objective %s, binarize %s, lr %s; data %s: %s",
                 self.epoch,
                 total,
                 self.device,
@@ -614,6 +612,8 @@ class Trainer:
                 f"{tc.lr:g}"
                 if tc.lr_schedule == "constant"
                 else f"cosine {tc.lr:g} -> {tc.lr_min:g}",
+                self.batches.describe(),
+                self.data_reason,
             )
         while self.epoch < total:
             record = {"epoch": self.epoch + 1, **self._run_epoch(self.epoch), **self._validate()}
