@@ -5,14 +5,20 @@
     python bench/train_throughput.py --device cuda --channels 3 --image-size 250   # the seed's
 
 Side by side in one run, alternating round by round (so a noisy neighbour slows both):
-1. `Trainer._run_epoch` (what `vae-pipeline train` runs per rank: sampler, per-step finiteness
-   check, device-side sums) against a plain loop written out by hand: the same ConvVAE, data
-   (the memory-mapped uint8 split), batch, Adam and loss, nothing else. One epoch each per round.
-   The trainer runs twice: with its defaults (`train.channels_last: true`; bf16 autocast on
-   CUDA) and like for like (fp32, the plain loop's NCHW layout). Then the same one step at a time on one
-   fixed batch (no data loading: less noise).
-2. The Trainer at world size 1 wrapped in DistributedDataParallel (a real gloo process group)
-   against the Trainer without DDP: the cost of the DDP wrapper itself.
+0. The headroom: the fastest training step the device allows on one fixed batch already on
+   the device (no data path), over the step variants the trainer's probe chooses from (fp32 /
+   bf16 autocast x NCHW / channels_last, eager; on CUDA also compiled, with CUDA graphs, and
+   with fused Adam), each timed in interleaved rounds.
+1. `Trainer._run_epoch` (what `vae-pipeline train` runs per rank: its data path, per-step
+   finiteness check, device-side sums) against a plain loop written out by hand: the same
+   ConvVAE, data (a DataLoader over the memory-mapped uint8 split), batch, Adam and loss,
+   nothing else. One epoch each per round. The trainer runs twice: with its defaults (every
+   `auto`: the step variant its probe picks, the data resident on the device) and like for like
+   (fp32, the plain loop's NCHW layout). Then the same one step at a time on one fixed batch
+   (no data loading: less noise). The trainer's best epoch is also given as a fraction of the
+   fastest fixed-batch step of part 0, with the TFLOP/s it achieves.
+2. The Trainer at world size 1 inside a real process group (NCCL on CUDA, gloo on CPU)
+   against the Trainer without one: one rank is not wrapped in DDP, so this should be 1.0x.
 It reports images/s (best round), the paired ratio (median over rounds), and the model's
 training FLOP rate (forward + backward, torch's FlopCounterMode) as a fraction of this
 machine's fp32 GEMM rate, measured in the same run.
@@ -41,7 +47,8 @@ from vae_pipeline.config import build_config
 from vae_pipeline.data import prepare, snapshot_source
 from vae_pipeline.data.dataset import PreparedSplit
 from vae_pipeline.model import ConvVAE
-from vae_pipeline.train import Trainer
+from vae_pipeline.train import Trainer, autotune
+from vae_pipeline.train.autotune import StepPlan
 
 
 def plain_loss(model: ConvVAE, x: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
@@ -142,11 +149,25 @@ def spread(ratios: list[float]) -> str:
     return f"{statistics.median(ratios):.3f}x ({min(ratios):.2f}-{max(ratios):.2f})"
 
 
-def describe(cfg) -> str:
-    tc = cfg.train
-    parts = [tc.precision if tc.precision != "auto" else "precision auto"]
-    parts.append("channels_last" if tc.channels_last else "NCHW")
-    return ", ".join(parts)
+def step_variants(device: torch.device) -> list[StepPlan]:
+    """The step variants of the headroom rows (those the trainer's probe may pick)."""
+    cuda = device.type == "cuda"
+    precisions = ["fp32", "bf16"] if cuda and torch.cuda.is_bf16_supported() else ["fp32"]
+    plans = [StepPlan(p, cl, "none", cuda) for p in precisions for cl in (False, True)]
+    if cuda:
+        plans += [StepPlan(p, cl, c, True) for p in precisions for cl in (False, True)
+                  for c in ("default", "reduce-overhead")]  # fmt: skip
+    return plans
+
+
+def headroom(cfg, device: torch.device, flops: float) -> float:
+    """Part 0: the fastest fixed-batch step over the variants; prints their table."""
+    rates = autotune.time_candidates(cfg, device, cfg.train.batch_size, step_variants(device))
+    print("| fixed-batch step, data already on the device | images/s | TFLOP/s |")
+    print("|---|---|---|")
+    for plan, rate in sorted(rates.items(), key=lambda item: -item[1]):
+        print(f"| {plan.label()} | {rate:.0f} | {rate * flops / 1e12:.2f} |")
+    return max(rates.values())
 
 
 def main() -> None:
@@ -199,12 +220,18 @@ def main() -> None:
         def trainer(c, name: str) -> Trainer:
             return Trainer(c, root / name, workdir=root, device=device)
 
+        # 0. The headroom: the fastest fixed-batch step of any variant on this device.
+        fastest = headroom(cfg, device, flops)
+
         # 1. Whole epochs: the trainer (defaults, and like for like) against the plain loop.
         default, same_as_plain = trainer(cfg, "default"), trainer(plain_cfg, "like-for-like")
         plain = PlainLoop(cfg, split, device)
+        defaults = (
+            f"trainer, defaults ({default.plan.describe()}; data {default.batches.describe()})"
+        )
         best, ratios = side_by_side(
             {
-                f"trainer, defaults ({describe(cfg)})": lambda e: trainer_epoch(default, e),
+                defaults: lambda e: trainer_epoch(default, e),
                 "trainer, fp32 NCHW (as the plain loop)": lambda e: trainer_epoch(same_as_plain, e),
                 "plain loop, fp32 NCHW": lambda e: plain.epoch(e),
             },
@@ -219,6 +246,10 @@ def main() -> None:
             print(
                 f"| {name} | {rate:.0f} | {gflops:.0f} | {gflops / peak:.0%} | {spread(ratios[name])} |"
             )
+        print(
+            f"# trainer defaults, best epoch: {best[defaults] / fastest:.2f}x the fastest "
+            f"fixed-batch step ({fastest:.0f} images/s), {best[defaults] * flops / 1e12:.2f} TFLOP/s"
+        )
 
         # 2. One optimizer step at a time on one fixed batch (no data loading, less noise):
         # what the trainer adds per step (finiteness flags, device-side sums), like for like.
@@ -254,20 +285,20 @@ def main() -> None:
             backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1
         )
         try:
-            wrapped = trainer(cfg, "ddp")  # DDP: a process group exists
-            assert wrapped.ddp is not None
+            grouped = trainer(cfg, "ddp")  # a process group of one: not wrapped in DDP
+            assert grouped.ddp is None
             best, ratios = side_by_side(
                 {
-                    "DDP": lambda e: trainer_epoch(wrapped, e),
-                    "no DDP": lambda e: trainer_epoch(alone, e),
+                    "in a 1-rank process group": lambda e: trainer_epoch(grouped, e),
+                    "no process group": lambda e: trainer_epoch(alone, e),
                 },
                 args.rounds,
             )
         finally:
             dist.destroy_process_group()
         print(
-            f"| trainer ({describe(cfg)}), world size 1, {backend} | images/s (best epoch) | "
-            "/ no DDP, median (range) |"
+            f"| trainer (defaults), world size 1, {backend} | images/s (best epoch) | "
+            "/ no process group, median (range) |"
         )
         print("|---|---|---|")
         for name, rate in best.items():

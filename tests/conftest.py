@@ -19,7 +19,15 @@ FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 TINY = {
     "data": {"limit": 256},
     "model": {"latent_dim": 8},
-    "train": {"epochs": 1, "batch_size": 64, "nproc_per_node": 2, "log_every": 1000},
+    # channels_last fixed: parity tests compare runs of other batch sizes, which the step
+    # probe could time into other layouts (float rounding); auto has tests of its own
+    "train": {
+        "epochs": 1,
+        "batch_size": 64,
+        "nproc_per_node": 2,
+        "log_every": 1000,
+        "channels_last": True,
+    },
     "evaluate": {"iw_samples": 4, "iw_chunk": 4, "batch_size": 128, "n_samples": 16},
     "probe": {"labels_per_class": [10], "draws": 2},
     "generation": {"fd_images": 200, "fd_components": 8},
@@ -44,6 +52,8 @@ def _quiet_env(tmp_path_factory):
     # Prefect's ephemeral server logs its shutdown at interpreter exit, after pytest has closed
     # the captured streams; keep its logger quiet in tests.
     os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
+    # step-probe results (train.autotune_cache) go to a temporary cache, not the user's
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
     apply_quiet_offline_defaults()
 
 

@@ -128,15 +128,22 @@ class TrainConfig(_Section):
     """Times torchrun restarts the workers after a failure (e.g. a killed rank); each restart
     resumes from the last checkpoint."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """auto = bf16 autocast on a CUDA device that supports it, fp32 otherwise; bf16 = require
-    it (refused on CPU, where bf16 is far slower than fp32). The loss terms stay fp32."""
-    channels_last: bool = True
-    """Convolutions in NHWC memory layout: measured 1.09x-1.17x faster on the 2-core CPU
-    (docs/benchmarks.md) and the usual choice on CUDA with autocast; the same numbers up to
-    float rounding."""
-    compile: bool = False
-    """torch.compile the training forward and backward (needs a C++ compiler on CPU; the first
-    steps pay the compilation)."""
+    """auto = chosen by the step probe on CUDA (bf16 autocast or fp32: bf16 pays at 3x250x250,
+    not at 1x32x32), fp32 on CPU; bf16 = require it (refused on CPU, where bf16 is far slower
+    than fp32). The loss terms stay fp32."""
+    channels_last: bool | Literal["auto"] = "auto"
+    """Convolutions in NHWC memory layout; auto = chosen by the step probe (timed against NCHW
+    on this device, shape and batch); the same numbers up to float rounding."""
+    compile: bool | Literal["auto", "reduce-overhead"] = "auto"
+    """torch.compile the training forward and backward; reduce-overhead = with CUDA graphs
+    (for launch-bound small shapes, one rank). auto = probed on CUDA, off on CPU (compiling
+    costs a minute and needs a C++ compiler there)."""
+    fused_adam: bool | Literal["auto"] = "auto"
+    """Adam's fused CUDA kernel (one launch for every parameter); auto = probed on CUDA, off
+    on CPU (where the default implementation keeps the CPU runs' bits as they were)."""
+    autotune_cache: str | None = None
+    """JSON file of step-probe results, per device, torch version, shape and batch (null =
+    ~/.cache/vae-pipeline/step-plans.json, or under $XDG_CACHE_HOME)."""
     out_dir: str = "models"
     binarize: Literal["none", "fixed", "dynamic"] = "none"
     """How the Bernoulli likelihood meets [0, 1] intensities in training: as they are (the
@@ -564,6 +571,14 @@ def tracking_uri(cfg: Config, workdir: str | os.PathLike = ".") -> str:
     if env:
         return env
     return "sqlite:///" + str(Path(workdir, "mlflow.db").resolve())
+
+
+def autotune_cache_path(cfg: Config) -> Path:
+    """Where step-probe results are cached: train.autotune_cache, else the user's cache."""
+    if cfg.train.autotune_cache:
+        return Path(cfg.train.autotune_cache).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base, "vae-pipeline", "step-plans.json")
 
 
 def s3_endpoint_url() -> str | None:

@@ -299,6 +299,7 @@ def test_a_step_with_each_layout_or_compiled_matches_a_plain_loop(prepared, tmp_
     compiled = isinstance(trainer.net, torch._dynamo.eval_frame.OptimizedModule)
     assert compiled == option.get("compile", False)
     weight = trainer.model.encoder[2].weight  # 32 input channels: the layouts differ
+    assert trainer.plan.channels_last == cfg.train.channels_last
     assert weight.is_contiguous(memory_format=torch.channels_last) == cfg.train.channels_last
     trainer.fit()
     expected = _reference_gradient(cfg, trainer, 1.0)

@@ -26,6 +26,15 @@ def load(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def peek(path: Path, key: str) -> Any:
+    """One entry of a checkpoint without reading its tensors (memory-mapped), or None when
+    the file cannot be read (the full load later says why)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get(key)
+    except Exception:  # a truncated or foreign file: not this function's to report
+        return None
+
+
 def save_model(model: ConvVAE, path: Path, **metadata: Any) -> None:
     """The final model: constructor arguments + weights + lineage metadata (plain values).
     Refuses non-finite weights: such a model must never reach evaluation or the registry."""

@@ -70,3 +70,12 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank (itself when there is no process group)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        holder = [obj]
+        dist.broadcast_object_list(holder, src=0)
+        return holder[0]
+    return obj

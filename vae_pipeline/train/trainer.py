@@ -36,11 +36,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DistributedSampler
 
 from vae_pipeline.binarize import VALIDATION_STREAM, binarize
-from vae_pipeline.config import Config, TrainConfig
+from vae_pipeline.config import Config, TrainConfig, autotune_cache_path
 from vae_pipeline.data.dataset import PreparedSplit, read_manifest, resolve_label, to_unit_float
-from vae_pipeline.elbo import iwae_terms, terms_from_outputs
 from vae_pipeline.model import ConvVAE
-from vae_pipeline.train import checkpoint
+from vae_pipeline.train import autotune, checkpoint
 from vae_pipeline.train.data import (
     DeviceSplit,
     StepBatches,
@@ -48,78 +47,12 @@ from vae_pipeline.train.data import (
     resident_decision,
     split_bytes,
 )
-from vae_pipeline.train.distributed import DistEnv, all_reduce_sum, barrier
+from vae_pipeline.train.distributed import DistEnv, all_reduce_sum, barrier, broadcast_object
+from vae_pipeline.train.step import ElboPath, TrainingError, autocast_dtype
 
 log = logging.getLogger(__name__)
 
 EpochCallback = Callable[[dict], None]
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (bad batch size, non-finite loss, incompatible checkpoint)."""
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The training autocast dtype for `train.precision` on `device` (None = plain fp32).
-
-    bf16 only on CUDA: on CPUs without bf16 matrix units (like the one this project is tested
-    on) a bf16 convolution is orders of magnitude slower than fp32, so `auto` is fp32 there and
-    `bf16` is refused rather than silently slow."""
-    if precision == "fp32":
-        return None
-    if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        if precision == "bf16":
-            raise TrainingError(
-                f"train.precision=bf16: {torch.cuda.get_device_name(device)} has no bf16 "
-                "support; use train.precision=auto or fp32"
-            )
-        return None
-    if precision == "bf16":
-        raise TrainingError(
-            f"train.precision=bf16 needs a CUDA device, and this run is on {device.type}: bf16 "
-            "on CPU is far slower than fp32; use train.precision=auto (fp32 here) or fp32"
-        )
-    return None
-
-
-class _ElboPath(torch.nn.Module):
-    """DDP hooks `forward`; this routes it to the per-example terms the loss needs (so every
-    parameter, the Gaussian decoder's log sigma included, is used inside forward).
-
-    `eps` of shape (batch, latent) gives the one-sample ELBO terms; (K, batch, latent) the
-    importance-weighted bound too (`iwae`, with the KL weight `beta` inside each weight).
-    With `dtype` (bf16 on CUDA) the network runs under autocast; the likelihood and KL are
-    computed in fp32 from its outputs either way."""
-
-    def __init__(self, vae: ConvVAE, dtype: torch.dtype | None = None):
-        super().__init__()
-        self.vae = vae
-        self.dtype = dtype
-
-    def _autocast(self, x: torch.Tensor):
-        return nullcontext() if self.dtype is None else torch.autocast(x.device.type, self.dtype)
-
-    def forward(
-        self, x: torch.Tensor, eps: torch.Tensor, beta: torch.Tensor | None = None
-    ) -> dict[str, torch.Tensor]:
-        if eps.dim() == 3:
-            with self._autocast(x):
-                mu, logvar = self.vae.encode(x)
-
-            def decode(z: torch.Tensor) -> torch.Tensor:
-                with self._autocast(x):
-                    return self.vae.decode_logits(z)
-
-            return iwae_terms(
-                decode, self.vae.log_likelihood, x, mu.float(), logvar.float(), eps, beta
-            )
-        with self._autocast(x):
-            logits, mu, logvar = self.vae.forward_logits(x, eps)
-        return terms_from_outputs(
-            logits.float(), mu.float(), logvar.float(), x, self.vae.log_likelihood
-        )
 
 
 class ResumableSampler(DistributedSampler):
@@ -226,6 +159,7 @@ class Trainer:
                 f"train.batch_size={tc.batch_size}: lower the batch size or add data"
             )
 
+        self.plan = self._choose_plan()
         torch.manual_seed(tc.seed)  # identical initial weights on every rank
         self.model = ConvVAE(
             cfg.data.channels,
@@ -235,20 +169,33 @@ class Trainer:
             # the source's real pixels (Fashion-MNIST's 28x28 inside the padded 32x32)
             content_box=self.train_set.manifest.get("content_box"),
         )
-        self.memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
+        plan = self.plan
+        self.memory_format = torch.channels_last if plan.channels_last else torch.contiguous_format
         self.model.to(device, memory_format=self.memory_format)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=tc.lr)
-        self.autocast = autocast_dtype(tc.precision, device)
-        wrapped = _ElboPath(self.model, self.autocast)
-        # self.ddp for no_sync(); self.net is what a step calls (compiled, if asked for)
+        self.optimizer = torch.optim.Adam(
+            self.model.parameters(), lr=tc.lr, fused=True if plan.fused_adam else None
+        )
+        self.autocast = torch.bfloat16 if plan.precision == "bf16" else None
+        wrapped = ElboPath(self.model, self.autocast)
+        # self.ddp for no_sync(); self.net is what a step calls (compiled, if asked for).
+        # One rank has nothing to all-reduce: no DDP (measured 0.875-0.906x of no DDP on an
+        # H100 under NCCL). Gradients are views into DDP's buckets (no copy per step); the
+        # graph is static (one-time bucket planning) except under no_sync, where static_graph
+        # is broken in current torch (pytorch/pytorch#187732).
         self.ddp = (
-            DDP(wrapped, device_ids=[device.index] if device.type == "cuda" else None)
-            if env.distributed
+            DDP(
+                wrapped,
+                device_ids=[device.index] if device.type == "cuda" else None,
+                gradient_as_bucket_view=True,
+                static_graph=tc.grad_accum_steps == 1,
+            )
+            if env.distributed and env.world_size > 1
             else None
         )
         self.net = self.ddp if self.ddp is not None else wrapped
-        if tc.compile:
-            self.net = torch.compile(self.net)
+        if plan.compile != "none":
+            mode = None if plan.compile == "default" else plan.compile
+            self.net = torch.compile(self.net, mode=mode)
         self.sampler = ResumableSampler(
             self.train_set,
             num_replicas=env.world_size,
@@ -272,6 +219,27 @@ class Trainer:
         self.steps_per_epoch = len(self.train_set) // tc.batch_size
         # K posterior samples per image for the iwae objective (1 = the plain ELBO)
         self.iw_samples = tc.iw_samples if tc.objective == "iwae" else 1
+
+    def _choose_plan(self) -> autotune.StepPlan:
+        """Precision, layout, compilation and Adam kernel: rank 0 decides (a resumed
+        checkpoint's plan, the forced settings, a cached or a new probe), every rank follows."""
+        tc = self.cfg.train
+        plan = None
+        if self.env.is_main or not self.env.distributed:  # no group: each process decides
+            resumed = None
+            if self.checkpoint_path.is_file():
+                resumed = checkpoint.peek(self.checkpoint_path, "step_plan")
+            plan = autotune.choose(
+                self.cfg,
+                self.device,
+                self.local_batch // tc.grad_accum_steps,
+                autotune_cache_path(self.cfg),
+                self.env.world_size,
+                resumed,
+            )
+        else:
+            autocast_dtype(tc.precision, self.device)  # the same refusal on every rank
+        return broadcast_object(plan)
 
     # --- checkpoints -----------------------------------------------------------------------
     @property
@@ -307,6 +275,7 @@ class Trainer:
                     "history": self.history,
                     "fingerprint": resume_fingerprint(self.cfg),
                     "data_version": self.data_version,
+                    "step_plan": self.plan.as_dict(),
                 },
                 self.checkpoint_path,
             )
@@ -579,7 +548,7 @@ class Trainer:
                 x = to_unit_float(self.val_set.take(rows.numpy()).to(self.device))
             x = binarize(x, tc.binarize, tc.seed, VALIDATION_STREAM, rows.to(self.device))
             eps = noise[rows].to(self.device)
-            terms = _ElboPath(self.model)(x, eps)
+            terms = ElboPath(self.model)(x, eps)
             sums += torch.stack([-terms["elbo"].sum(), terms["recon"].sum(), terms["kl"].sum()])
         count = torch.tensor([float(len(idx))], dtype=torch.float64, device=self.device)
         all_reduce_sum(sums)
@@ -597,16 +566,14 @@ class Trainer:
         if self.env.is_main:
             tc = self.cfg.train
             log.info(
-                "training %d -> %d epochs on %s (%s%s%s), world size %d, %d images/epoch; "
+                "training %d -> %d epochs on %s, world size %d, %d images/epoch; step %s; "
                 "objective %s, binarize %s, lr %s; data %s: %s",
                 self.epoch,
                 total,
                 self.device,
-                "bf16 autocast" if self.autocast is not None else "fp32",
-                ", channels_last" if tc.channels_last else "",
-                ", compiled" if tc.compile else "",
                 self.env.world_size,
                 self.steps_per_epoch * tc.batch_size,
+                self.plan.describe(),
                 f"iwae (K={self.iw_samples})" if self.iw_samples > 1 else "elbo",
                 tc.binarize,
                 f"{tc.lr:g}"

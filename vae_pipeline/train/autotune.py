@@ -1,0 +1,318 @@
+"""Precision, memory layout, compilation and Adam's kernel for the training step, chosen by
+timing the candidates on this device, shape and batch (`train.* : auto`), or as forced.
+
+Why measure: the best variant flips with the shape. On an H100 bf16 autocast + channels_last is
+1.8x fp32 NCHW at 3x250x250 and 0.69x at 1x32x32, where the step is bound by kernel launches;
+on a 2-core CPU channels_last ran 1.09-1.17x NCHW at 1x32x32. A rule cannot cover every
+device and shape; a short probe can.
+
+The probe runs once per (device, torch version, image shape, latent size, likelihood,
+objective, micro-batch) and its result is cached (`config.autotune_cache_path`), so a training
+pays it once: about a second on CPU at the demo's shape, plus the compilations on CUDA.
+Candidates, each trained for a few steps on a random batch from a fresh copy of the model
+(the trainer's model and RNG states are untouched), timed in interleaved rounds:
+- CPU: NCHW vs channels_last, fp32 eager (compile and fused Adam stay off: see config).
+- CUDA: {fp32, bf16} x {NCHW, channels_last} eager with fused Adam; then the fastest of those
+  compiled (and with CUDA graphs, "reduce-overhead", when there is one rank), and with the
+  default Adam.
+The fastest wins unless the plain variant (fp32, NCHW, eager) is within TIE of it: a choice
+must pay for its complexity. Rank 0 decides and every rank takes its choice (they must run the
+same graph); a resumed run keeps the plan of its checkpoint, so its bits stay reproducible.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+from vae_pipeline.config import Config
+from vae_pipeline.model import ConvVAE
+from vae_pipeline.train.step import ElboPath, TrainingError, autocast_dtype
+
+log = logging.getLogger(__name__)
+
+TIE = 0.03  # the plain variant wins unless another is more than 3% faster
+ROUNDS = 5  # interleaved timing rounds per candidate (median)
+ROUND_SECONDS = 0.15  # target length of one round
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How the training step runs. `how`: forced (every setting given), probed, cached,
+    checkpoint (a resumed run keeps its plan) or rule (nothing to choose)."""
+
+    precision: str = "fp32"  # fp32 | bf16
+    channels_last: bool = False
+    compile: str = "none"  # none | default | reduce-overhead
+    fused_adam: bool = False
+    how: str = "rule"
+    detail: str = ""
+
+    def label(self) -> str:
+        parts = [
+            "bf16 autocast" if self.precision == "bf16" else "fp32",
+            "channels_last" if self.channels_last else "NCHW",
+        ]
+        if self.compile != "none":
+            parts.append(
+                "compiled" + (" + CUDA graphs" if self.compile == "reduce-overhead" else "")
+            )
+        if self.fused_adam:
+            parts.append("fused Adam")
+        return ", ".join(parts)
+
+    def describe(self) -> str:
+        return f"{self.label()} ({self.how}{': ' + self.detail if self.detail else ''})"
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("how", "detail")}
+
+    @classmethod
+    def from_dict(cls, data: dict, how: str, detail: str = "") -> StepPlan:
+        fields = {f.name for f in dataclasses.fields(cls)} - {"how", "detail"}
+        return cls(**{k: v for k, v in data.items() if k in fields}, how=how, detail=detail)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} cpu, {torch.get_num_threads()} threads"
+
+
+def _choices(cfg: Config, device: torch.device, world_size: int) -> dict[str, list]:
+    """Each setting's candidate values: the forced value alone, or what auto may pick here."""
+    tc = cfg.train
+    cuda = device.type == "cuda"
+    autocast_dtype(tc.precision, device)  # refuses bf16 where it cannot run, naming the field
+    bf16_ok = cuda and torch.cuda.is_bf16_supported()
+    precision = {"fp32": ["fp32"], "bf16": ["bf16"]}.get(
+        tc.precision, ["fp32", "bf16"] if bf16_ok else ["fp32"]
+    )
+    layout = [False, True] if tc.channels_last == "auto" else [bool(tc.channels_last)]
+    if tc.compile == "auto":
+        compile_ = ["none", "default"] + (["reduce-overhead"] if world_size == 1 else [])
+        compile_ = compile_ if cuda else ["none"]
+    elif tc.compile == "reduce-overhead":
+        compile_ = ["reduce-overhead"]
+    else:
+        compile_ = ["default" if tc.compile else "none"]
+    fused = ([True, False] if cuda else [False]) if tc.fused_adam == "auto" else [tc.fused_adam]
+    if fused == [True] and not cuda:
+        raise TrainingError("train.fused_adam=true needs a CUDA device here; use auto or false")
+    return {"precision": precision, "channels_last": layout, "compile": compile_, "fused": fused}
+
+
+def cache_key(cfg: Config, device: torch.device, micro_batch: int, choices: dict) -> str:
+    c = cfg.data
+    k = cfg.train.iw_samples if cfg.train.objective == "iwae" else 1
+    options = ";".join(f"{name}={values}" for name, values in sorted(choices.items()))
+    return (
+        f"{device_name(device)}|torch {torch.__version__}|{c.channels}x{c.image_size}x"
+        f"{c.image_size}|latent {cfg.model.latent_dim}|{cfg.model.likelihood}|K {k}"
+        f"|micro-batch {micro_batch}|{options}"
+    )
+
+
+def read_cache(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}  # missing or damaged: probe again, and rewrite it
+
+
+def write_cache(path: Path, key: str, entry: dict) -> None:
+    """Add one entry (atomically: a concurrent reader sees the old file or the new one)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = read_cache(path)
+        data[key] = entry
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError as exc:  # a read-only home is no reason to stop training
+        log.warning("could not write the step-probe cache %s (%s)", path, exc)
+
+
+class _Candidate:
+    """One step variant on a fresh model copy, ready to be timed."""
+
+    def __init__(self, cfg: Config, device: torch.device, plan: StepPlan, batch: tuple):
+        c = cfg.data
+        self.plan = plan
+        self.x, self.eps = batch
+        fmt = torch.channels_last if plan.channels_last else torch.contiguous_format
+        self.x = self.x.contiguous(memory_format=fmt)
+        model = ConvVAE(c.channels, c.image_size, cfg.model.latent_dim, cfg.model.likelihood)
+        self.model = model.to(device, memory_format=fmt)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-4, fused=plan.fused_adam or None)
+        net = ElboPath(self.model, torch.bfloat16 if plan.precision == "bf16" else None)
+        if plan.compile != "none":
+            mode = None if plan.compile == "default" else plan.compile
+            net = torch.compile(net, mode=mode)
+        self.net = net
+        self.device = device
+
+    def step(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        terms = (
+            self.net(self.x, self.eps)
+            if self.eps.dim() == 2
+            else self.net(self.x, self.eps, torch.ones((), device=self.device))
+        )
+        loss = -(terms["iwae"] if "iwae" in terms else terms["elbo"]).mean()
+        loss.backward()
+        self.opt.step()
+
+    def time(self, steps: int) -> float:
+        """Images per second over `steps` steps (synchronised on CUDA)."""
+        _sync(self.device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        _sync(self.device)
+        return steps * len(self.x) / (time.perf_counter() - t0)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _random_batch(cfg: Config, device: torch.device, micro_batch: int) -> tuple:
+    c = cfg.data
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (micro_batch, c.channels, c.image_size, c.image_size), generator=gen)
+    x = (x.float() / 255).to(device)
+    k = cfg.train.iw_samples if cfg.train.objective == "iwae" else 1
+    eps = torch.randn(k, micro_batch, cfg.model.latent_dim, generator=gen).to(device)
+    return x, eps[0] if k == 1 else eps
+
+
+def time_candidates(
+    cfg: Config, device: torch.device, micro_batch: int, plans: list[StepPlan]
+) -> dict[StepPlan, float]:
+    """Median images/s of each plan over ROUNDS interleaved rounds."""
+    batch = _random_batch(cfg, device, micro_batch)
+    built = []
+    for plan in plans:
+        try:
+            cand = _Candidate(cfg, device, plan, batch)
+            t0 = time.perf_counter()
+            for _ in range(3):  # warm-up (and compilation)
+                cand.step()
+            _sync(device)
+            per_step = (time.perf_counter() - t0) / 3
+            built.append((cand, per_step))
+        except Exception as exc:  # a variant that cannot run here is not a choice
+            log.warning("step probe: %s failed (%s); left out", plan.label(), exc)
+    steps = {id(c): max(1, int(ROUND_SECONDS / max(dt, 1e-4))) for c, dt in built}
+    rates: dict[StepPlan, list[float]] = {c.plan: [] for c, _ in built}
+    for r in range(ROUNDS):
+        order = built if r % 2 == 0 else built[::-1]
+        for cand, _ in order:
+            rates[cand.plan].append(cand.time(steps[id(cand)]))
+    return {plan: statistics.median(v) for plan, v in rates.items()}
+
+
+def _pick(rates: dict[StepPlan, float]) -> tuple[StepPlan, str]:
+    best = max(rates, key=rates.get)
+    plain = next(
+        (p for p in rates if (p.precision, p.channels_last, p.compile) == ("fp32", False, "none")),
+        None,
+    )
+    if plain is not None and rates[plain] >= (1 - TIE) * rates[best]:
+        best = plain
+    shown = ", ".join(f"{p.label()} {r:.0f}" for p, r in sorted(rates.items(), key=lambda i: -i[1]))
+    return best, f"images/s {shown}"
+
+
+def probe(cfg: Config, device: torch.device, micro_batch: int, world_size: int = 1) -> StepPlan:
+    """Time the candidates (eager first; then compiled and Adam variants of the best) and
+    return the fastest, with the measured rates in its detail."""
+    choices = _choices(cfg, device, world_size)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        fused0 = choices["fused"][0]
+        eager_compile = "none" if "none" in choices["compile"] else choices["compile"][0]
+        first = [
+            StepPlan(p, cl, eager_compile, fused0)
+            for p in choices["precision"]
+            for cl in choices["channels_last"]
+        ]
+        rates = time_candidates(cfg, device, micro_batch, first)
+        best, _ = _pick(rates)
+        more = [
+            dataclasses.replace(best, compile=c) for c in choices["compile"] if c != best.compile
+        ]
+        more += [
+            dataclasses.replace(best, fused_adam=f)
+            for f in choices["fused"]
+            if f != best.fused_adam
+        ]
+        if more:
+            rates.update(time_candidates(cfg, device, micro_batch, [best, *more]))
+    if not rates:
+        raise TrainingError("the step probe could run no variant of the training step")
+    best, detail = _pick(rates)
+    return dataclasses.replace(best, how="probed", detail=detail)
+
+
+def choose(
+    cfg: Config,
+    device: torch.device,
+    micro_batch: int,
+    cache_path: Path,
+    world_size: int = 1,
+    resumed: dict | None = None,
+) -> StepPlan:
+    """The step plan: a resumed checkpoint's, every setting forced, a cached probe, or a new
+    probe (then cached)."""
+    choices = _choices(cfg, device, world_size)
+    if resumed:
+        return StepPlan.from_dict(resumed, "checkpoint", "a resumed run keeps its plan")
+    if all(len(v) == 1 for v in choices.values()):
+        only = StepPlan(
+            choices["precision"][0],
+            choices["channels_last"][0],
+            choices["compile"][0],
+            choices["fused"][0],
+        )
+        how = (
+            "rule"
+            if any(_auto(cfg, k) for k in ("precision", "compile", "fused_adam"))
+            else "forced"
+        )
+        return dataclasses.replace(only, how=how, detail="nothing to measure here")
+    key = cache_key(cfg, device, micro_batch, choices)
+    entry = read_cache(cache_path).get(key)
+    if isinstance(entry, dict) and isinstance(entry.get("plan"), dict):
+        try:
+            return StepPlan.from_dict(entry["plan"], "cached", entry.get("detail", ""))
+        except TypeError:
+            pass  # an entry of another version: probe again
+    log.info("step probe: timing %s on %s (cached afterwards in %s)", choices, device, cache_path)
+    plan = probe(cfg, device, micro_batch, world_size)
+    write_cache(
+        cache_path,
+        key,
+        {
+            "plan": plan.as_dict(),
+            "detail": plan.detail,
+            "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        },
+    )
+    return plan
+
+
+def _auto(cfg: Config, name: str) -> bool:
+    return getattr(cfg.train, name) == "auto"

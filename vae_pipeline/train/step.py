@@ -1,0 +1,81 @@
+"""One training step's network call: the ELBO (or IWAE) terms under the chosen precision.
+
+Kept apart from the trainer so the step-variant probe (`autotune`) times exactly what the
+trainer runs.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from vae_pipeline.elbo import iwae_terms, terms_from_outputs
+from vae_pipeline.model import ConvVAE
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (bad batch size, non-finite loss, incompatible checkpoint)."""
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The training autocast dtype for `train.precision` on `device` (None = plain fp32).
+
+    bf16 only on CUDA: on CPUs without bf16 matrix units (like the one this project is tested
+    on) a bf16 convolution is orders of magnitude slower than fp32, so `auto` is fp32 there and
+    `bf16` is refused rather than silently slow."""
+    if precision == "fp32":
+        return None
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        if precision == "bf16":
+            raise TrainingError(
+                f"train.precision=bf16: {torch.cuda.get_device_name(device)} has no bf16 "
+                "support; use train.precision=auto or fp32"
+            )
+        return None
+    if precision == "bf16":
+        raise TrainingError(
+            f"train.precision=bf16 needs a CUDA device, and this run is on {device.type}: bf16 "
+            "on CPU is far slower than fp32; use train.precision=auto (fp32 here) or fp32"
+        )
+    return None
+
+
+class ElboPath(torch.nn.Module):
+    """DDP hooks `forward`; this routes it to the per-example terms the loss needs (so every
+    parameter, the Gaussian decoder's log sigma included, is used inside forward).
+
+    `eps` of shape (batch, latent) gives the one-sample ELBO terms; (K, batch, latent) the
+    importance-weighted bound too (`iwae`, with the KL weight `beta` inside each weight).
+    With `dtype` (bf16 on CUDA) the network runs under autocast; the likelihood and KL are
+    computed in fp32 from its outputs either way."""
+
+    def __init__(self, vae: ConvVAE, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.vae = vae
+        self.dtype = dtype
+
+    def _autocast(self, x: torch.Tensor):
+        return nullcontext() if self.dtype is None else torch.autocast(x.device.type, self.dtype)
+
+    def forward(
+        self, x: torch.Tensor, eps: torch.Tensor, beta: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        if eps.dim() == 3:
+            with self._autocast(x):
+                mu, logvar = self.vae.encode(x)
+
+            def decode(z: torch.Tensor) -> torch.Tensor:
+                with self._autocast(x):
+                    return self.vae.decode_logits(z)
+
+            return iwae_terms(
+                decode, self.vae.log_likelihood, x, mu.float(), logvar.float(), eps, beta
+            )
+        with self._autocast(x):
+            logits, mu, logvar = self.vae.forward_logits(x, eps)
+        return terms_from_outputs(
+            logits.float(), mu.float(), logvar.float(), x, self.vae.log_likelihood
+        )
