@@ -160,9 +160,12 @@ def step_variants(device: torch.device) -> list[StepPlan]:
     return plans
 
 
-def headroom(cfg, device: torch.device, flops: float) -> float:
-    """Part 0: the fastest fixed-batch step over the variants; prints their table."""
-    rates = autotune.time_candidates(cfg, device, cfg.train.batch_size, step_variants(device))
+def headroom(cfg, device: torch.device, flops: float, rounds: int) -> float:
+    """Part 0: the fastest fixed-batch step over the variants (median of `rounds` interleaved
+    rounds of about a second each); prints their table."""
+    rates = autotune.time_candidates(
+        cfg, device, cfg.train.batch_size, step_variants(device), rounds, round_seconds=1.0
+    )
     print("| fixed-batch step, data already on the device | images/s | TFLOP/s |")
     print("|---|---|---|")
     for plan, rate in sorted(rates.items(), key=lambda item: -item[1]):
@@ -221,7 +224,7 @@ def main() -> None:
             return Trainer(c, root / name, workdir=root, device=device)
 
         # 0. The headroom: the fastest fixed-batch step of any variant on this device.
-        fastest = headroom(cfg, device, flops)
+        fastest = headroom(cfg, device, flops, args.rounds)
 
         # 1. Whole epochs: the trainer (defaults, and like for like) against the plain loop.
         default, same_as_plain = trainer(cfg, "default"), trainer(plain_cfg, "like-for-like")

@@ -135,3 +135,45 @@ def test_train_flags_are_overrides_that_win_over_set(capsys):
     help_text = capsys.readouterr().out
     for flag in ("--nnodes", "--nproc-per-node", "--rdzv-endpoint", "--rdzv-id", "--max-restarts"):
         assert flag in help_text
+
+
+def test_evaluation_binarizes_as_training_did_unless_told_otherwise():
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert params["evaluate"]["binarize"] == "auto"
+    cfg = build_config(params, ["train.binarize=dynamic"])
+    assert cfg.evaluate.binarize == "dynamic"  # auto resolved once, where the config is built
+    cfg = build_config(params, ["train.binarize=dynamic", "evaluate.binarize=none"])
+    assert cfg.evaluate.binarize == "none"
+    assert build_config(params).evaluate.binarize == "none"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["model.likelihood=gaussian", "train.binarize=dynamic"],
+            "train.binarize=dynamic applies to the Bernoulli likelihood",
+        ),
+        (
+            ["model.likelihood=discretized_logistic", "evaluate.binarize=fixed"],
+            "evaluate.binarize=fixed applies to the Bernoulli likelihood",
+        ),
+        (["data.source='idx:'"], "idx: needs a folder"),
+        (["train.objective=vimco"], "train.objective"),
+        (["train.channels_last=sometimes"], "train.channels_last"),
+        (["train.num_workers=-1"], "train.num_workers"),
+        (["train.compile=fast"], "train.compile"),
+    ],
+)
+def test_new_training_settings_are_checked(overrides, message):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        build_config(params, overrides)
+
+
+def test_the_benchmark_preset_loads():
+    cfg = load_config(REPO / "params" / "binarized-benchmark.yaml")
+    assert cfg.train.binarize == cfg.evaluate.binarize == "dynamic"
+    assert cfg.train.objective == "iwae" and cfg.evaluate.iw_samples == 5000
+    assert cfg.data.source.startswith("idx:")
+    assert cfg.registry.model_name != build_config({}).registry.model_name

@@ -535,9 +535,10 @@ ENVIRONMENT: dict[str, str] = {
     "AWS_ENDPOINT_URL_S3": "S3 endpoint for S3 only (wins over AWS_ENDPOINT_URL)",
     "MLFLOW_S3_ENDPOINT_URL": "S3 endpoint of the MLflow client's direct artifact access",
     "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "torchrun: a rendezvous store per restart (set by us)",
+    "XDG_CACHE_HOME": "where the step-probe cache lives (train.autotune_cache wins)",
 }
 # Set by torchrun for each rank; never set by hand.
-TORCHRUN_ENVIRONMENT = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
+TORCHRUN_ENVIRONMENT = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
 
 QUIET_OFFLINE = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",

@@ -200,9 +200,14 @@ def _random_batch(cfg: Config, device: torch.device, micro_batch: int) -> tuple:
 
 
 def time_candidates(
-    cfg: Config, device: torch.device, micro_batch: int, plans: list[StepPlan]
+    cfg: Config,
+    device: torch.device,
+    micro_batch: int,
+    plans: list[StepPlan],
+    rounds: int = ROUNDS,
+    round_seconds: float = ROUND_SECONDS,
 ) -> dict[StepPlan, float]:
-    """Median images/s of each plan over ROUNDS interleaved rounds."""
+    """Median images/s of each plan over `rounds` interleaved rounds of ~`round_seconds`."""
     batch = _random_batch(cfg, device, micro_batch)
     built = []
     for plan in plans:
@@ -216,9 +221,9 @@ def time_candidates(
             built.append((cand, per_step))
         except Exception as exc:  # a variant that cannot run here is not a choice
             log.warning("step probe: %s failed (%s); left out", plan.label(), exc)
-    steps = {id(c): max(1, int(ROUND_SECONDS / max(dt, 1e-4))) for c, dt in built}
+    steps = {id(c): max(1, int(round_seconds / max(dt, 1e-4))) for c, dt in built}
     rates: dict[StepPlan, list[float]] = {c.plan: [] for c, _ in built}
-    for r in range(ROUNDS):
+    for r in range(rounds):
         order = built if r % 2 == 0 else built[::-1]
         for cand, _ in order:
             rates[cand.plan].append(cand.time(steps[id(cand)]))
