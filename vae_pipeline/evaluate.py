@@ -25,6 +25,7 @@ from vae_pipeline.binarize import TEST_STREAM
 from vae_pipeline.binarize import binarize as binarize_policy
 from vae_pipeline.config import Config, EvaluateConfig
 from vae_pipeline.data.dataset import PreparedSplit, resolve_label, to_unit_float
+from vae_pipeline.data.placement import resident_decision
 from vae_pipeline.elbo import (
     gaussian_kl_per_dim,
     iw_log_likelihood,
@@ -602,7 +603,9 @@ def evaluate(
     test = PreparedSplit(workdir / cfg.data.prepared_dir, "test")
     images = test.tensor()
     t0 = time.perf_counter()
-    terms = sharded_terms(model, images, cfg.evaluate, device)
+    # the same data path as training: the split copied to the device once when it fits
+    resident, _ = resident_decision(cfg.train.resident_data, images.nbytes, device)
+    terms = sharded_terms(model, images.to(device) if resident else images, cfg.evaluate, device)
     dims = model.pixel_count()
     metrics = summarize(terms, cfg.evaluate, dims, model.likelihood)
     metrics["data_version"] = test.manifest.get("data_version", "unversioned")

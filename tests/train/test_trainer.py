@@ -456,11 +456,14 @@ def test_the_loader_path_trains_exactly_like_the_resident_path(prepared, tmp_pat
 def test_resident_data_follows_its_budget(prepared, tmp_path):
     from vae_pipeline.train.data import resident_decision
 
-    tc = _cfg().train
     cpu = torch.device("cpu")
-    assert resident_decision(tc, 2**20, cpu)[0]
-    fits, why = resident_decision(tc, 2**60, cpu)
+    assert _cfg().train.resident_data == "auto"
+    assert resident_decision("auto", 2**20, cpu)[0]
+    fits, why = resident_decision("auto", 2**60, cpu)
     assert not fits and "train.resident_data=true" in why
-    forced = _cfg(resident_data=True).train
-    assert resident_decision(forced, 2**60, cpu)[0]
-    assert not resident_decision(_cfg(resident_data=False).train, 1, cpu)[0]
+    assert resident_decision(True, 2**60, cpu)[0]
+    assert not resident_decision(False, 1, cpu)[0]
+    # each rank on a node holds its own copy: the budget is split among them
+    one = resident_decision("auto", 2**30, cpu, local_world_size=1)[0]
+    many = resident_decision("auto", 2**30, cpu, local_world_size=1024)[0]
+    assert one and not many

@@ -207,7 +207,9 @@ class Trainer:
         # The data path: the splits on the device when they fit (one gather per step), else
         # a batch-wise loader; the same batches either way (train/data.py).
         need = split_bytes(self.train_set) + split_bytes(self.val_set)
-        resident, self.data_reason = resident_decision(tc, need, device, env.local_world_size)
+        resident, self.data_reason = resident_decision(
+            tc.resident_data, need, device, env.local_world_size
+        )
         workers = loader_workers(tc, device, env.local_world_size)
         self.batches = StepBatches(self.train_set, device, resident, workers)
         self.val_data = DeviceSplit(self.val_set, device) if resident else None
