@@ -61,7 +61,8 @@ cxx:  ## a C++ compiler, for torch.compile on CPU (train.compile; one test uses 
 	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q g++; \
 	  else echo "torch.compile on CPU needs g++: run 'sudo apt-get install g++'"; exit 1; fi; }
 
-test: install data cxx  ## the test suite
+test: install data cxx  ## the linter, then the test suite
+	$(BIN)/ruff check vae_pipeline flows tests bench infra
 	$(BIN)/python -m pytest -q
 
 bench: install  ## benchmarks (see docs/benchmarks.md); not part of the tests

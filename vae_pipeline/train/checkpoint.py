@@ -11,19 +11,57 @@ import torch
 from vae_pipeline.model import ConvVAE
 
 
+class CheckpointError(ValueError):
+    """A checkpoint or model file that exists but cannot be read; the message names it."""
+
+
+def _tmp_path(path: Path, pid: int) -> Path:
+    return path.with_name(f".{path.name}.tmp-{pid}")
+
+
 def atomic_save(obj: dict[str, Any], path: Path) -> None:
-    """Write to a temporary file and rename: a crash mid-write leaves the old file intact."""
+    """Write to a temporary file and rename: a crash mid-write leaves the old file intact
+    (and a `.NAME.tmp-PID` file, which `remove_stale_temp_files` clears on the next start)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _tmp_path(path, os.getpid())
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temp_files(folder: Path) -> list[Path]:
+    """Delete the temporary files of writes that died (their process is gone); returns them."""
+    removed = []
+    for tmp in Path(folder).glob(".*.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)) and tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
 
 
 def load(path: Path) -> dict[str, Any]:
     if not Path(path).is_file():
         raise FileNotFoundError(f"no checkpoint at {path}: train first (vae-pipeline train)")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, overwritten, not a torch file: one message for all
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{path} cannot be read ({reason[:160]}): it is damaged or not a checkpoint. Move "
+            f"it aside (mv {path} {path}.damaged) to start this training over, or put a good "
+            "copy back to resume from it"
+        ) from None
 
 
 def peek(path: Path, key: str) -> Any:

@@ -17,7 +17,8 @@ import tempfile
 from pathlib import Path
 
 from vae_pipeline.config import Config, TrainConfig, save_config
-from vae_pipeline.train.trainer import TrainingError
+from vae_pipeline.train import checkpoint
+from vae_pipeline.train.trainer import TrainingError, describe_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -137,9 +138,21 @@ def launch(
     if returncode != 0:
         raise TrainingError(
             f"training failed (torchrun exit code {returncode}); the rank's error is "
-            "printed above. A restart resumes from the last checkpoint in " + str(out_dir)
+            f"printed above. {restart_hint(workdir / out_dir)}"
         )
     return workdir / out_dir / "model.pt"
+
+
+def restart_hint(out_dir: Path) -> str:
+    """What a restart into `out_dir` would do, as the checkpoint there says (not a guess)."""
+    path = Path(out_dir) / "checkpoint.pt"
+    if not path.is_file():
+        return f"No checkpoint was written in {out_dir}: a restart starts over."
+    try:
+        state = checkpoint.load(path)
+    except checkpoint.CheckpointError as exc:
+        return str(exc)
+    return f"A restart resumes from {path} ({describe_checkpoint(state)})."
 
 
 def launch_evaluation(cfg: Config, model_ref: str, workdir: Path = Path(".")) -> None:

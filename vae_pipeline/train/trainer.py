@@ -118,6 +118,14 @@ def resume_fingerprint(cfg: Config) -> dict:
     }
 
 
+def describe_checkpoint(state: dict) -> str:
+    """Where a checkpoint would resume, in words: "epoch 2" (its end) or "epoch 3, step 40"."""
+    position = state.get("position")
+    if position:
+        return f"epoch {state['epoch'] + 1}, step {position['step']}"
+    return f"epoch {state['epoch']}"
+
+
 def learning_rate(tc: TrainConfig, step: int, total_steps: int) -> float:
     """train.lr at optimizer step `step` (0-based): constant, or cosine from lr to lr_min."""
     if tc.lr_schedule == "constant" or total_steps <= 1:
@@ -218,6 +226,10 @@ class Trainer:
         self.bad_steps = 0  # skipped non-finite steps so far (train.max_bad_steps)
         self.history: list[dict] = []
         self._resume: dict | None = None  # a mid-epoch checkpoint's position, until used
+        self.last_checkpoint = "none yet"  # what a restart would resume from, in words
+        if env.is_main and self.out_dir.is_dir():
+            for tmp in checkpoint.remove_stale_temp_files(self.out_dir):
+                log.info("removed %s, left by a write that died", tmp)
         self.steps_per_epoch = len(self.train_set) // tc.batch_size
         # K posterior samples per image for the iwae objective (1 = the plain ELBO)
         self.iw_samples = tc.iw_samples if tc.objective == "iwae" else 1
@@ -282,11 +294,16 @@ class Trainer:
                 self.checkpoint_path,
             )
         barrier()
+        # every rank knows what a restart would resume from (for its error messages)
+        self.last_checkpoint = describe_checkpoint({"epoch": self.epoch, "position": position})
 
     def _load_checkpoint(self) -> bool:
         if not self.checkpoint_path.is_file():
             return False
-        state = checkpoint.load(self.checkpoint_path)
+        try:
+            state = checkpoint.load(self.checkpoint_path)
+        except checkpoint.CheckpointError as exc:
+            raise TrainingError(str(exc)) from None
         if state["fingerprint"] != resume_fingerprint(self.cfg):
             raise TrainingError(
                 f"checkpoint {self.checkpoint_path} was made with other data/model/train params; "
@@ -300,6 +317,7 @@ class Trainer:
         if state.get("rng"):
             set_rng_states(state["rng"])
         self._resume = state.get("position")
+        self.last_checkpoint = describe_checkpoint(state)
         if self._resume:
             log.info(
                 "resumed from %s at epoch %d, step %d",
@@ -397,7 +415,7 @@ class Trainer:
     def _non_finite(self, epoch: int, step: int, what: str) -> TrainingError:
         batch = self._batch_indices(step)
         shown = ", ".join(map(str, batch[:8])) + (", ..." if len(batch) > 8 else "")
-        last = f"epoch {self.epoch}" if self.epoch else "none yet"
+        last = self.last_checkpoint
         return TrainingError(
             f"{what} at epoch {epoch + 1}, step {step + 1} (batch of training images "
             f"[{shown}] on rank {self.env.rank}); no checkpoint written after it (the last is "
