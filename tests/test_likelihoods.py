@@ -225,3 +225,33 @@ def test_cosine_learning_rate_runs_from_lr_to_lr_min():
     assert learning_rate(tc, 100, 101) == pytest.approx(1e-5)
     constant = build_config(tiny_params()).train
     assert learning_rate(constant, 77, 101) == constant.lr
+
+
+def test_active_units_count_the_variance_of_the_posterior_means_across_examples():
+    # Burda et al. 2016: unit u is active when Cov_x(E_q[z_u]) > 0.01. A unit whose mean is
+    # large but the same for every image carries nothing; one that varies does.
+    cfg = build_config(tiny_params())
+    rng = np.random.default_rng(0)
+    n = 400
+    mu = np.stack(
+        [
+            np.full(n, 5.0),  # large constant mean: inactive
+            rng.normal(0.0, 1.0, n),  # variance 1: active
+            rng.normal(3.0, 0.02, n),  # variance 0.0004: inactive
+            rng.normal(-2.0, 0.5, n),  # variance 0.25: active
+        ],
+        axis=1,
+    )
+    terms = {
+        "recon": np.ones(n),
+        "kl": np.ones(n),
+        "elbo": -2 * np.ones(n),
+        "iw_log_px": -2 * np.ones(n),
+        "mu": mu,
+        "logvar": np.zeros_like(mu),
+    }
+    metrics = summarize(terms, cfg.evaluate, 784)
+    by_hand = sum(1 for u in range(4) if np.mean((mu[:, u] - mu[:, u].mean()) ** 2) > 0.01)
+    assert metrics["active_units"] == by_hand == 2
+    # KL per unit in closed form, by hand: 0.5 (mu^2 + var - 1 - log var), var = 1 here
+    np.testing.assert_allclose(metrics["kl_per_dim"], 0.5 * (mu**2).mean(axis=0), rtol=1e-12)

@@ -189,3 +189,29 @@ def test_failed_snapshot_keeps_the_previous_one(tmp_path, tiny_cfg):
     with pytest.raises(DataError):
         snapshot_source(_cfg(tmp_path / "missing"), tmp_path)
     assert sorted(p.name for p in raw.iterdir()) == before
+
+
+def test_fashion_mnist_validation_images_are_chosen_by_content_not_position(tmp_path, tiny_cfg):
+    import csv
+    import gzip
+
+    from vae_pipeline.data.preparation import hash_fraction
+
+    from ..conftest import FASHION_MNIST_DIR
+
+    snapshot_source(tiny_cfg, tmp_path)
+    prepare(tiny_cfg, tmp_path)
+    with gzip.open(FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz") as fh:
+        raw = np.frombuffer(fh.read(), np.uint8, offset=16).reshape(-1, 28, 28)
+    # the first 256 training images (in file order) whose bytes hash below val_fraction
+    expected = []
+    for i, image in enumerate(raw):
+        if hash_fraction(content_hash(image.tobytes())) < tiny_cfg.data.val_fraction:
+            expected.append(f"train[{i}]")
+            if len(expected) == 256:
+                break
+    with open(tmp_path / "data/prepared/index.csv") as fh:
+        got = [row["source"] for row in csv.DictReader(fh) if row["split"] == "val"]
+    assert got == expected
+    # and an image's split does not depend on where it sits: the same bytes, the same split
+    assert assign_split(content_hash(raw[int(expected[0][6:-1])].tobytes()), 0.1, 0.0) == "val"
