@@ -259,3 +259,63 @@ def test_cli_ingest_source_flag_then_prepare(tmp_path, monkeypatch, capsys):
     assert manifest["data_version"] == version
     assert main(["ingest", "--source", str(tmp_path / "nope.tar.gz")]) == 1
     assert "nope.tar.gz does not exist" in capsys.readouterr().err
+
+
+def test_links_and_other_file_types_are_reported_and_gif_tiff_are_read(tmp_path):
+    src = _folder(tmp_path / "src", n=4)
+    Image.fromarray(np.full((9, 9), 200, np.uint8)).save(src / "dogs" / "flat.gif")
+    Image.fromarray(np.full((9, 9), 40000, np.uint16)).save(src / "dogs" / "deep.tif")
+    (src / "notes.csv").write_text("a,b\n")
+    outside = tmp_path / "elsewhere.png"
+    outside.write_bytes(_png(99))
+    (src / "cats" / "link.png").symlink_to(outside)
+    report = snapshot_source(_cfg(src), tmp_path)
+    assert report.images == 6  # 4 PNGs, the GIF and the TIFF
+    assert {s["path"]: s["reason"][:13] for s in report.skipped} == {
+        "cats/link.png": "symbolic link"
+    }
+    assert [i["path"] for i in report.ignored] == ["notes.csv"]
+    assert "not an image type read here (.csv" in report.ignored[0]["reason"]
+    saved = json.loads(report_path(_cfg(src), tmp_path).read_text())
+    assert saved["skipped"] == report.skipped and saved["ignored"] == report.ignored
+    # the policy applies to links as to every refused file: fail writes nothing
+    before = _tree(tmp_path / "data/raw")
+    with pytest.raises(DataError, match="cats/link.png: symbolic link"):
+        snapshot_source(_cfg(src, on_bad_image="fail"), tmp_path)
+    assert _tree(tmp_path / "data/raw") == before
+
+
+def test_a_source_that_holds_the_snapshot_or_lies_inside_it_is_refused(tmp_path):
+    _folder(tmp_path / "src", n=4)
+    snapshot_source(_cfg(tmp_path / "src"), tmp_path)
+    before = _tree(tmp_path / "data/raw")
+    for source in (
+        tmp_path,
+        tmp_path / "data",
+        tmp_path / "data/raw",
+        tmp_path / "data/raw/images",
+    ):
+        with pytest.raises(DataError, match="the snapshot folder data/raw"):
+            snapshot_source(_cfg(source), tmp_path)
+    assert _tree(tmp_path / "data/raw") == before
+
+
+def test_the_manifest_records_the_source_the_snapshot_came_from(tmp_path):
+    from vae_pipeline.data import prepare
+
+    src = _folder(tmp_path / "src", n=30)
+    params_source = _cfg("fashion-mnist", test_fraction=0.3)  # what params.yaml says
+    snapshot_source(_cfg(src, test_fraction=0.3), tmp_path)  # an `ingest --source src`
+    manifest = prepare(params_source, tmp_path)
+    assert manifest["source"] == str(src.resolve())
+
+
+def test_an_empty_split_says_which_fraction_to_change(tmp_path):
+    from vae_pipeline.data import prepare
+
+    src = _folder(tmp_path / "src", n=6)
+    snapshot_source(_cfg(src), tmp_path)
+    with pytest.raises(DataError, match=r"split 'train' is empty .*lower data.test_fraction"):
+        prepare(_cfg(src, test_fraction=0.98, val_fraction=0.01), tmp_path)
+    with pytest.raises(DataError, match=r"split 'test' is empty .*raise data.test_fraction"):
+        prepare(_cfg(src, test_fraction=0.0), tmp_path)

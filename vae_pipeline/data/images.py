@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
+# Pillow decodes each of these (a GIF's first frame; TIFF's 16-bit modes are scaled to 8 bits)
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default limit (about 0.25 GB for 24-bit RGB)
 _SIXTEEN_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 _DECODE_ERRORS = (
@@ -41,6 +42,24 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(
         p for p in folder.rglob("*") if is_image_name(p.name) and p.is_file() and not p.is_symlink()
     )
+
+
+def left_out(folder: Path) -> tuple[list[dict], list[dict]]:
+    """What `list_images` leaves out below `folder`, with reasons, as ingest reports list it:
+    (symbolic links: refused like unsafe archive entries, so data.on_bad_image applies;
+    other files that are not images of a supported type: listed, not an error)."""
+    links, others = [], []
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).as_posix()
+        if p.is_symlink():
+            links.append({"path": rel, "reason": "symbolic link (not followed: it could point "
+                          "anywhere; copy the file itself into the folder)"})  # fmt: skip
+        elif p.is_file() and not is_image_name(p.name):
+            kind = p.suffix.lower() or "no extension"
+            supported = " ".join(sorted(IMAGE_EXTENSIONS))
+            others.append({"path": rel, "reason": f"not an image type read here ({kind}; "
+                           f"supported: {supported})"})  # fmt: skip
+    return links, others
 
 
 def _to_8bit_mode(img: Image.Image) -> Image.Image:

@@ -252,6 +252,17 @@ def _decode_into(
     return kept
 
 
+def snapshot_source_of(cfg: Config, workdir: Path) -> str:
+    """The source the raw snapshot was taken from, as its ingest report recorded it (an
+    `ingest --source` overrides params.yaml for that ingest only); data.source without one."""
+    from vae_pipeline.data.sources import report_path
+
+    try:
+        return json.loads(report_path(cfg, workdir).read_text())["source"]
+    except (OSError, ValueError, KeyError):
+        return cfg.data.source
+
+
 def read_idx_side(raw: Path) -> int:
     """The side of the square images in an IDX snapshot (Fashion-MNIST's or an idx: one)."""
     from vae_pipeline.data.sources import IDX_DIR
@@ -263,11 +274,14 @@ def read_idx_side(raw: Path) -> int:
 
 
 def _require_train_and_test(counts: dict[str, int], raw: Path) -> None:
+    advice = {
+        "train": "add images, or lower data.test_fraction / data.val_fraction",
+        "test": "add images, or raise data.test_fraction",
+    }
     for split in ("train", "test"):
         if not counts[split]:
             raise DataError(
-                f"split {split!r} is empty after preparing {raw}: add images or raise "
-                "data.test_fraction / data.limit"
+                f"split {split!r} is empty after preparing {raw} ({counts}): {advice[split]}"
             )
 
 
@@ -331,7 +345,7 @@ def prepare(cfg: Config, workdir: Path = Path("."), data_version: str = "unversi
                     writer.writerow([split, row, source, digest, label])
         manifest = {
             "data_version": data_version,
-            "source": cfg.data.source,
+            "source": snapshot_source_of(cfg, workdir),
             "image_size": cfg.data.image_size,
             "channels": cfg.data.channels,
             "counts": {s: len(index[s]) for s in SPLITS},

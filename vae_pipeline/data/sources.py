@@ -42,7 +42,13 @@ from tqdm import tqdm
 
 from vae_pipeline.config import Config
 from vae_pipeline.data.errors import DataError, SourceUnreachable
-from vae_pipeline.data.images import check_worker, is_image_name, list_images
+from vae_pipeline.data.images import (
+    IMAGE_EXTENSIONS,
+    check_worker,
+    is_image_name,
+    left_out,
+    list_images,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +89,8 @@ class IngestReport:
     reused: int = 0
     removed: int = 0
     skipped: list[dict] = field(default_factory=list)
+    # files that are not images of a supported type (a README, a .csv): listed, not an error
+    ignored: list[dict] = field(default_factory=list)
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -437,6 +445,10 @@ def _fill_images(cfg: Config, kind: str, source: str, staging: Path, old: Path) 
                 "params.yaml or with --source / --set data.source=PATH"
             )
         entries: Iterator[Entry] = _folder_entries(src)
+        links, report.ignored = left_out(src)
+        unsafe.extend(links)  # the policy (on_bad_image) applies to them like to bad images
+        for item in report.ignored:
+            log.warning("ignoring %s: %s", item["path"], item["reason"])
     elif kind == "archive":
         src = Path(source)
         if not src.is_file():
@@ -479,8 +491,9 @@ def _fill_images(cfg: Config, kind: str, source: str, staging: Path, old: Path) 
     if not seen:
         what = "archive" if kind == "archive" else "data source"
         raise DataError(
-            f"{what} {source} holds no images (looked for .png .jpg .jpeg .webp .bmp, "
-            "recursively)" + (f"; {len(unsafe)} unsafe entries were refused" if unsafe else "")
+            f"{what} {source} holds no images (looked for "
+            f"{' '.join(sorted(IMAGE_EXTENSIONS))}, recursively)"
+            + (f"; {len(unsafe)} unsafe entries were refused" if unsafe else "")
         )
 
     checks = map_in_pool(
@@ -534,6 +547,13 @@ def snapshot_source(cfg: Config, workdir: Path = Path(".")) -> IngestReport:
     source = cfg.data.source
     if kind in ("folder", "archive"):
         source = str((workdir / source).resolve())
+        src = Path(source)
+        if src == raw or raw.is_relative_to(src) or src.is_relative_to(raw):
+            raise DataError(
+                f"data.source {cfg.data.source} {'is inside' if src.is_relative_to(raw) else 'contains'} "
+                f"the snapshot folder {cfg.data.raw_dir}: point it at the folder where new images "
+                "land, outside data.raw_dir"
+            )
     elif kind == "idx":
         source = IDX_PREFIX + str((workdir / source[len(IDX_PREFIX) :]).resolve())
     try:
