@@ -319,3 +319,22 @@ def test_an_empty_split_says_which_fraction_to_change(tmp_path):
         prepare(_cfg(src, test_fraction=0.98, val_fraction=0.01), tmp_path)
     with pytest.raises(DataError, match=r"split 'test' is empty .*raise data.test_fraction"):
         prepare(_cfg(src, test_fraction=0.0), tmp_path)
+
+
+def test_max_image_pixels_is_the_one_size_rule(tmp_path, monkeypatch):
+    src = _folder(tmp_path / "src", n=4)  # 12x10 = 120 pixels each
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(src / "dogs" / "big.png")  # 2,000
+    # Pillow's own limit, set below these images, is not consulted: the setting decides
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)
+    report = snapshot_source(_cfg(src), tmp_path)
+    assert report.images == 5 and report.skipped == [] and report.max_image_pixels == 89478485
+    monkeypatch.undo()
+    # lowering the limit re-checks files carried over unchanged from the last snapshot
+    report = snapshot_source(_cfg(src, max_image_pixels=1000), tmp_path)
+    assert [s["path"] for s in report.skipped] == ["dogs/big.png"]
+    assert "over data.max_image_pixels (1,000)" in report.skipped[0]["reason"]
+    assert (report.images, report.reused, report.fetched) == (4, 4, 0)
+    assert not (tmp_path / "data/raw/images/dogs/big.png").exists()
+    # raising it again brings the image back (fetched anew: it is not in the snapshot)
+    report = snapshot_source(_cfg(src), tmp_path)
+    assert (report.images, report.fetched) == (5, 1)

@@ -8,6 +8,7 @@ before any pixel is decoded (the decompression-bomb guard).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 
@@ -79,6 +80,40 @@ def _to_8bit_mode(img: Image.Image) -> Image.Image:
     return img
 
 
+@contextlib.contextmanager
+def _pillow_limit_off():
+    """data.max_image_pixels is the one rule: Pillow's own limit (which refuses above twice
+    its 89,478,485 pixels whatever the setting) is off while a file is opened; the header check
+    below refuses before any pixel is decoded."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def _check_pixels(path: Path, img: Image.Image, max_pixels: int) -> None:
+    width, height = img.size
+    if width * height > max_pixels:
+        raise BadImage(
+            f"{path}: {width}x{height} = {width * height:,} pixels is over "
+            f"data.max_image_pixels ({max_pixels:,}); raise it if the image is genuine"
+        )
+
+
+def pixel_check(path: Path, max_pixels: int) -> str | None:
+    """The size rule alone, from the header (no decode): why the file is refused, or None."""
+    try:
+        with _pillow_limit_off(), Image.open(path) as img:
+            _check_pixels(path, img, max_pixels)
+    except BadImage as exc:
+        return str(exc)
+    except _DECODE_ERRORS as exc:
+        return f"{path}: cannot decode image ({exc})"
+    return None
+
+
 def load_image(path: Path, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Fully decoded image in mode L (channels=1) or RGB (channels=3); BadImage names the file."""
     try:
@@ -88,15 +123,10 @@ def load_image(path: Path, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS) 
     if size == 0:
         raise BadImage(f"{path}: empty file (0 bytes)")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _pillow_limit_off():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as img:
-                width, height = img.size
-                if width * height > max_pixels:
-                    raise BadImage(
-                        f"{path}: {width}x{height} = {width * height:,} pixels is over "
-                        f"data.max_image_pixels ({max_pixels:,}); raise it if the image is genuine"
-                    )
+                _check_pixels(path, img, max_pixels)
                 img.load()  # a full decode: truncated and corrupt files fail here, not later
                 img = ImageOps.exif_transpose(img)
                 img = _to_8bit_mode(img)

@@ -48,6 +48,7 @@ from vae_pipeline.data.images import (
     is_image_name,
     left_out,
     list_images,
+    pixel_check,
 )
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,8 @@ class IngestReport:
     skipped: list[dict] = field(default_factory=list)
     # files that are not images of a supported type (a README, a .csv): listed, not an error
     ignored: list[dict] = field(default_factory=list)
+    # the size limit every image in the snapshot was checked against (data.max_image_pixels)
+    max_image_pixels: int | None = None
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -432,6 +435,16 @@ def _link_or_copy(src: Path, dest: Path) -> None:
         shutil.copy2(src, dest)
 
 
+def _previous_limit(old: Path) -> float:
+    """data.max_image_pixels of the snapshot in `old`, from its ingest report (infinity when
+    unknown: then every carried-over file is re-checked against the current limit)."""
+    try:
+        value = json.loads((old.parent / REPORT_NAME).read_text()).get("max_image_pixels")
+    except (OSError, ValueError, AttributeError):
+        return float("inf")
+    return float(value) if isinstance(value, int) else float("inf")
+
+
 def _fill_images(cfg: Config, kind: str, source: str, staging: Path, old: Path) -> IngestReport:
     """Fetch the source's images into staging/images, reusing unchanged files from `old`."""
     report = IngestReport(source=source, kind=kind, raw_dir=cfg.data.raw_dir)
@@ -460,6 +473,7 @@ def _fill_images(cfg: Config, kind: str, source: str, staging: Path, old: Path) 
 
     images = staging / "images"
     fetched: list[tuple[str, Path]] = []
+    reused: list[tuple[str, Path]] = []
     downloads: list[tuple[Entry, Path]] = []
     seen: set[str] = set()
     try:
@@ -473,6 +487,7 @@ def _fill_images(cfg: Config, kind: str, source: str, staging: Path, old: Path) 
             if _same_file(prior, entry):
                 _link_or_copy(prior, dest)
                 report.reused += 1
+                reused.append((entry.rel, dest))
             elif kind == "s3":
                 downloads.append((entry, dest))  # fetched below, several at a time
             else:
@@ -502,9 +517,14 @@ def _fill_images(cfg: Config, kind: str, source: str, staging: Path, old: Path) 
         worker_count(cfg),
         "check",
     )
+    limit = cfg.data.max_image_pixels
+    report.max_image_pixels = limit
+    problems = list(zip(fetched, checks, strict=True))
+    if limit < _previous_limit(old):  # carried-over files passed a looser rule: re-check sizes
+        problems += [((rel, dest), pixel_check(dest, limit)) for rel, dest in reused]
     bad = [
         {"path": rel, "reason": problem.removeprefix(f"{dest}: ").replace(str(dest), rel)}
-        for (rel, dest), problem in zip(fetched, checks, strict=True)
+        for (rel, dest), problem in problems
         if problem is not None
     ]
     skipped = unsafe + bad
@@ -521,7 +541,9 @@ def _fill_images(cfg: Config, kind: str, source: str, staging: Path, old: Path) 
     for item in unsafe:
         log.warning("skipping %s: %s", item["path"], item["reason"])
     report.skipped = skipped
-    report.fetched = len(fetched) - len(bad)
+    bad_reused = {item["path"] for item in bad} & {rel for rel, _ in reused}
+    report.reused -= len(bad_reused)
+    report.fetched = len(fetched) - (len(bad) - len(bad_reused))
     report.images = report.fetched + report.reused
     if report.images == 0:
         raise DataError(
