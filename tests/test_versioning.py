@@ -218,3 +218,44 @@ def test_remote_cut_mid_push_then_back_ends_complete(workspace, tmp_path, flaky_
         _assert_complete_in_remote(server, version)
     cutter.join(30)
     assert cuts and cuts[0] < proxy.bytes_up - start  # cut mid-push: more was sent afterwards
+
+
+@pytest.mark.parametrize("when", ["before it wrote the pointer", "after it wrote the pointer"])
+def test_dvc_add_failing_part_way_leaves_the_previous_version_intact(
+    workspace, tmp_path, monkeypatch, when
+):
+    cfg = _cfg()
+    snapshot_source(cfg, workspace)
+    first = versioning.version_data(cfg, workspace)
+    pointer = versioning.pointer_file(cfg, workspace)
+    recorded = pointer.read_bytes()
+    raw_files = {
+        p: (workspace / "data/raw" / p).read_bytes() for p in _files(workspace / "data/raw")
+    }
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(np.full((8, 8), 7, np.uint8)).save(folder / "a.png")
+    cfg2 = _cfg(source=str(folder))
+    snapshot_source(cfg2, workspace)  # the raw area now holds the new snapshot
+    real = versioning.dvc
+
+    def dvc_killed(args, workdir, check=True):
+        if args[0] == "add":
+            if when.startswith("after"):
+                real(args, workdir, check)  # the new pointer is written, then the process dies
+            raise KeyboardInterrupt("dvc add stopped part-way")
+        return real(args, workdir, check)
+
+    monkeypatch.setattr(versioning, "dvc", dvc_killed)
+    with pytest.raises(KeyboardInterrupt):
+        versioning.version_data(cfg2, workspace)
+    monkeypatch.undo()
+    # pointer and raw area agree, on the previous version
+    assert (
+        pointer.read_bytes() == recorded and versioning.read_data_version(cfg, workspace) == first
+    )
+    got = {p: (workspace / "data/raw" / p).read_bytes() for p in _files(workspace / "data/raw")}
+    assert got == raw_files
+    status = versioning.dvc(["status", "--json", str(pointer.relative_to(workspace))], workspace)
+    assert json.loads(status.stdout or "{}") == {}  # DVC agrees: nothing changed

@@ -15,6 +15,7 @@ from pathlib import Path
 from vae_pipeline import __version__
 from vae_pipeline.config import Config, ConfigError, apply_quiet_offline_defaults, load_config
 from vae_pipeline.logs import setup_logging
+from vae_pipeline.signals import exit_on_sigterm
 
 log = logging.getLogger("vae_pipeline.cli")
 
@@ -555,6 +556,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         COMMANDS[args.command](cfg, args)
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the cleanup has run on the way out
+        print(f"vae-pipeline {args.command}: stopped ({exc or 'interrupted'})", file=sys.stderr)
+        return 130
     except Exception as exc:
         if not _is_user_facing(exc):
             raise
@@ -573,5 +577,13 @@ def _is_user_facing(exc: Exception) -> bool:
     return isinstance(exc, known)
 
 
+def entry() -> int:
+    """The `vae-pipeline` command: `main` with SIGTERM handled like Ctrl-C, so a scheduler's
+    or `kill`'s stop leaves no torchrun, rank or Prefect server behind (set here, not in
+    `main`, which tests and other programs call in their own process)."""
+    exit_on_sigterm()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

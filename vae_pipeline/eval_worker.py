@@ -15,6 +15,7 @@ import sys
 from vae_pipeline.cli import add_params_arguments
 from vae_pipeline.config import ConfigError, apply_quiet_offline_defaults, load_config
 from vae_pipeline.logs import setup_logging
+from vae_pipeline.signals import die_with_parent
 from vae_pipeline.train import distributed
 
 
@@ -35,6 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    die_with_parent()  # a rank never outlives its torchrun agent
     setup_logging()
     apply_quiet_offline_defaults()
     try:

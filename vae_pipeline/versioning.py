@@ -106,10 +106,16 @@ def version_data(cfg: Config, workdir: Path = Path("."), push: bool = True) -> s
     pointer = pointer_file(cfg, workdir)
     previous = pointer.read_bytes() if pointer.is_file() else None
     previous_version = read_data_version(cfg, workdir)
-    dvc(["add", cfg.data.raw_dir], workdir)
-    version = read_data_version(cfg, workdir)
-    if version is None:
-        raise VersioningError(f"dvc add wrote no hash to {pointer}")
+    try:
+        dvc(["add", cfg.data.raw_dir], workdir)
+        version = read_data_version(cfg, workdir)
+        if version is None:
+            raise VersioningError(f"dvc add wrote no hash to {pointer}")
+    except BaseException:
+        # `dvc add` failed or was stopped part-way: the raw area and its pointer go back to
+        # the recorded version together, so they never disagree
+        _restore_pointer(pointer, previous, cfg, workdir)
+        raise
     if push:
         remote = configure_s3_remote(cfg, workdir) if cfg.data.remote == "s3" else LOCAL_REMOTE
         rel = str(pointer.relative_to(workdir))
@@ -133,6 +139,9 @@ def version_data(cfg: Config, workdir: Path = Path("."), push: bool = True) -> s
 
 
 def _restore_pointer(pointer: Path, previous: bytes | None, cfg: Config, workdir: Path) -> None:
+    """The pointer back to `previous` and the raw area back to that version (from DVC's
+    cache); with no previous version, the pointer is removed (the new snapshot stays,
+    unversioned: nothing claims it is a version)."""
     if previous is None:
         pointer.unlink(missing_ok=True)
         return

@@ -14,6 +14,7 @@ from pathlib import Path
 from vae_pipeline.cli import add_params_arguments
 from vae_pipeline.config import ConfigError, load_config, tracking_uri
 from vae_pipeline.logs import setup_logging
+from vae_pipeline.signals import die_with_parent
 from vae_pipeline.train import Trainer, TrainingError, distributed
 
 
@@ -31,6 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    die_with_parent()  # a rank never outlives its torchrun agent
     setup_logging()
     try:
         cfg = load_config(args.params, args.overrides)

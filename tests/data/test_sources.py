@@ -6,6 +6,7 @@ import os
 import shutil
 import tarfile
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -338,3 +339,15 @@ def test_max_image_pixels_is_the_one_size_rule(tmp_path, monkeypatch):
     # raising it again brings the image back (fetched anew: it is not in the snapshot)
     report = snapshot_source(_cfg(src), tmp_path)
     assert (report.images, report.fetched) == (5, 1)
+
+
+def test_a_file_name_that_is_not_utf8_is_refused_before_anything_is_written(tmp_path):
+    src = _folder(tmp_path / "src", n=4)
+    bad = os.fsdecode(bytes(src / "dogs") + b"/caf\xe9.png")  # Latin-1 bytes, not UTF-8
+    Path(bad).write_bytes(_png(7))
+    with pytest.raises(DataError, match=r"caf\\xe9.png: file name is not valid UTF-8"):
+        snapshot_source(_cfg(src, on_bad_image="fail"), tmp_path)
+    assert not (tmp_path / "data/raw").exists()  # nothing written
+    report = snapshot_source(_cfg(src), tmp_path)  # skip: left out, and said so
+    assert report.images == 4 and report.skipped[0]["path"] == "dogs/caf\\xe9.png"
+    json.loads(report_path(_cfg(src), tmp_path).read_text())  # the report is valid JSON

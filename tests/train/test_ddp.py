@@ -68,7 +68,9 @@ def _assert_same_training(cfg, history, weights, ref_history, ref_weights) -> No
     order than one big batch)."""
     for a, b in zip(ref_history, history, strict=True):
         for key in ("train_loss", "train_recon", "train_kl", "val_loss"):
-            assert a[key] == pytest.approx(b[key], rel=1e-4), key
+            # relative to the loss (hundreds of nats): the KL is a small term (under 1 nat
+            # after 2 epochs here), and its float noise is that of the whole loss
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6 * a["train_loss"]), key
     diff = (weights - ref_weights).abs()
     # Adam moves a weight by at most ~lr per step, and where a gradient is ~0 its sign is float
     # noise; so a weight can differ by up to 2 * lr * steps while the bulk agrees to 1e-6.

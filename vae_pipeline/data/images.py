@@ -9,6 +9,7 @@ before any pixel is decoded (the decompression-bomb guard).
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from pathlib import Path
 
@@ -37,22 +38,39 @@ def is_image_name(name: str) -> bool:
     return Path(name).suffix.lower() in IMAGE_EXTENSIONS
 
 
+def utf8_name(path: Path) -> bool:
+    """Whether the path is valid UTF-8 (a name of other bytes arrives as surrogates, which DVC,
+    JSON reports and index.csv cannot store)."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def list_images(folder: Path) -> list[Path]:
     """Image files below `folder`, recursively, in a stable (sorted) order; symlinks are not
-    followed (a link could point anywhere on the machine)."""
+    followed (a link could point anywhere on the machine), names that are not UTF-8 are left
+    out (`left_out` reports both)."""
     return sorted(
-        p for p in folder.rglob("*") if is_image_name(p.name) and p.is_file() and not p.is_symlink()
+        p
+        for p in folder.rglob("*")
+        if is_image_name(p.name) and p.is_file() and not p.is_symlink() and utf8_name(p)
     )
 
 
 def left_out(folder: Path) -> tuple[list[dict], list[dict]]:
     """What `list_images` leaves out below `folder`, with reasons, as ingest reports list it:
-    (symbolic links: refused like unsafe archive entries, so data.on_bad_image applies;
-    other files that are not images of a supported type: listed, not an error)."""
+    (symbolic links and names that are not UTF-8: refused like unsafe archive entries, so
+    data.on_bad_image applies; other files that are not images of a supported type: listed,
+    not an error)."""
     links, others = [], []
     for p in sorted(folder.rglob("*")):
         rel = p.relative_to(folder).as_posix()
-        if p.is_symlink():
+        if not utf8_name(p):
+            shown = repr(os.fsencode(rel))[2:-1]  # the bytes, escaped: x\\xff.png
+            links.append({"path": shown, "reason": "file name is not valid UTF-8: rename it"})
+        elif p.is_symlink():
             links.append({"path": rel, "reason": "symbolic link (not followed: it could point "
                           "anywhere; copy the file itself into the folder)"})  # fmt: skip
         elif p.is_file() and not is_image_name(p.name):

@@ -196,6 +196,9 @@ class Trainer:
                 device_ids=[device.index] if device.type == "cuda" else None,
                 gradient_as_bucket_view=True,
                 static_graph=tc.grad_accum_steps == 1,
+                # the model's only buffer is the constant padding mask: nothing to broadcast
+                # before every forward
+                broadcast_buffers=False,
             )
             if env.distributed and env.world_size > 1
             else None
