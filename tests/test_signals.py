@@ -105,3 +105,39 @@ def test_sigterm_to_train_stops_like_ctrl_c(workspace):
     assert returncode == 130 and "stopped (signal 15)" in err, err[-2000:]
     assert _all_gone(children, within=30) == set()
     assert "stopped torchrun" in err  # the launcher's own cleanup ran
+
+
+@pytest.mark.slow
+def test_sigterm_to_retrain_leaves_no_prefect_server_torchrun_or_rank(tmp_path):
+    from .conftest import make_workspace
+
+    ws = make_workspace(tmp_path / "ws", train={"epochs": 500, "nproc_per_node": 2})
+    env = {**torchrun_env(), "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    env.pop("PREFECT_API_URL", None)  # the ephemeral server: the one that used to be orphaned
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vae_pipeline.cli", "retrain"],
+        cwd=ws,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 240
+    children: set[int] = set()
+    while time.monotonic() < deadline:
+        if list((ws / "runs").glob("*/checkpoint.pt")):
+            children = _descendants(proc.pid)
+            break
+        if proc.poll() is not None:
+            pytest.fail(f"retrain ended early: {proc.stderr.read().decode()[-3000:]}")
+        time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("retrain did not reach training within 240 s")
+    assert len(children) >= 4  # the Prefect server, torchrun and two ranks at least
+    os.kill(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=90)
+    finally:
+        err = proc.stderr.read().decode()
+    assert proc.returncode != 0, err[-2000:]
+    assert _all_gone(children, within=30) == set(), err[-2000:]

@@ -53,6 +53,7 @@ class PreparedSplit(Dataset):
         if not path.is_file():
             raise DataError(f"prepared split {path} is missing: run `vae-pipeline prepare` again")
         self.images = np.load(path, mmap_mode="r")
+        self.path = path
         labels = np.load(prepared_dir / f"{split}_labels.npy")
         self.split = split
         self.rows: np.ndarray | None = None
@@ -63,6 +64,15 @@ class PreparedSplit(Dataset):
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def __getstate__(self) -> dict:
+        # pickled by path (to loader workers started by forkserver or spawn), not by content:
+        # the memory map is opened again on the other side
+        return {k: v for k, v in self.__dict__.items() if k != "images"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.images = np.load(self.path, mmap_mode="r")
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         row = index if self.rows is None else int(self.rows[index])

@@ -116,6 +116,9 @@ class StepBatches:
             num_workers=self.num_workers,
             pin_memory=cuda,
             prefetch_factor=4 if self.num_workers else None,
+            # workers start from a clean server process, not a fork of this one (which may
+            # hold threads: Prefect's, MLflow's, NCCL's); the split travels by path
+            multiprocessing_context="forkserver" if self.num_workers else None,
         )
         for step, (images, positions) in enumerate(loader, start=start):
             yield (
