@@ -351,3 +351,19 @@ def test_a_file_name_that_is_not_utf8_is_refused_before_anything_is_written(tmp_
     report = snapshot_source(_cfg(src), tmp_path)  # skip: left out, and said so
     assert report.images == 4 and report.skipped[0]["path"] == "dogs/caf\\xe9.png"
     json.loads(report_path(_cfg(src), tmp_path).read_text())  # the report is valid JSON
+
+
+def test_a_tar_member_whose_name_is_not_utf8_is_refused(tmp_path):
+    archive = tmp_path / "photos.tar"
+    with tarfile.open(archive, "w", encoding="utf-8", errors="surrogateescape") as tf:
+        for name in ("ok.png", os.fsdecode(b"caf\xe9.png")):
+            data = _png(3)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    report = snapshot_source(_cfg(archive), tmp_path)
+    assert report.images == 1
+    assert [s["reason"] for s in report.skipped] == [
+        "unsafe archive entry: file name is not valid UTF-8: rename it"
+    ]
+    json.loads(report_path(_cfg(archive), tmp_path).read_text())  # valid JSON

@@ -49,6 +49,7 @@ from vae_pipeline.data.images import (
     left_out,
     list_images,
     pixel_check,
+    utf8_name,
 )
 
 log = logging.getLogger(__name__)
@@ -293,7 +294,9 @@ def _tar_entries(archive: Path, unsafe: list[dict]) -> Iterator[Entry]:
             if member.isdir() or not is_image_name(member.name):
                 continue
             reason = unsafe_reason(member.name)
-            if reason is None and member.issym():
+            if reason is None and not utf8_name(Path(member.name)):
+                reason = "file name is not valid UTF-8: rename it"
+            elif reason is None and member.issym():
                 reason = "symbolic link"
             elif reason is None and member.islnk():
                 reason = "hard link"

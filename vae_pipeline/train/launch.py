@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from vae_pipeline.config import Config, TrainConfig, save_config
-from vae_pipeline.signals import die_with_parent
+from vae_pipeline.signals import with_parent
 from vae_pipeline.train import checkpoint
 from vae_pipeline.train.trainer import TrainingError, describe_checkpoint
 
@@ -75,13 +75,7 @@ def run_torchrun(cmd: list[str], workdir: Path, env: dict | None = None) -> int:
     """
     # its own session (a stop reaches its whole group), and it dies with this process even
     # when this one is SIGKILLed (PR_SET_PDEATHSIG: torchrun then stops its ranks)
-    proc = subprocess.Popen(
-        cmd,
-        cwd=workdir,
-        env=env,
-        start_new_session=True,
-        preexec_fn=die_with_parent,
-    )
+    proc = subprocess.Popen(with_parent(cmd), cwd=workdir, env=env, start_new_session=True)
     try:
         while True:  # short waits: an exception raised into this thread is seen within 0.5 s
             try:
