@@ -165,11 +165,7 @@ class _Candidate:
 
     def step(self) -> None:
         self.opt.zero_grad(set_to_none=True)
-        terms = (
-            self.net(self.x, self.eps)
-            if self.eps.dim() == 2
-            else self.net(self.x, self.eps, torch.ones((), device=self.device))
-        )
+        terms = self.net(self.x, self.eps)
         loss = -(terms["iwae"] if "iwae" in terms else terms["elbo"]).mean()
         loss.backward()
         self.opt.step()

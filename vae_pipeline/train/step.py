@@ -61,7 +61,7 @@ class ElboPath(torch.nn.Module):
         return nullcontext() if self.dtype is None else torch.autocast(x.device.type, self.dtype)
 
     def forward(
-        self, x: torch.Tensor, eps: torch.Tensor, beta: torch.Tensor | None = None
+        self, x: torch.Tensor, eps: torch.Tensor, beta: float = 1.0
     ) -> dict[str, torch.Tensor]:
         if eps.dim() == 3:
             with self._autocast(x):

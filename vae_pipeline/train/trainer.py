@@ -376,7 +376,8 @@ class Trainer:
             last = i == accum - 1 or self.ddp is None
             with nullcontext() if last else self.ddp.no_sync():
                 if iwae:
-                    terms = self.net(xm, em, torch.tensor(beta, device=xm.device))
+                    # a Python float: no tensor built (and copied to the device) per step
+                    terms = self.net(xm, em, beta)
                     objective = terms["iwae"]
                     loss = -objective.mean()
                 else:
@@ -449,7 +450,8 @@ class Trainer:
         # from them): a mid-epoch checkpoint stores these, so a restart replays the same draws.
         epoch_rng = rng_states()
         noise = self._epoch_noise(epoch)
-        # this rank's training-set indices for the whole epoch: they key the binarization
+        # this rank's training-set positions for the epoch: the batches, and the keys of the
+        # dynamic binarization
         order = torch.tensor(self.sampler.order(), dtype=torch.int64)
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)
         count = torch.zeros(1, dtype=torch.float64, device=self.device)
