@@ -1,11 +1,13 @@
 """The `monitor` Prefect flow: score new images with the champion; retrain on a shift.
 
 It snapshots monitor.source (incrementally, checking every image as ingest does), scores a
-sample with the champion (negative ELBO, nats per image) and compares the mean with the
-champion's own test set (vae_pipeline.monitor). When the shift's lower confidence bound passes
-monitor.threshold_nats, or when the schedule says `always`, it starts `retrain`: through the
-`retrain_deployment` (on a work pool, not waiting for it) when given, else as a subflow here.
-A Markdown artifact `drift-report` records the numbers and the decision.
+sample with the champion and runs the drift checks of vae_pipeline.monitor: the mean negative
+ELBO against the champion's own test set, both ways, and the encoder means against prepared
+test images (an MMD permutation test). When a check fires, or when the schedule says
+`always`, it starts `retrain`: through the `retrain_deployment` (on a work pool, not waiting
+for it) when given, else as a subflow here. With monitor.retrain_on = monitored (the default)
+that retrain ingests the monitored source as its data (a new data version holding the new
+images). A Markdown artifact `drift-report` records the numbers and the decision.
 
     vae-pipeline monitor --source incoming/
 """
@@ -61,7 +63,7 @@ def monitor(
     )
     report = check(cfg, root, source, always)
     logger = get_run_logger()
-    report["started"] = _start_retrain(report, params, overrides, workdir, retrain_deployment)
+    report["started"] = _start_retrain(cfg, report, params, overrides, workdir, retrain_deployment)
     create_markdown_artifact(
         key=DRIFT_ARTIFACT, markdown=drift_markdown(cfg, report), description=report["reason"]
     )
@@ -70,61 +72,110 @@ def monitor(
     return report
 
 
+def retrain_source(cfg, report: dict) -> str | None:
+    """The data source a drift-triggered retrain ingests: the monitored one (monitor.retrain_on
+    = monitored), else None (data.source, as scheduled)."""
+    if cfg.monitor.retrain_on == "monitored" and report["source"] != cfg.data.source:
+        return report["source"]
+    return None
+
+
 def _start_retrain(
-    report: dict, params: str, overrides, workdir: str, deployment: str | None
+    cfg, report: dict, params: str, overrides, workdir: str, deployment: str | None
 ) -> dict | None:
     """None when no retrain is due; else what was started."""
     if not report["retrain"]:
         return None
     parameters = {"params": params, "overrides": overrides or [], "workdir": workdir}
+    source = retrain_source(cfg, report)
+    if source is not None:
+        parameters["source"] = source
     if deployment:
         from prefect.deployments import run_deployment
 
         run = run_deployment(deployment, parameters=parameters, timeout=0)
-        return {"deployment": deployment, "flow_run_id": str(run.id), "state": run.state_name}
+        return {
+            "deployment": deployment,
+            "flow_run_id": str(run.id),
+            "state": run.state_name,
+            "source": source or cfg.data.source,
+        }
     from flows.retrain import retrain
 
     summary = retrain(**parameters)
-    return {"subflow": "retrain", **summary}
+    return {"subflow": "retrain", "source": source or cfg.data.source, **summary,
+            "note": unchanged_note(cfg, summary, report["source"])}  # fmt: skip
 
 
-def drift_markdown(cfg, r: dict) -> str:
-    started = r["started"]
+def unchanged_note(cfg, summary: dict, source: str) -> str | None:
+    """What to say when the retrain a drift started learned nothing new: its training was
+    reused from an earlier run of the same inputs (its data version had no new image)."""
+    states = {s["step"]: s["state"] for s in summary["steps"]}
+    if states.get("train") != "Cached":
+        return None
+    why = (
+        f"the new images land outside data.source {cfg.data.source!r}; set "
+        "monitor.retrain_on=monitored to train on them"
+        if source != cfg.data.source
+        else "no image was added to the source since"
+    )
+    return (
+        f"nothing new was learned: the retrain reused an earlier training on data version "
+        f"{summary['data_version']} ({why})"
+    )
+
+
+def _action(cfg, started: dict | None) -> str:
     if started is None:
-        action = "no retrain"
-    elif "deployment" in started:
+        return "no retrain"
+    if "deployment" in started:
         action = (
-            f"retrain started: deployment `{started['deployment']}`, "
+            f"retrain started on `{started['source']}`: deployment `{started['deployment']}`, "
             f"flow run `{started['flow_run_id']}`"
         )
     else:
-        action = f"retrain ran here: {cfg.registry.model_name} v{started['model_version']}"
-    return (
-        f"# monitor: {'drift' if r['drift'] else 'no drift'}\n\n"
-        f"- **Source:** `{r['source']}`: {r['new_images']} new of {r['snapshot_images']} images\n"
+        action = (
+            f"retrain ran here on `{started['source']}`: {cfg.registry.model_name} "
+            f"v{started['model_version']}, data version `{started['data_version']}`"
+        )
+    return action + (f"; NOTE: {started['note']}" if started.get("note") else "")
+
+
+def drift_markdown(cfg, r: dict) -> str:
+    lines = [
+        f"# monitor: {'drift' if r['drift'] else 'no drift'}\n",
+        f"- **Source:** `{r['source']}`: {r['new_images']} new of {r['snapshot_images']} images",
         f"- **Champion:** {cfg.registry.model_name} v{r['champion_version']} (test data "
-        f"`{r['champion_test_data_version']}`)\n"
-        f"- **Decision:** {r['reason']}\n- **Action:** {action}\n\n"
-        "| | images | mean negative ELBO (nats) |\n|---|---|---|\n"
-        f"| new (scored) | {r['new_n']} | {r['new_mean']:.2f} |\n"
-        f"| champion's test set | {r['reference_n']} | {r['reference_mean']:.2f} |\n\n"
-        f"Shift {r['shift']:+.2f} ± {r['stderr']:.2f} (stderr); {r['confidence']:.0%} lower "
-        f"bound {r['lower_bound']:+.2f} against threshold {r['threshold']:g}.\n"
-    )
+        f"`{r['champion_test_data_version']}`)",
+        f"- **Decision:** {r['reason']}",
+        f"- **Action:** {_action(cfg, r['started'])}\n",
+    ]
+    if r["checks"]:
+        lines += ["| check | fired | what it measured |", "|---|---|---|"]
+        lines += [
+            f"| {c['name']} | {'yes' if c['fired'] else 'no'} | {c['line']} |" for c in r["checks"]
+        ]
+        lines.append(
+            f"\nEach of the {len(r['checks'])} checks runs at level "
+            f"{(1 - r['confidence']) / len(r['checks']):.3f}: the decision's false-alarm rate on "
+            f"in-distribution images is at most {1 - r['confidence']:.0%}."
+        )
+    return "\n".join(lines) + "\n"
 
 
 def format_report(r: dict) -> str:
     lines = [
         f"monitor: {r['new_images']} new of {r['snapshot_images']} images in {r['source']}; "
         f"champion v{r['champion_version']}'s test set: {r['reference_n']} images",
-        f"  mean negative ELBO {r['new_mean']:.2f} (new, {r['new_n']} scored) vs "
-        f"{r['reference_mean']:.2f} nats: shift {r['shift']:+.2f} ± {r['stderr']:.2f}",
+        *(f"  {c['line']}" for c in r["checks"]),
         f"  {r['reason']}",
     ]
     started = r["started"]
     if started is not None:
         where = started.get("deployment") or "a subflow"
-        lines.append(f"  retrain started ({where})")
+        lines.append(f"  retrain started ({where}) on {started['source']}")
+        if started.get("note"):
+            lines.append(f"  NOTE: {started['note']}")
     return "\n".join(lines)
 
 

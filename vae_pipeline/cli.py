@@ -144,8 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="redo every step (ignore the cache)")
     p = add(
         "monitor",
-        "Score new images (monitor.source) with the champion and start a retrain when their "
-        "mean negative ELBO has shifted past monitor.threshold_nats (Prefect flow).",
+        "Score new images (monitor.source) with the champion and start a retrain on drift: "
+        "their mean negative ELBO beyond +-monitor.threshold_nats of the champion's test set, "
+        "or their latent codes distributed unlike the test images' (Prefect flow).",
     )
     p.add_argument("--source", default=None, help="sets monitor.source: folder, archive, s3://")
     p.add_argument(
@@ -379,6 +380,9 @@ def cmd_retrain(cfg: Config, args) -> None:
 
 def cmd_monitor(cfg: Config, args) -> None:
     from flows.monitor import monitor
+    from vae_pipeline.monitor import check_source, monitor_source
+
+    check_source(monitor_source(cfg, args.source))  # a wrong path: one line, before the flow
 
     monitor(
         params=str(args.params),

@@ -360,13 +360,23 @@ class MonitorConfig(_Section):
     always_retrain: bool = False
     """The monitor schedule starts a retrain whatever the shift (the shift is still measured)."""
     max_images: int = Field(2000, ge=2)
-    """Images scored per check (a seeded random sample when the snapshot holds more)."""
+    """Images scored per check (a seeded random sample when the snapshot holds more); the
+    latent check compares them with as many of the prepared test images."""
     threshold_nats: float = Field(5.0, ge=0.0)
-    """Retrain when the mean negative ELBO of the new images exceeds the champion's on its
-    own test set by more than this (nats per image), at monitor.confidence."""
+    """The likelihood check fires when the mean negative ELBO of the new images differs from
+    the champion's on its own test set by more than this, either way (nats per image)."""
     confidence: float = Field(0.95, gt=0.5, lt=1.0)
-    """The shift's one-sided lower confidence bound must pass the threshold, so sampling
-    noise in a small snapshot does not start a retrain."""
+    """1 - the false-alarm rate of the whole decision on in-distribution images: each of the k
+    checks runs at level (1 - confidence) / k (Bonferroni)."""
+    latent_check: bool = True
+    """Also test the new images' encoder means against the prepared test images' (MMD
+    permutation test): sees changes the mean likelihood cannot."""
+    permutations: int = Field(200, ge=20, le=100_000)
+    """Permutations of the latent check's MMD test (its p-value's resolution is 1/(n+1))."""
+    retrain_on: Literal["monitored", "data_source"] = "monitored"
+    """What a drift-triggered retrain trains on: monitored = a new data version ingested from
+    the monitored source (its images, old and new); data_source = data.source as scheduled
+    (the new images enter only if they land there)."""
     seed: int = Field(0, ge=0)
 
     @field_validator("cron")

@@ -409,7 +409,10 @@ def measure_uses(
     # Few-label probe, on every class (the held-out one too: it is only unseen by the VAE).
     train = PreparedSplit(prepared, "train")
     per_draw: dict = {}
-    if (labels >= 0).any() and (train.labels >= 0).any():
+    classes = np.unique(np.asarray(train.labels)[np.asarray(train.labels) >= 0])
+    if len(classes) == 1:
+        log.info("few-label probe skipped: the training images have one label (%d)", classes[0])
+    if (labels >= 0).any() and len(classes) >= 2:
 
         def latent(positions: np.ndarray) -> np.ndarray:
             return encode_means(model, train.take(positions), device)[0]

@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vae_pipeline.data.images import BadImage, check_image, decode_image, fit_image, load_image
+from vae_pipeline.data.images import (
+    BadImage,
+    check_image,
+    decode_image,
+    fit_array,
+    fit_image,
+    load_image,
+    padded_box,
+)
 
 
 def _save(img: Image.Image, path, **kw):
@@ -121,6 +129,22 @@ def test_resize_and_crop_match_torchvision(w, h, mode):
     ref = np.asarray(TF.center_crop(TF.resize(img, [32], antialias=True), [32, 32]))
     ref = ref[None] if ref.ndim == 2 else ref.transpose(2, 0, 1)
     np.testing.assert_array_equal(fit_image(img, 32), ref)
+
+
+@pytest.mark.parametrize("w,h", [(28, 28), (20, 31), (32, 7), (1, 1)])
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_images_no_larger_than_the_square_are_padded_centred_never_scaled(w, h, mode):
+    shape = (h, w) if mode == "L" else (h, w, 3)
+    arr = np.random.default_rng(w * h).integers(1, 256, shape, dtype=np.uint8)
+    out = fit_image(Image.fromarray(arr), 32)
+    top, left = (32 - h) // 2, (32 - w) // 2
+    assert padded_box(w, h, 32) == [top, left, h, w]
+    chw = arr[None] if mode == "L" else arr.transpose(2, 0, 1)
+    np.testing.assert_array_equal(out[:, top : top + h, left : left + w], chw)
+    inside = np.zeros((32, 32), bool)
+    inside[top : top + h, left : left + w] = True
+    assert out.shape == (chw.shape[0], 32, 32) and out[:, ~inside].max(initial=0) == 0
+    np.testing.assert_array_equal(fit_array(chw, 32), out)
 
 
 def test_decode_workers_start_without_torch():

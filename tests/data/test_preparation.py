@@ -215,3 +215,38 @@ def test_fashion_mnist_validation_images_are_chosen_by_content_not_position(tmp_
     assert got == expected
     # and an image's split does not depend on where it sits: the same bytes, the same split
     assert assign_split(content_hash(raw[int(expected[0][6:-1])].tobytes()), 0.1, 0.0) == "val"
+
+
+@pytest.mark.parametrize("size", [32, 16])
+def test_a_28x28_image_is_the_same_tensor_from_idx_files_a_folder_and_the_monitor(tmp_path, size):
+    """One fitting rule for every source: Fashion-MNIST's IDX path and a folder of the same
+    images as PNG files give equal prepared tensors (padded at 32, scaled at 16), and the
+    folder's manifest records the same content box."""
+    from tests.drift_images import fashion_test_images, save_pngs
+    from vae_pipeline.monitor import load_images
+
+    idx_cfg = build_config(tiny_params(data={"limit": 300, "image_size": size}))
+    snapshot_source(idx_cfg, tmp_path / "idx")
+    idx_manifest = prepare(idx_cfg, tmp_path / "idx")
+    idx_test = np.load(tmp_path / "idx/data/prepared/test_images.npy")
+
+    folder = save_pngs(fashion_test_images(0, 300), tmp_path / "pngs")  # img00007.png = t10k[7]
+    cfg = _cfg(folder, image_size=size, limit=None)
+    snapshot_source(cfg, tmp_path / "folder")
+    manifest = prepare(cfg, tmp_path / "folder")
+    assert manifest["content_box"] == idx_manifest["content_box"]
+    assert manifest["content_box"] == ([2, 2, 28, 28] if size == 32 else None)
+    index = (tmp_path / "folder/data/prepared/index.csv").read_text().splitlines()[1:]
+    compared = 0
+    for split in ("train", "val", "test"):
+        images = np.load(tmp_path / f"folder/data/prepared/{split}_images.npy")
+        for line in (ln for ln in index if ln.startswith(split + ",")):
+            _, row, source, _, _ = line.split(",")
+            t10k = int(source.removeprefix("img").removesuffix(".png"))
+            np.testing.assert_array_equal(images[int(row)], idx_test[t10k], err_msg=source)
+            compared += 1
+    assert compared == 300
+
+    names, monitored = load_images(cfg, folder, sorted(folder.glob("*.png"))[:50], 50, 0)
+    assert names[0] == "img00000.png"
+    np.testing.assert_array_equal(monitored.numpy(), idx_test[:50])

@@ -4,3 +4,7 @@ class DataError(RuntimeError):
 
 class SourceUnreachable(DataError):
     """The source's endpoint did not answer: transient, worth retrying (unlike bad input)."""
+
+
+class NoImages(DataError):
+    """A source that holds no usable image (empty, or every file refused)."""

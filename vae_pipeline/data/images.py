@@ -155,7 +155,38 @@ def load_image(path: Path, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS) 
         raise BadImage(f"{path}: cannot decode image ({exc})") from exc
 
 
-def fit_image(img: Image.Image, image_size: int) -> np.ndarray:
+def padded_box(width: int, height: int, image_size: int) -> list[int] | None:
+    """Where a width x height image sits in the image_size square when `fit_image` pads it:
+    [top, left, height, width]; None when it fills the square (scaled, or already that size)."""
+    if width > image_size or height > image_size or (width, height) == (image_size,) * 2:
+        return None
+    return [(image_size - height) // 2, (image_size - width) // 2, height, width]
+
+
+def fit_array(arr: np.ndarray, image_size: int) -> np.ndarray:
+    """The one rule that makes every image image_size x image_size, whatever its source (a
+    folder, an archive, s3://, IDX files, the monitor's new images), on (C, H, W) uint8:
+
+    - no side larger than image_size: centred on a black square, never scaled (Fashion-MNIST's
+      28 x 28 sits in 32 x 32 with 2 black pixels on each side, the same tensor whether it came
+      from the IDX files or a PNG);
+    - otherwise: the shorter side is resized to image_size (bilinear with antialiasing) and the
+      centre is cropped.
+    """
+    _, height, width = arr.shape
+    if width <= image_size and height <= image_size:
+        if (width, height) == (image_size, image_size):
+            return np.ascontiguousarray(arr)
+        top, left, _, _ = padded_box(width, height, image_size)
+        out = np.zeros((arr.shape[0], image_size, image_size), np.uint8)
+        out[:, top : top + height, left : left + width] = arr
+        return out
+    mode = "L" if arr.shape[0] == 1 else "RGB"
+    img = Image.fromarray(arr[0] if mode == "L" else arr.transpose(1, 2, 0), mode=mode)
+    return _resize_and_crop(img, image_size)
+
+
+def _resize_and_crop(img: Image.Image, image_size: int) -> np.ndarray:
     """Resize the shorter side to `image_size` and centre-crop: (C, H, W) uint8.
 
     The same arithmetic and filter as torchvision's `resize(img, [size])` + `center_crop` on a
@@ -172,16 +203,36 @@ def fit_image(img: Image.Image, image_size: int) -> np.ndarray:
     left = int(round((width - image_size) / 2.0))
     top = int(round((height - image_size) / 2.0))
     img = img.crop((left, top, left + image_size, top + image_size))
+    return _chw(img)
+
+
+def _chw(img: Image.Image) -> np.ndarray:
     arr = np.asarray(img, dtype=np.uint8)
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
     return np.ascontiguousarray(arr)
 
 
+def fit_image(img: Image.Image, image_size: int) -> np.ndarray:
+    """`fit_array`'s rule on a decoded image: (C, H, W) uint8."""
+    width, height = img.size
+    if width > image_size or height > image_size:
+        return _resize_and_crop(img, image_size)
+    return fit_array(_chw(img), image_size)
+
+
 def decode_image(
     path: Path, image_size: int, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> np.ndarray:
-    """Decode, convert to L or RGB, resize the shorter side and centre-crop: (C, H, W) uint8."""
+    """Decode, convert to L or RGB and fit to image_size (`fit_array`): (C, H, W) uint8."""
     return fit_image(load_image(path, channels, max_pixels), image_size)
+
+
+def decode_sized(
+    path: Path, image_size: int, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """`decode_image` and the image's own (width, height) before fitting."""
+    img = load_image(path, channels, max_pixels)
+    return fit_image(img, image_size), img.size
 
 
 def check_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
@@ -199,10 +250,13 @@ def check_worker(args: tuple[str, int]) -> str | None:
     return None
 
 
-def decode_worker(args: tuple[str, int, int, int]) -> np.ndarray | str:
-    """Pool worker for prepare: the decoded (C, H, W) uint8 image, or why it cannot be used."""
+def decode_worker(
+    args: tuple[str, int, int, int],
+) -> tuple[np.ndarray, tuple[int, int]] | str:
+    """Pool worker for prepare: the fitted (C, H, W) uint8 image and its own (width, height),
+    or why it cannot be used."""
     path, size, channels, max_pixels = args
     try:
-        return decode_image(Path(path), size, channels, max_pixels)
+        return decode_sized(Path(path), size, channels, max_pixels)
     except BadImage as exc:
         return str(exc)

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from vae_pipeline.config import Config
 from vae_pipeline.data.errors import DataError
-from vae_pipeline.data.images import decode_worker, list_images
+from vae_pipeline.data.images import decode_worker, fit_array, list_images, padded_box
 from vae_pipeline.data.sources import map_in_pool, worker_count
 
 log = logging.getLogger(__name__)
@@ -58,29 +58,26 @@ def assign_split(digest: str, val_fraction: float, test_fraction: float) -> str:
 
 
 def content_box(side: int, size: int) -> list[int] | None:
-    """Where a side x side image sits in the size x size prepared one when `_fit_square` pads
-    it: [top, left, height, width] (None when it was resized to fill the square)."""
-    if size <= side:
-        return None
-    pad = size - side
-    return [pad // 2, pad // 2, side, side]
+    """Where a side x side image sits in the size x size prepared one (`fit_array` pads it):
+    [top, left, height, width] (None when it fills the square)."""
+    return padded_box(side, side, size)
 
 
 def _fit_fashion_mnist(images: torch.Tensor, size: int, channels: int) -> np.ndarray:
-    """(N, 28, 28) uint8 -> (N, C, size, size): zero-pad (the background is black) or resize.
-    (Any square IDX image set is fitted the same way.)"""
-    x = images.unsqueeze(1)
-    if size >= x.shape[-1]:
-        pad = size - x.shape[-1]
-        x = torch.nn.functional.pad(x, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2))
+    """(N, side, side) uint8 -> (N, C, size, size) by `fit_array`'s rule, the one every source
+    follows: zero-pad (the background is black), or resize and crop when size < side. (Any
+    square IDX image set is fitted the same way.)"""
+    x = images.unsqueeze(1).numpy()
+    side = x.shape[-1]
+    if size >= side:  # the padding, for all images at once (what fit_array does to each)
+        box = padded_box(side, side, size) or [0, 0, side, side]
+        out = np.zeros((len(x), 1, size, size), np.uint8)
+        out[:, :, box[0] : box[0] + side, box[1] : box[1] + side] = x
     else:
-        x = torch.nn.functional.interpolate(
-            x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False
-        )
-        x = x.round().clamp(0, 255).to(torch.uint8)
+        out = np.stack([fit_array(a, size) for a in x]) if len(x) else x[:, :, :size, :size]
     if channels == 3:
-        x = x.expand(-1, 3, -1, -1)
-    return np.ascontiguousarray(x.numpy())
+        out = np.repeat(out, 3, axis=1)
+    return np.ascontiguousarray(out)
 
 
 def _load_fashion_mnist(cfg: Config, raw: Path) -> tuple[dict, list[str], list[str]]:
@@ -202,9 +199,10 @@ def _plan_folder(cfg: Config, raw: Path) -> tuple[dict[str, list[_Item]], list[s
 
 def _decode_into(
     cfg: Config, plan: dict[str, list[_Item]], staging: Path, shape: tuple[int, int, int]
-) -> dict[str, list[_Item]]:
+) -> tuple[dict[str, list[_Item]], list[int] | None]:
     """Decode every planned image in worker processes straight into memory-mapped .npy files
-    (memory stays flat however large the dataset); returns the items that decoded."""
+    (memory stays flat however large the dataset); returns the items that decoded, and the
+    content box they share (when every one of them was padded alike, else None)."""
     order = [(split, row, item) for split in SPLITS for row, item in enumerate(plan[split])]
     arrays = {
         split: np.lib.format.open_memmap(
@@ -221,6 +219,7 @@ def _decode_into(
         for _, _, i in order
     ]
     good: dict[str, list[bool]] = {s: [True] * len(plan[s]) for s in SPLITS}
+    sizes: set[tuple[int, int]] = set()
     for (split, row, _), result in zip(
         order,
         map_in_pool(decode_worker, jobs, worker_count(cfg), "decode", chunksize=64),
@@ -234,7 +233,8 @@ def _decode_into(
             log.warning("skipping bad image %s", result)
             good[split][row] = False
             continue
-        arrays[split][row] = result
+        arrays[split][row], size = result
+        sizes.add(size)
     kept: dict[str, list[_Item]] = {}
     for split in SPLITS:
         keep = [i for i, ok in zip(plan[split], good[split], strict=True) if ok]
@@ -249,7 +249,8 @@ def _decode_into(
             del arrays[split]
             np.save(staging / f"{split}_images.npy", compact)
     del arrays
-    return kept
+    box = padded_box(*sizes.pop(), cfg.data.image_size) if len(sizes) == 1 else None
+    return kept, box
 
 
 def snapshot_source_of(cfg: Config, workdir: Path) -> str:
@@ -330,7 +331,7 @@ def prepare(cfg: Config, workdir: Path = Path("."), data_version: str = "unversi
             _require_train_and_test({s: len(p) for s, p in plan.items()}, raw)
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
-            kept = _decode_into(cfg, plan, staging, shape)
+            kept, box = _decode_into(cfg, plan, staging, shape)
             kept_rels = {i.rel for items in kept.values() for i in items}
             bad = [i.rel for s in SPLITS for i in plan[s] if i.rel not in kept_rels]
             _require_train_and_test({s: len(k) for s, k in kept.items()}, raw)

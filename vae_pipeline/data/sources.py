@@ -41,7 +41,7 @@ from pathlib import Path, PurePosixPath
 from tqdm import tqdm
 
 from vae_pipeline.config import Config
-from vae_pipeline.data.errors import DataError, SourceUnreachable
+from vae_pipeline.data.errors import DataError, NoImages, SourceUnreachable
 from vae_pipeline.data.images import (
     IMAGE_EXTENSIONS,
     check_worker,
@@ -508,7 +508,7 @@ def _fill_images(cfg: Config, kind: str, source: str, staging: Path, old: Path) 
 
     if not seen:
         what = "archive" if kind == "archive" else "data source"
-        raise DataError(
+        raise NoImages(
             f"{what} {source} holds no images (looked for "
             f"{' '.join(sorted(IMAGE_EXTENSIONS))}, recursively)"
             + (f"; {len(unsafe)} unsafe entries were refused" if unsafe else "")
@@ -549,7 +549,7 @@ def _fill_images(cfg: Config, kind: str, source: str, staging: Path, old: Path) 
     report.fetched = len(fetched) - (len(bad) - len(bad_reused))
     report.images = report.fetched + report.reused
     if report.images == 0:
-        raise DataError(
+        raise NoImages(
             f"data source {source} holds no usable images ({len(skipped)} unusable): see the "
             "reasons above"
         )
