@@ -59,6 +59,23 @@ def test_the_pyfunc_flags_anomalies_by_the_stored_threshold(bagless, registered)
     assert logvar.shape == (300, cfg.model.latent_dim) and (logvar < 1).all()
 
 
+def test_the_pyfunc_scores_an_image_the_same_alone_or_anywhere_in_a_batch(bagless, registered):
+    ws, cfg, _, _ = bagless
+    model = mlflow.pyfunc.load_model(registered)
+    x = to_unit_float(PreparedSplit(ws / cfg.data.prepared_dir, "test").tensor(0, 8)).numpy()
+    for params in ({"output": "score"}, {"output": "iw_score", "k": 8}):
+        batch = model.predict(x, params=params)
+        alone = np.array([model.predict(x[i : i + 1], params=params)[0] for i in range(8)])
+        turned = model.predict(np.ascontiguousarray(x[::-1]), params=params)[::-1]
+        np.testing.assert_allclose(alone, batch, rtol=1e-5)
+        np.testing.assert_allclose(turned, batch, rtol=1e-5)
+        assert len(set(batch.round(3))) == 8  # the rows' own draws, not one shared stream
+    flags = model.predict(x, params={"output": "is_anomaly"})
+    assert [
+        model.predict(x[i : i + 1], params={"output": "is_anomaly"})[0] for i in range(8)
+    ] == list(flags)
+
+
 def test_score_from_a_folder_with_a_threshold_given_as_csv(bagless, tmp_path, monkeypatch):
     ws, _, _, _ = bagless
     monkeypatch.chdir(ws)

@@ -11,11 +11,13 @@ weights are loaded with `torch.load(weights_only=True)`. `predict` takes a float
   "is_anomaly": 1 where the image's score is above the threshold calibrated at evaluation
     (anomaly.json: the score, its K and the threshold, stored with the model), else 0;
   "reconstruction" (N x C*H*W).
-Scores are seeded, so the same images always get the same score.
+Each image's posterior draws come from its own RNG stream, keyed by its content (the sha256
+of its float32 pixels): the same image gets the same score alone or anywhere in any batch.
 """
 
 from __future__ import annotations
 
+import hashlib
 from importlib.metadata import PackageNotFoundError, version
 
 import mlflow.models
@@ -34,6 +36,26 @@ def pip_requirements() -> list[str]:
         except PackageNotFoundError:
             reqs.append(name)
     return reqs
+
+
+def content_generators(x: torch.Tensor) -> list[torch.Generator]:
+    """One RNG stream per image of `x` (float32), seeded by a hash of its pixels."""
+    rows = x.detach().cpu().contiguous().float().flatten(1).numpy()
+    return [
+        torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(r.tobytes()).digest()[:8]) >> 1)
+        for r in rows
+    ]
+
+
+def content_noise(x: torch.Tensor, latent_dim: int):
+    """(eps for one posterior sample per image, noise(n) for the IW bound's next n samples,
+    (n, N, latent)), both drawn from each image's content-keyed stream."""
+    gens = content_generators(x)
+
+    def draw(shape: tuple[int, ...], dim: int) -> torch.Tensor:
+        return torch.stack([torch.randn(shape, generator=g) for g in gens], dim=dim)
+
+    return draw((latent_dim,), 0), lambda n: draw((n, latent_dim), 1)
 
 
 class VAEPyfunc(mlflow.pyfunc.PythonModel):
@@ -56,9 +78,17 @@ class VAEPyfunc(mlflow.pyfunc.PythonModel):
         output = (params or {}).get("output", "latent_mean")
         x = torch.as_tensor(np.asarray(model_input))
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-        # Seeded in a forked RNG: same images, same scores; the caller's RNG is left alone.
-        with torch.no_grad(), torch.random.fork_rng():
-            torch.manual_seed(0)
+        d = self.model.latent_dim
+
+        def elbo_score() -> torch.Tensor:
+            eps, _ = content_noise(x, d)
+            return -elbo_terms(self.model, x, eps)["elbo"]
+
+        def iw_score(k: int) -> torch.Tensor:
+            _, noise = content_noise(x, d)
+            return -iw_log_likelihood(self.model, x, k, min(k, 64), noise=noise)
+
+        with torch.no_grad():
             if output == "latent_mean":
                 return self.model.encode(x)[0].numpy()
             if output == "latent_logvar":
@@ -70,19 +100,15 @@ class VAEPyfunc(mlflow.pyfunc.PythonModel):
                         "vae-pipeline calibrated one): use output=score and a threshold of yours"
                     )
                 a = self.anomaly
-                if a["score"] == "iw_nll":
-                    k = int(a["k"])
-                    scores = -iw_log_likelihood(self.model, x, k, min(k, 64))
-                else:
-                    scores = -elbo_terms(self.model, x)["elbo"]
+                scores = iw_score(int(a["k"])) if a["score"] == "iw_nll" else elbo_score()
                 return (scores > float(a["threshold"])).to(torch.int64).numpy()
             if output == "score":
-                return (-elbo_terms(self.model, x)["elbo"]).numpy()
+                return elbo_score().numpy()
             if output == "iw_score":
                 k = int((params or {}).get("k", DEFAULT_IW_K))
                 if k < 1:
                     raise ValueError(f"params.k must be >= 1, not {k}")
-                return (-iw_log_likelihood(self.model, x, k, min(k, 64))).numpy()
+                return iw_score(k).numpy()
             if output == "reconstruction":
                 return self.model.decode(self.model.encode(x)[0]).flatten(1).numpy()
         raise ValueError(
