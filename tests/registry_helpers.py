@@ -27,6 +27,15 @@ def registry_cfg(uri: str, name: str = NAME, **promotion):
     )
 
 
+def artifact_location(client: MlflowClient) -> str | None:
+    """Artifacts beside a SQLite store (in the test's temporary folder), not in ./mlruns of
+    whatever folder the suite runs in; a server keeps its own default."""
+    uri = client._tracking_client.tracking_uri
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).parent / "gate-artifacts").as_uri()
+
+
 def add_version(
     client: MlflowClient,
     values: np.ndarray,
@@ -39,7 +48,9 @@ def add_version(
 ) -> str:
     experiment = client.get_experiment_by_name("gate-tests")
     experiment_id = (
-        experiment.experiment_id if experiment else client.create_experiment("gate-tests")
+        experiment.experiment_id
+        if experiment
+        else client.create_experiment("gate-tests", artifact_location=artifact_location(client))
     )
     run_id = client.create_run(experiment_id).info.run_id
     with tempfile.TemporaryDirectory() as tmp:

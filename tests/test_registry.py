@@ -287,3 +287,43 @@ def test_floors_re_measure_a_champion_measured_with_other_settings(bagless, regi
     auroc += f"{fresh['champion']['anomaly_auroc']:.4g}"
     assert auroc in decision.reason
     assert f"sample_fd {fresh['candidate']['sample_fd']:.4g} vs champion" in decision.reason
+
+
+def test_test_helpers_keep_artifacts_beside_the_store_not_in_the_working_folder(
+    tmp_path, monkeypatch
+):
+    """The suite runs in the project folder: a version made there must not leave ./mlruns."""
+    cwd = tmp_path / "project"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    uri = f"sqlite:///{tmp_path}/store/mlflow.db"
+    (tmp_path / "store").mkdir()
+    client = client_for(uri)
+    version = add_version(client, evidence(1))
+    run_id = client.get_model_version(NAME, version).run_id
+    assert list(cwd.iterdir()) == []
+    assert client.get_run(run_id).info.artifact_uri.startswith((tmp_path / "store").as_uri())
+    assert (tmp_path / "store").joinpath("gate-artifacts").is_dir()
+
+
+def test_a_collapsed_champion_cannot_hold_a_better_model_out_through_the_floors(store, tmp_path):
+    uri, client = store
+    floors = {"probe_latent_acc_n10": 0.02}
+    # A collapsed champion (0 active units), as a rollback or a looser guard leaves one.
+    v1 = add_version(client, evidence(1), active_units=0, uses={"probe_latent_acc_n10": 0.70})
+    assert promote_if_better(registry_cfg(uri, min_active_units=0), uri, v1, tmp_path).promoted
+    cfg = registry_cfg(uri, floors=floors, min_active_units=1)
+    uses = {"probe_latent_acc_n10": 0.65}  # worse by 0.05 > 0.02
+    v2 = add_version(client, evidence(2, shift=-200.0), active_units=8, uses=uses)
+    decision = promote_if_better(cfg, uri, v2, tmp_path)
+    assert decision.promoted and decision.reason.startswith("better:")
+    assert "floors not applied: the champion fails the posterior collapse guard (0 active" in (
+        decision.reason
+    )
+    assert _alias(client, "champion") == v2
+    # A healthy champion keeps its floors: the same worsening is held back.
+    v3 = add_version(
+        client, evidence(3, shift=-205.0), active_units=8, uses={"probe_latent_acc_n10": 0.60}
+    )
+    blocked = promote_if_better(cfg, uri, v3, tmp_path)
+    assert not blocked.promoted and blocked.reason.startswith("floor not met")

@@ -430,7 +430,7 @@ def promote_if_better(
             else:
                 result = gate.decide(cand_values, champ_values, cand_active, cfg.promotion)
                 if result.promoted and champ is not None:
-                    result = _with_floors(cfg, result, cand.uses, champ.uses)
+                    result = _with_floors(cfg, result, cand.uses, champ.uses, champ.active_units)
             decision = Decision(
                 **asdict(result),
                 candidate_version=str(version),
@@ -447,8 +447,19 @@ def _with_floors(
     result: gate.GateResult,
     cand_uses: dict[str, float] | None,
     champ_uses: dict[str, float] | None,
+    champ_active: int,
 ) -> gate.GateResult:
-    """The gate's result with promotion.floors applied (they can only block a promotion)."""
+    """The gate's result with promotion.floors applied (they can only block a promotion).
+    Floors protect a champion's uses only while the champion itself passes the posterior
+    collapse guard: a collapsed champion (rolled back to, or promoted under a lower
+    min_active_units) cannot hold a better model out through them."""
+    if cfg.promotion.floors and champ_active < cfg.promotion.min_active_units:
+        return replace(
+            result,
+            reason=f"{result.reason}; floors not applied: the champion fails the posterior "
+            f"collapse guard ({champ_active} active units < promotion.min_active_units="
+            f"{cfg.promotion.min_active_units}), so its uses are not protected",
+        )
     passed, notes = gate.check_floors(
         cand_uses or {}, champ_uses or {}, cfg.promotion, cfg.probe.labels_per_class
     )
