@@ -138,9 +138,13 @@ def test_lineage_cli_prints_tags_and_how_to_reproduce(runs):
     assert result.returncode == 0, result.stderr
     # The test workspace is a git repo without commits: lineage says so instead of a checkout.
     assert _client(ws).get_model_version("conv-vae", "1").tags["git_commit"] == "unknown"
+    storage = (ws / ".dvc-storage").resolve()
     for expected in (
         "# no git commit was recorded",
-        f"dvc pull            # data version {first['data_version']}",
+        "vae-pipeline lineage 1 --restore   # params.yaml and data/raw.dvc as run",
+        # the default remote is a folder of this clone: said, since no other clone can pull it
+        f"# DVC remote 'local' is {storage}, a folder inside this clone",
+        f"dvc pull -r local data/raw.dvc   # data version {first['data_version']} from {storage}",
         "dvc repro",
         "params_hash",
         "binarize             none",

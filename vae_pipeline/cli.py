@@ -128,9 +128,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", required=True, help="why (recorded in the alias history)")
     p = add("history", "Every alias move (champion, challenger, previous-champion), oldest first.")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p = add("lineage", "A version's lineage tags and the commands that reproduce it.")
+    p = add(
+        "lineage",
+        "A version's lineage tags and the commands that reproduce it in a fresh clone; "
+        "--restore writes its params file and data pointer back from its MLflow run.",
+    )
     p.add_argument("model_version", metavar="VERSION", help="model version number")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument(
+        "--restore",
+        action="store_true",
+        help="write --params (params.yaml) and the data pointer (data/raw.dvc) as the version's "
+        "run had them, for `dvc pull` and `dvc repro`",
+    )
     p = add(
         "retrain",
         "Run the whole retrain flow (Prefect): ingest -> prepare -> train -> evaluate -> "
@@ -349,7 +359,15 @@ def _num(value) -> str:
 def cmd_lineage(cfg: Config, args) -> None:
     from vae_pipeline import registry
 
-    info = registry.lineage(_registry_client(cfg), cfg.registry.model_name, args.model_version)
+    client = _registry_client(cfg)
+    if args.restore:
+        from vae_pipeline.lineage import restore
+
+        name = cfg.registry.model_name
+        for line in restore(client, name, args.model_version, Path("."), Path(args.params)):
+            print(line)
+        return
+    info = registry.lineage(client, cfg.registry.model_name, args.model_version)
     if args.json:
         print(json.dumps(info, indent=2))
         return

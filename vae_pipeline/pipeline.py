@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from vae_pipeline import registry, tracking, versioning
+from vae_pipeline import lineage, registry, tracking, versioning
 from vae_pipeline.config import Config, tracking_uri
 from vae_pipeline.data import prepare, snapshot_source
 from vae_pipeline.data.dataset import read_manifest, resolve_label
@@ -29,7 +29,11 @@ log = logging.getLogger(__name__)
 def ingest(cfg: Config, workdir: Path = Path("."), push: bool = True) -> str:
     """Snapshot the source into the raw area and version it with DVC; returns the data version."""
     snapshot_source(cfg, workdir)
-    return versioning.version_data(cfg, workdir, push=push)
+    version = versioning.version_data(cfg, workdir, push=push)
+    remote = lineage.remote_info(cfg, workdir)
+    if push and not remote["shared"]:
+        log.warning("%s", lineage.unshared_note(remote))
+    return version
 
 
 def prepare_data(cfg: Config, workdir: Path = Path(".")) -> dict:
@@ -127,10 +131,13 @@ def register(
     model_uri, torch_uri = tracking.log_model(
         uri, run_id, weights, tracking.anomaly_record(metrics)
     )
+    data_version = str(blob.get("data_version", "unknown"))
     tags = {
         "git_commit": versioning.git_commit(workdir),
         # The data the weights were trained on (their own record); the test side is in version_tags.
-        "data_version": str(blob.get("data_version", "unknown")),
+        "data_version": data_version,
+        # params, data pointer and remote as lineage/ artifacts of the run
+        **lineage.record(cfg, uri, run_id, workdir, data_version),
         "params_hash": cfg.params_hash(),
         "pytorch_model_uri": torch_uri,
         **registry.version_tags(metrics),

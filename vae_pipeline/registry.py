@@ -597,21 +597,12 @@ def decision_dict(decision: Decision) -> dict:
 
 
 def lineage(client: MlflowClient, name: str, version: str) -> dict:
-    """A version's lineage tags, aliases and the commands that reproduce it."""
+    """A version's lineage tags, aliases and the commands that reproduce it
+    (`vae_pipeline.lineage`)."""
+    from vae_pipeline.lineage import reproduce
+
     mv = client.get_model_version(name, str(version))
     tags = dict(mv.tags or {})
-    commit = tags.get("git_commit", "unknown")
-    commands = []
-    if commit == "unknown":
-        commands.append("# no git commit was recorded: check out the code by other means")
-    else:
-        commands.append(f"git checkout {commit.removesuffix('-dirty')}")
-        if commit.endswith("-dirty"):
-            commands.append("# trained with uncommitted changes: the checkout may differ")
-    commands += [
-        "dvc pull            # data version " + tags.get("data_version", "?"),
-        "dvc repro           # prepare -> train -> evaluate with that commit's params.yaml",
-    ]
     return {
         "name": name,
         "version": str(mv.version),
@@ -619,5 +610,5 @@ def lineage(client: MlflowClient, name: str, version: str) -> dict:
         "run_id": mv.run_id,
         "source": mv.source,
         "tags": tags,
-        "reproduce": commands,
+        "reproduce": reproduce(client, name, str(mv.version), tags, mv.run_id),
     }

@@ -54,6 +54,12 @@ def ensure_repo(workdir: Path) -> None:
         )
 
 
+def local_remote_url(workdir: Path) -> str | None:
+    """The `local` remote's folder as DVC resolves it (absolute), or None without one."""
+    url = dvc(["config", f"remote.{LOCAL_REMOTE}.url"], workdir, check=False).stdout.strip()
+    return url or None
+
+
 def configure_s3_remote(cfg: Config, workdir: Path) -> str:
     if not cfg.data.s3_url:
         raise VersioningError("data.remote=s3 needs data.s3_url (s3://bucket/prefix)")

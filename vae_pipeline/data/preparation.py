@@ -294,7 +294,14 @@ def prepare(cfg: Config, workdir: Path = Path("."), data_version: str = "unversi
     """
     raw = (workdir / cfg.data.raw_dir).resolve()
     if not raw.is_dir():
-        raise DataError(f"raw data folder {raw} does not exist: run `vae-pipeline ingest` first")
+        pointer = raw.with_name(raw.name + ".dvc")
+        how = (
+            f"`dvc pull {cfg.data.raw_dir.rstrip('/')}.dvc` fetches the data version it names"
+            if pointer.is_file()
+            else "`vae-pipeline ingest` snapshots data.source, or `vae-pipeline lineage VERSION "
+            "--restore` then `dvc pull` brings a registered version's data"
+        )
+        raise DataError(f"raw data folder {raw} does not exist: {how}")
     limit = cfg.data.limit
     out = (workdir / cfg.data.prepared_dir).resolve()
     staging = out.with_name(out.name + ".staging")

@@ -1,0 +1,186 @@
+"""A registered version's lineage: what is recorded with it, and the commands that rebuild it.
+
+At registration (`record`) the version's MLflow run gets `lineage/`:
+  params.yaml   the run's whole config, `--set` overrides included (credentials redacted);
+  pointer.dvc   the DVC pointer (`data/raw.dvc`) of the data its weights were trained on;
+  remote.json   the DVC remote that holds that data, the pointer's path in the repo, and
+                whether another clone can reach the remote;
+and the version gets the tags `code_version` (hash of the vae_pipeline sources) and
+`data_remote`. The data pointer is pinned in MLflow, not in git: the flow never commits into
+the user's branch, and the recorded `git_commit` plus `vae-pipeline lineage V --restore` (which
+writes params.yaml and the pointer back from the run) pin code, params and data together.
+
+`reproduce` lists the commands; run in a fresh clone that reaches the same MLflow store and
+DVC remote, they rebuild the version's weights bit for bit on the same kind of device.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+import mlflow
+import yaml
+from mlflow.tracking import MlflowClient
+
+from vae_pipeline import versioning
+from vae_pipeline.config import Config, s3_endpoint_url
+from vae_pipeline.tracking import redact
+
+log = logging.getLogger(__name__)
+
+LINEAGE_DIR = "lineage"
+PARAMS_FILE = "params.yaml"
+POINTER_FILE = "pointer.dvc"
+REMOTE_FILE = "remote.json"
+
+
+class LineageError(RuntimeError):
+    """A version's lineage cannot be restored (none recorded, or it does not fit this clone)."""
+
+
+def remote_info(cfg: Config, workdir: Path) -> dict:
+    """The DVC remote data versions are pushed to: its name, URL (credentials never included),
+    the S3 endpoint when set, and whether other clones can reach it (`shared`)."""
+    if cfg.data.remote == "s3":
+        return {
+            "name": versioning.S3_REMOTE,
+            "url": redact(cfg.data.s3_url or ""),
+            "endpoint": redact(s3_endpoint_url() or ""),
+            "shared": True,
+        }
+    url = versioning.local_remote_url(workdir)
+    inside = url is not None and Path(url).is_relative_to(workdir.resolve())
+    return {"name": versioning.LOCAL_REMOTE, "url": url or "", "endpoint": "", "shared": not inside}
+
+
+def unshared_note(remote: dict) -> str:
+    return (
+        f"DVC remote {remote['name']!r} is {remote['url']}, a folder inside this clone: other "
+        "clones and machines cannot pull its data versions; for a team, set data.remote=s3 "
+        "(data.s3_url) or `dvc remote modify local url <a shared folder>` and commit .dvc/config"
+    )
+
+
+def record(cfg: Config, uri: str, run_id: str, workdir: Path, data_version: str) -> dict[str, str]:
+    """Log the run's params, its data pointer and remote as `lineage/` artifacts; returns the
+    version tags that go with them."""
+    remote = remote_info(cfg, workdir)
+    pointer = versioning.pointer_file(cfg, workdir)
+    recorded = versioning.read_data_version(cfg, workdir)
+    client = MlflowClient(tracking_uri=uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / LINEAGE_DIR
+        folder.mkdir()
+        params = cfg.model_dump(mode="json")
+        params["registry"]["tracking_uri"] = redact(params["registry"]["tracking_uri"])
+        (folder / PARAMS_FILE).write_text(yaml.safe_dump(params, sort_keys=False))
+        data = "recorded"
+        if recorded == data_version:
+            (folder / POINTER_FILE).write_bytes(pointer.read_bytes())
+        else:  # a registration after the pointer moved on: the trained-on version is not here
+            data = f"not recorded: {pointer.name} holds {recorded}, the weights {data_version}"
+            log.warning("lineage of run %s: data pointer %s", run_id, data)
+        try:
+            rel = pointer.resolve().relative_to(workdir.resolve()).as_posix()
+        except ValueError:  # data.raw_dir outside the project
+            rel = str(pointer.resolve())
+        (folder / REMOTE_FILE).write_text(json.dumps({**remote, "pointer": rel}, indent=2))
+        client.log_artifacts(run_id, str(folder), artifact_path=LINEAGE_DIR)
+    return {
+        "code_version": versioning.code_version(),
+        "data_remote": f"{remote['name']} {remote['url']}".strip(),
+        "lineage_data": data,
+    }
+
+
+def _download(client: MlflowClient, run_id: str) -> Path | None:
+    try:
+        return Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=run_id,
+                artifact_path=LINEAGE_DIR,
+                dst_path=tempfile.mkdtemp(prefix="vae-lineage-"),
+                tracking_uri=client._tracking_client.tracking_uri,
+            )
+        )
+    except Exception:  # a version registered before lineage was recorded
+        return None
+
+
+def reproduce(client: MlflowClient, name: str, version: str, tags: dict, run_id: str) -> list[str]:
+    """The commands that rebuild the version in a fresh clone of the project."""
+    commit = tags.get("git_commit", "unknown")
+    if commit == "unknown":
+        lines = ["# no git commit was recorded: check out the code by other means"]
+    else:
+        lines = [f"git checkout {commit.removesuffix('-dirty')}"]
+        if commit.endswith("-dirty"):
+            lines.append("# trained with uncommitted changes: the checkout may differ")
+    folder = _download(client, run_id)
+    remote = json.loads((folder / REMOTE_FILE).read_text()) if folder else None
+    data = tags.get("data_version", "?")
+    if remote is None or not (folder / POINTER_FILE).is_file():
+        why = (
+            "registered before lineage was recorded"
+            if remote is None
+            else tags.get("lineage_data", "no data pointer recorded")
+        )
+        return lines + [
+            f"# {why}: params and data pointer are the commit's (the run's params are in MLflow)",
+            f"dvc pull            # data version {data}",
+            "dvc repro           # prepare -> train -> evaluate with that commit's params.yaml",
+        ]
+    pointer = remote["pointer"]
+    lines.append(
+        f"vae-pipeline lineage {version} --restore   # params.yaml and {pointer} as run "
+        f"{run_id} had them (overrides included)"
+    )
+    if remote["name"] == versioning.S3_REMOTE:
+        lines.append(f"dvc remote add --local -f {remote['name']} {remote['url']}")
+        if remote.get("endpoint"):
+            lines.append(
+                f"dvc remote modify --local {remote['name']} endpointurl {remote['endpoint']}"
+            )
+    elif not remote["shared"]:
+        lines.append("# " + unshared_note(remote))
+    lines += [
+        f"dvc pull -r {remote['name']} {pointer}   # data version {data} from {remote['url']}",
+        "dvc repro           # prepare -> train -> evaluate: the same weights on the same device kind",
+    ]
+    return lines
+
+
+def restore(
+    client: MlflowClient, name: str, version: str, workdir: Path, params: Path
+) -> list[str]:
+    """Write the version's params file and data pointer back from its run; returns what was
+    written, and a warning when this checkout's code is not the code that trained it."""
+    mv = client.get_model_version(name, str(version))
+    folder = _download(client, mv.run_id)
+    if folder is None or not (folder / POINTER_FILE).is_file():
+        why = (
+            "no lineage was recorded with it"
+            if folder is None
+            else (mv.tags or {}).get("lineage_data", "no data pointer was recorded")
+        )
+        raise LineageError(
+            f"{name} v{version}: {why}; use the commit's params.yaml and the run's params in "
+            f"MLflow (run {mv.run_id})"
+        )
+    remote = json.loads((folder / REMOTE_FILE).read_text())
+    pointer = workdir / remote["pointer"]
+    pointer.parent.mkdir(parents=True, exist_ok=True)
+    pointer.write_bytes((folder / POINTER_FILE).read_bytes())
+    (workdir / params).write_text((folder / PARAMS_FILE).read_text())
+    done = [f"wrote {params} and {remote['pointer']} of {name} v{version} (run {mv.run_id})"]
+    recorded = (mv.tags or {}).get("code_version")
+    if recorded and recorded != versioning.code_version():
+        done.append(
+            f"WARNING: this checkout's vae_pipeline code ({versioning.code_version()}) is not "
+            f"the code that trained v{version} ({recorded}): check out its git_commit, without "
+            "local changes"
+        )
+    return done
