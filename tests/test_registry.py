@@ -126,7 +126,7 @@ def test_the_lock_excludes_a_second_promoter_then_times_out(store):
         assert time.monotonic() - started >= 0.5
     with registry.promotion_lock(client, NAME, cfg, "second"):  # released: free again
         pass
-    assert registry._get_registered_model(client, NAME + registry.LOCK_SUFFIX) is None
+    assert registry.lock_entries(client, NAME) == []  # released: nothing left in the registry
 
 
 def test_a_waiting_promoter_gets_the_lock_when_it_is_released(store):
@@ -152,12 +152,28 @@ def test_a_waiting_promoter_gets_the_lock_when_it_is_released(store):
 
 def test_an_abandoned_lock_is_broken_after_lock_stale_s(store):
     uri, client = store
-    client.create_registered_model(NAME + registry.LOCK_SUFFIX, tags={"owner": "a dead process"})
+    dead = NAME + registry.LOCK_SUFFIX + "--deadbeef"
+    client.create_registered_model(dead, tags={"owner": "a dead process"})
     time.sleep(1.2)
     cfg = registry_cfg(uri, lock_timeout_s=5, lock_stale_s=1.0)
-    with registry.promotion_lock(client, NAME, cfg, "new owner"):
-        held = client.get_registered_model(NAME + registry.LOCK_SUFFIX)
-        assert held.tags["owner"] == "new owner"
+    with registry.promotion_lock(client, NAME, cfg, "new owner") as lock:
+        held = registry.lock_entries(client, NAME)
+        assert [(m.name, m.tags["owner"]) for m in held] == [(lock.entry, "new owner")]
+        lock.check()
+    assert registry.lock_entries(client, NAME) == []
+
+
+def test_a_holder_whose_lock_was_broken_as_stale_changes_nothing(store, tmp_path):
+    """A promoter that outlives promotion.lock_stale_s loses the lock to a waiter; before it
+    moves an alias it finds that out and stops."""
+    uri, client = store
+    cfg = registry_cfg(uri, lock_timeout_s=5, lock_stale_s=0.5)
+    with registry.promotion_lock(client, NAME, cfg, "slow") as slow:
+        time.sleep(0.7)
+        with registry.promotion_lock(client, NAME, cfg, "waiter") as waiter:
+            waiter.check()
+            with pytest.raises(PromotionError, match="was broken while held"):
+                slow.check()
 
 
 def test_using_a_store_does_not_change_which_store_the_config_resolves(tmp_path, monkeypatch):
@@ -329,3 +345,15 @@ def test_a_collapsed_champion_cannot_hold_a_better_model_out_through_the_floors(
     )
     blocked = promote_if_better(cfg, uri, v3, tmp_path)
     assert not blocked.promoted and blocked.reason.startswith("floor not met")
+
+
+@pytest.mark.slow
+def test_eight_promoters_meeting_a_stale_lock_never_hold_it_together(tmp_path):
+    from .lock_stress import overlaps, trials
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client_for(uri)  # the store's tables exist before the workers meet it
+    for held in trials(uri, n_trials=5):
+        intervals = [h for h in held if isinstance(h, tuple)]
+        assert len(intervals) == 8, held  # each one got it, in turn, within lock_timeout_s
+        assert overlaps(intervals) == []

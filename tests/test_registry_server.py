@@ -291,4 +291,13 @@ def test_two_racing_promotions_are_serialised(server, tmp_path):
         str(client.get_model_version_by_alias(name, "previous-champion").version)
         == (promoted[-1]["from_champion"])
     )
-    assert registry._get_registered_model(client, name + registry.LOCK_SUFFIX) is None
+    assert registry.lock_entries(client, name) == []
+
+
+def test_eight_promoters_meeting_a_stale_lock_never_hold_it_together(server):
+    from .lock_stress import overlaps, trials
+
+    for held in trials(server, n_trials=3):
+        intervals = [h for h in held if isinstance(h, tuple)]
+        assert len(intervals) == 8, held
+        assert overlaps(intervals) == []

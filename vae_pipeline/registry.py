@@ -12,8 +12,8 @@ re-evaluated on the candidate's test split first.
 
 Every alias move is appended to the registered model's tags (`history.000001`, ... as JSON):
 who, when, why, and the metrics on both sides; `history()` reads them back. Moves are serialised
-by a lock held in the registry itself (see `promotion_lock`), so two flows finishing together
-cannot both win or leave the aliases inconsistent, whether on SQLite or a shared server.
+by a lock held in the registry itself (`vae_pipeline.promotion_lock`), so two flows finishing
+together cannot both win or leave the aliases inconsistent, whether on SQLite or a shared server.
 """
 
 from __future__ import annotations
@@ -22,11 +22,8 @@ import contextlib
 import getpass
 import json
 import logging
-import random
 import socket
 import tempfile
-import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,6 +47,12 @@ from vae_pipeline.evaluate import (
     summarize,
     uses_key,
 )
+from vae_pipeline.promotion_lock import (  # noqa: F401 (re-exported: registry.promotion_lock)
+    LOCK_SUFFIX,
+    PromotionError,
+    lock_entries,
+    promotion_lock,
+)
 from vae_pipeline.tracking import client_for, download_weights
 from vae_pipeline.train.checkpoint import load_model
 
@@ -57,12 +60,7 @@ log = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
 HISTORY_PREFIX = "history."
-LOCK_SUFFIX = "--promotion-lock"
 PER_EXAMPLE = "reports/per_example_{metric}.npy"
-
-
-class PromotionError(RuntimeError):
-    """A promotion, rollback or lock that cannot proceed; the message says what to do."""
 
 
 # --- registration ------------------------------------------------------------------------------
@@ -259,62 +257,6 @@ def _actor() -> str:
     return "unknown"
 
 
-@contextlib.contextmanager
-def promotion_lock(client: MlflowClient, name: str, cfg: Config, actor: str) -> Iterator[None]:
-    """Mutual exclusion for alias moves, kept in the registry so it works on a shared server.
-
-    The lock is a registered model named `<name>--promotion-lock`: creating a registered model
-    is atomic in the store (its name is unique), so exactly one of several racing creators
-    succeeds. The holder deletes it on exit. A lock older than `promotion.lock_stale_s` (a holder
-    that died) is broken; waiting longer than `promotion.lock_timeout_s` is an error.
-    """
-    lock_name = name + LOCK_SUFFIX
-    deadline = time.monotonic() + cfg.promotion.lock_timeout_s
-    while True:
-        try:
-            mine = client.create_registered_model(
-                lock_name,
-                tags={"owner": actor, "acquired_at": _now()},
-                description=f"Lock for alias moves on {name}; delete it only if its owner is gone.",
-            )
-            break
-        except MlflowException as exc:
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-        held = _get_registered_model(client, lock_name)
-        if held is not None:
-            age_s = time.time() - held.creation_timestamp / 1000.0
-            if age_s > cfg.promotion.lock_stale_s:
-                log.warning(
-                    "breaking a promotion lock held by %s for %.0f s (> promotion.lock_stale_s)",
-                    (held.tags or {}).get("owner"),
-                    age_s,
-                )
-                again = _get_registered_model(client, lock_name)
-                if again is not None and again.creation_timestamp == held.creation_timestamp:
-                    with contextlib.suppress(MlflowException):
-                        client.delete_registered_model(lock_name)
-                continue
-        if time.monotonic() > deadline:
-            owner = (held.tags or {}).get("owner") if held is not None else "?"
-            raise PromotionError(
-                f"another promotion of {name} (by {owner}) holds the lock {lock_name!r} for more "
-                f"than promotion.lock_timeout_s={cfg.promotion.lock_timeout_s:g}s; if that "
-                f"process is gone, delete the registered model {lock_name!r} and retry"
-            )
-        time.sleep(0.2 + random.random() * 0.3)
-    try:
-        yield
-    finally:
-        # Release only our own lock: if it was broken as stale meanwhile, it is someone else's.
-        held = _get_registered_model(client, lock_name)
-        if held is not None and held.creation_timestamp == mine.creation_timestamp:
-            with contextlib.suppress(MlflowException):
-                client.delete_registered_model(lock_name)
-        elif held is not None:
-            log.warning("the promotion lock was taken over while held; leaving the new one")
-
-
 def _get_registered_model(client: MlflowClient, name: str):
     try:
         return client.get_registered_model(name)
@@ -413,7 +355,7 @@ def promote_if_better(
         if incumbent is not None and not mismatch:
             champ = per_example(cfg, uri, incumbent, workdir, key, ukey)
             champ_values, source = champ.values, champ.source
-        with promotion_lock(client, name, cfg, actor):
+        with promotion_lock(client, name, cfg, actor) as lock:
             now = champion(client, name)
             if (now and str(now.version)) != (incumbent and str(incumbent.version)):
                 log.info("the champion moved while gathering evidence; gathering it again")
@@ -437,6 +379,7 @@ def promote_if_better(
                 champion_version=None if incumbent is None else str(incumbent.version),
                 champion_evidence=source,
             )
+            lock.check()  # still ours: not broken as stale while the gate ran
             _apply(client, name, cfg, decision, candidate, incumbent, actor)
             return decision
     raise PromotionError(f"the {name} champion kept moving during promotion of v{version}; retry")
@@ -538,7 +481,7 @@ def rollback(
     actor = actor or _actor()
     if not reason.strip():
         raise PromotionError("rollback needs a --reason: it is recorded in the history")
-    with promotion_lock(client, name, cfg, actor):
+    with promotion_lock(client, name, cfg, actor) as lock:
         current = champion(client, name)
         if current is None:
             raise PromotionError(f"{name} has no champion to roll back")
@@ -562,6 +505,7 @@ def rollback(
                 if event.get("action") == "promote" and event.get("version") == str(target.version):
                     before = event.get("from_champion")
                     break
+        lock.check()
         client.set_registered_model_alias(name, CHAMPION, str(target.version))
         if before and before != str(target.version):
             client.set_registered_model_alias(name, PREVIOUS, before)
