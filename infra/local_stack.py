@@ -7,10 +7,13 @@
 
 `up` writes `.stack/env` (KEY=VALUE lines) pointing the pipeline at the stack; `make run`
 reads it, so a retrain registers on the stack's MLflow and pushes data to the stack's S3.
-What the stack keeps (the MLflow and Prefect databases, logs, the env file) lives in `.stack/`
-(git-ignored) and survives `down`; the S3 server (moto) holds its objects in memory, so they
-(MLflow artifacts, DVC data) are gone after `down`: this stack is for trying things and for
-CI, infra/compose.yaml is for keeping. The S3 credentials are fixed local values, not secrets.
+What the stack keeps lives in `.stack/` (git-ignored) and survives `down` and `up`: the MLflow
+and Prefect databases, the logs, and the S3 objects (MLflow artifacts, DVC data). The S3 server
+(moto) holds its objects in memory, so `down` saves every object to `.stack/s3/<bucket>/<key>`
+before it stops the server, and `up` puts them back: a registered model's artifacts outlive a
+restart. A stack killed without `down` (a crash, a reboot) loses the objects written since the
+last `down`; infra/compose.yaml (MinIO on a volume) is for keeping. The S3 credentials are fixed
+local values, not secrets.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import contextlib
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -58,6 +62,58 @@ def _wait(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
                 return
         time.sleep(0.5)
     raise SystemExit(f"{url} did not answer within {timeout:.0f} s; see the log in .stack/")
+
+
+def _s3(endpoint: str):
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        region_name=CREDENTIALS["AWS_DEFAULT_REGION"],
+    )
+
+
+def save_objects(endpoint: str, dest: Path) -> int:
+    """Every object of every bucket to dest/<bucket>/<key>, replacing what dest held (written
+    beside it first, so a failure keeps the previous copy); returns the count."""
+    client = _s3(endpoint)
+    staging = dest.with_name(dest.name + ".saving")
+    shutil.rmtree(staging, ignore_errors=True)
+    count = 0
+    for bucket in client.list_buckets()["Buckets"]:
+        root = (staging / bucket["Name"]).resolve()
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket["Name"]):
+            for obj in page.get("Contents", []):
+                path = (root / obj["Key"]).resolve()
+                if not path.is_relative_to(root) or obj["Key"].endswith("/"):
+                    print(f"not saving S3 object {obj['Key']!r}: its key leaves the folder")
+                    continue
+                path.parent.mkdir(parents=True, exist_ok=True)
+                client.download_file(bucket["Name"], obj["Key"], str(path))
+                count += 1
+        root.mkdir(parents=True, exist_ok=True)  # an empty bucket is kept too
+    staging.mkdir(parents=True, exist_ok=True)  # no bucket at all: an empty copy
+    shutil.rmtree(dest, ignore_errors=True)
+    staging.rename(dest)
+    return count
+
+
+def restore_objects(endpoint: str, src: Path) -> int:
+    """Put back what `save_objects` saved: each folder of `src` a bucket, each file an object."""
+    if not src.is_dir():
+        return 0
+    client = _s3(endpoint)
+    count = 0
+    for folder in sorted(p for p in src.iterdir() if p.is_dir()):
+        with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
+            client.create_bucket(Bucket=folder.name)
+        for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink()):
+            client.upload_file(str(path), folder.name, path.relative_to(folder).as_posix())
+            count += 1
+    return count
 
 
 def _start(name: str, cmd: list[str], env: dict, state: Path) -> subprocess.Popen:
@@ -110,15 +166,8 @@ def up(state: Path, ports: dict[str, int]) -> dict[str, str]:
         )
         pids["s3"] = s3.pid
         _wait(env["AWS_ENDPOINT_URL"] + "/", s3)
-        import boto3
-
-        client = boto3.client(
-            "s3",
-            endpoint_url=env["AWS_ENDPOINT_URL"],
-            aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
-            region_name=CREDENTIALS["AWS_DEFAULT_REGION"],
-        )
+        restored = restore_objects(env["AWS_ENDPOINT_URL"], state / "s3")
+        client = _s3(env["AWS_ENDPOINT_URL"])
         with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
             client.create_bucket(Bucket=BUCKET)
         mlflow = _start(
@@ -158,6 +207,8 @@ def up(state: Path, ports: dict[str, int]) -> dict[str, str]:
     pids_file.write_text(json.dumps({"pids": pids, "env": env}, indent=2))
     print(f"stack up: MLflow {env['MLFLOW_TRACKING_URI']}, Prefect {env['PREFECT_API_URL']}, ")
     print(f"S3 {env['AWS_ENDPOINT_URL']} (bucket {BUCKET}); environment in {state / 'env'}")
+    if restored:
+        print(f"restored {restored} S3 objects saved at the last `down` ({state / 's3'})")
     return env
 
 
@@ -181,13 +232,20 @@ def down(state: Path) -> None:
     if not pids_file.is_file():
         print("the stack is not up")
         return
-    pids = json.loads(pids_file.read_text())["pids"]
+    info = json.loads(pids_file.read_text())
+    pids = info["pids"]
+    saved = None
+    if "s3" in pids and _alive(pids["s3"]):
+        try:
+            saved = save_objects(info["env"]["AWS_ENDPOINT_URL"], state / "s3")
+        except Exception as exc:  # stopping must not depend on it; say what was not kept
+            print(f"could not save the S3 objects ({exc}); the copy of the last `down` is kept")
     _stop(pids)
     pids_file.unlink()
     (state / "env").unlink(missing_ok=True)
+    kept = "" if saved is None else f" and {saved} S3 objects (restored at the next `up`)"
     print(
-        f"stack down (stopped {', '.join(pids)}); MLflow and Prefect databases kept in {state}; "
-        "S3 objects (in moto's memory) are gone"
+        f"stack down (stopped {', '.join(pids)}); MLflow and Prefect databases{kept} kept in {state}"
     )
 
 

@@ -76,6 +76,29 @@ def test_the_pyfunc_scores_an_image_the_same_alone_or_anywhere_in_a_batch(bagles
     ] == list(flags)
 
 
+def test_the_pyfunc_metadata_tells_each_outputs_dtype_and_shape(bagless, registered):
+    ws, cfg, _, _ = bagless
+    info = mlflow.models.get_model_info(registered)
+    assert info.signature.outputs is None  # no single tensor spec could tell them all
+    assert [s.type for s in info.signature.inputs.inputs] == [np.dtype(np.float32)]
+    outputs = info.metadata["outputs"]
+    model = mlflow.pyfunc.load_model(registered)
+    x = to_unit_float(PreparedSplit(ws / cfg.data.prepared_dir, "test").tensor(0, 4)).numpy()
+    sizes = {"N": 4, "latent_dim": cfg.model.latent_dim, "C*H*W": x[0].size}
+    assert set(outputs) == {
+        "latent_mean",
+        "latent_logvar",
+        "score",
+        "iw_score",
+        "is_anomaly",
+        "reconstruction",
+    }
+    for output, spec in outputs.items():
+        y = model.predict(x, params={"output": output})
+        assert str(y.dtype) == spec["dtype"], output
+        assert list(y.shape) == [sizes[d] for d in spec["shape"]], output
+
+
 def test_score_from_a_folder_with_a_threshold_given_as_csv(bagless, tmp_path, monkeypatch):
     ws, _, _, _ = bagless
     monkeypatch.chdir(ws)

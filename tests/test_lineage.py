@@ -79,6 +79,19 @@ def test_a_version_is_rebuilt_bit_for_bit_in_a_second_clone_from_its_lineage(tmp
     assert rebuilt["state_dict"].keys() == registered["state_dict"].keys()
     for key, tensor in registered["state_dict"].items():
         assert torch.equal(rebuilt["state_dict"][key], tensor), key
+    assert registered["git_commit"] == head  # model.pt carries its commit too
+
+    # MLflow shows what the run was trained and tested on: its splits as dataset inputs.
+    inputs = client.get_run(info["run_id"]).inputs.dataset_inputs
+    contexts = {i.tags[0].value: i.dataset for i in inputs}
+    assert set(contexts) == {"train", "val", "test"}
+    version_id = tags["data_version"]
+    for dataset in contexts.values():
+        assert dataset.digest == version_id
+        assert f"{shared}/dvc-storage/files/md5/{version_id[:2]}/{version_id[2:]}.dir" in (
+            dataset.source
+        )
+
     metrics = json.loads((second / "reports/metrics.json").read_text())
     assert metrics["data_version"] == tags["data_version"]
     assert repr(float(metrics["iw_nll"])) == tags["iw_nll"]

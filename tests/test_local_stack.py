@@ -88,8 +88,40 @@ def test_the_local_stack_takes_a_retrain_and_stops(tmp_path):
     finally:
         down = _stack("down", state)
     assert down.returncode == 0 and "stack down" in down.stdout
+    assert f"and {len(keys)} S3 objects (restored at the next `up`)" in down.stdout
     assert _stack("status", state).returncode == 1
     assert not (state / "env").exists()
     for url in (env["MLFLOW_TRACKING_URI"] + "/health", env["AWS_ENDPOINT_URL"]):
         with pytest.raises(requests.ConnectionError):
             requests.get(url, timeout=2)
+
+    # Up again: the registry still points at something, and the champion loads.
+    again = _stack("up", state, ports)
+    try:
+        assert again.returncode == 0 and f"restored {len(keys)} S3 objects" in again.stdout
+        load = subprocess.run(
+            ["bash", "-c", f"set -a; . {state / 'env'}; set +a; {sys.executable} -m "
+             "vae_pipeline.cli sample --model models:/conv-vae@champion --out samples.png"],
+            cwd=ws, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert load.returncode == 0, load.stdout[-2000:] + load.stderr[-2000:]
+        assert (ws / "samples.png").stat().st_size > 0
+        # An artifact that is really gone is named as missing, not as a foreign model.
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=env["AWS_ENDPOINT_URL"],
+            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+            region_name=env["AWS_DEFAULT_REGION"],
+        )
+        for key in (k for k in keys if k.startswith("mlflow/")):
+            s3.delete_object(Bucket="vae-pipeline", Key=key)
+        gone = subprocess.run(
+            ["bash", "-c", f"set -a; . {state / 'env'}; set +a; {sys.executable} -m "
+             "vae_pipeline.cli sample --model models:/conv-vae@champion --out again.png"],
+            cwd=ws, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert gone.returncode == 1
+        assert "the artifacts of models:/conv-vae@champion are missing: nothing at" in gone.stderr
+    finally:
+        _stack("down", state)

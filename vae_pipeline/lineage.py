@@ -64,9 +64,50 @@ def unshared_note(remote: dict) -> str:
     )
 
 
-def record(cfg: Config, uri: str, run_id: str, workdir: Path, data_version: str) -> dict[str, str]:
-    """Log the run's params, its data pointer and remote as `lineage/` artifacts; returns the
-    version tags that go with them."""
+def data_object_url(remote: dict, data_version: str) -> str:
+    """Where DVC keeps a data version in the remote: the directory manifest of the raw
+    snapshot (DVC 3 layout, `files/md5/<2>/<30>.dir`)."""
+    base = remote["url"].rstrip("/") or "dvc-remote-unknown"
+    return f"{base}/files/md5/{data_version[:2]}/{data_version[2:]}.dir"
+
+
+def log_datasets(
+    client: MlflowClient, run_id: str, remote: dict, data_version: str, test_data_version: str
+) -> None:
+    """The train/val/test splits as MLflow dataset inputs of the run: source = the data
+    version's object in the DVC remote, digest = the data version."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    inputs = []
+    for split, version in (
+        ("train", data_version),
+        ("val", data_version),
+        ("test", test_data_version),
+    ):
+        url = data_object_url(remote, version)
+        with warnings.catch_warnings():  # MLflow registers the local source twice
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(url if "://" in url else Path(url).as_uri())
+        dataset = MetaDataset(source, name=f"vae-data-{split}", digest=version)
+        tags = [InputTag("mlflow.data.context", split)]
+        inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=tags))
+    client.log_inputs(run_id, datasets=inputs)
+
+
+def record(
+    cfg: Config,
+    uri: str,
+    run_id: str,
+    workdir: Path,
+    data_version: str,
+    test_data_version: str | None = None,
+) -> dict[str, str]:
+    """Log the run's params, its data pointer and remote as `lineage/` artifacts and its splits
+    as dataset inputs; returns the version tags that go with them."""
     remote = remote_info(cfg, workdir)
     pointer = versioning.pointer_file(cfg, workdir)
     recorded = versioning.read_data_version(cfg, workdir)
@@ -89,6 +130,7 @@ def record(cfg: Config, uri: str, run_id: str, workdir: Path, data_version: str)
             rel = str(pointer.resolve())
         (folder / REMOTE_FILE).write_text(json.dumps({**remote, "pointer": rel}, indent=2))
         client.log_artifacts(run_id, str(folder), artifact_path=LINEAGE_DIR)
+    log_datasets(client, run_id, remote, data_version, test_data_version or data_version)
     return {
         "code_version": versioning.code_version(),
         "data_remote": f"{remote['name']} {remote['url']}".strip(),

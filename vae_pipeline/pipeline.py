@@ -137,7 +137,9 @@ def register(
         # The data the weights were trained on (their own record); the test side is in version_tags.
         "data_version": data_version,
         # params, data pointer and remote as lineage/ artifacts of the run
-        **lineage.record(cfg, uri, run_id, workdir, data_version),
+        **lineage.record(
+            cfg, uri, run_id, workdir, data_version, str(metrics.get("data_version") or "")
+        ),
         "params_hash": cfg.params_hash(),
         "pytorch_model_uri": torch_uri,
         **registry.version_tags(metrics),

@@ -2,8 +2,9 @@
 
 Logged as "models from code" (this file is the model's code, nothing is pickled), and its
 weights are loaded with `torch.load(weights_only=True)`. `predict` takes a float32 array
-(N, C, H, W) of intensities in [0, 1] (or uint8 0..255) and returns, per
-`params={"output": ...}`:
+(N, C, H, W) of intensities in [0, 1] (MLflow's signature check refuses other dtypes: pass
+uint8 images as `images.astype(np.float32) / 255`) and returns, per `params={"output": ...}`
+(each one's dtype and shape are in `OUTPUTS`, and in the logged model's metadata):
   "latent_mean" (default, N x latent_dim) and "latent_logvar" (N x latent_dim): q(z|x);
   "score": negative ELBO per image in nats, the anomaly score;
   "iw_score": negative importance-weighted bound with `params={"k": K}` samples (default 64),
@@ -26,6 +27,15 @@ import numpy as np
 import torch
 
 DEFAULT_IW_K = 64
+# What each `output` returns: the model's output schema, per output.
+OUTPUTS = {
+    "latent_mean": {"dtype": "float32", "shape": ["N", "latent_dim"]},
+    "latent_logvar": {"dtype": "float32", "shape": ["N", "latent_dim"]},
+    "score": {"dtype": "float32", "shape": ["N"], "unit": "nats"},
+    "iw_score": {"dtype": "float32", "shape": ["N"], "unit": "nats"},
+    "is_anomaly": {"dtype": "int64", "shape": ["N"]},
+    "reconstruction": {"dtype": "float32", "shape": ["N", "C*H*W"]},
+}
 
 
 def pip_requirements() -> list[str]:

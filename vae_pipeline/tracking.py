@@ -235,6 +235,7 @@ def _log_pyfunc(pyfunc, signature, example, artifacts: dict[str, str]):
         input_example=example,
         python_model=pyfunc.__file__,
         artifacts=artifacts,
+        metadata={"outputs": pyfunc.OUTPUTS},
         # Explicit requirements: inferring them costs ~10 s per log.
         pip_requirements=pyfunc.pip_requirements(),
     )
@@ -279,18 +280,19 @@ def _torch_requirements() -> list[str]:
 
 
 def _signature(weights: Path):
-    """Tensor signature (N, C, H, W) -> (N, latent_dim) with the `output` param declared (MLflow
-    drops predict params that the signature does not declare), and a one-image input example."""
+    """Input signature float32 (N, C, H, W) with the `output` and `k` params declared (MLflow
+    drops predict params the signature does not declare), and a one-image input example. No
+    output schema: each `output` has its own dtype and shape (`pyfunc.OUTPUTS`, recorded in the
+    model's metadata), which one tensor spec could not tell truthfully."""
     import torch
     from mlflow.models import infer_signature
 
     hp = torch.load(weights, map_location="cpu", weights_only=True)["hparams"]
     example = np.zeros((1, hp["in_channels"], hp["image_size"], hp["image_size"]), np.float32)
-    output = np.zeros((1, hp["latent_dim"]), np.float32)
     from vae_pipeline.pyfunc import DEFAULT_IW_K
 
     params = {"output": "latent_mean", "k": DEFAULT_IW_K}
-    return infer_signature(example, output, params=params), example
+    return infer_signature(example, None, params=params), example
 
 
 def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
@@ -338,6 +340,28 @@ def download_weights(uri: str, model_uri: str, dest: Path | None = None) -> Path
     dest = Path(dest or tempfile.mkdtemp(prefix="vae-model-"))
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dest)))
     found = sorted(local.rglob(WEIGHTS_FILE))
-    if not found:
-        raise FileNotFoundError(f"{model_uri} holds no {WEIGHTS_FILE}: not a vae-pipeline model")
-    return found[0]
+    if found:
+        return found[0]
+    if not any(p.is_file() for p in local.rglob("*")):
+        raise FileNotFoundError(
+            f"the artifacts of {model_uri} are missing: nothing at {_artifact_location(model_uri)}, "
+            "where the registry says they are (the artifact store lost them, e.g. an in-memory S3 "
+            "that was restarted); register the model again, or restore that store"
+        )
+    raise FileNotFoundError(f"{model_uri} holds no {WEIGHTS_FILE}: not a vae-pipeline model")
+
+
+def _artifact_location(model_uri: str) -> str:
+    """Where the artifact store keeps a models:/ or runs:/ URI's files (for error messages)."""
+    try:
+        if model_uri.startswith("models:/"):
+            from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+
+            return redact(ModelsArtifactRepository.get_underlying_uri(model_uri))
+        if model_uri.startswith("runs:/"):
+            from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
+
+            return redact(RunsArtifactRepository.get_underlying_uri(model_uri))
+    except Exception:  # the message is the point: never fail while writing it
+        pass
+    return redact(model_uri)

@@ -49,6 +49,7 @@ from vae_pipeline.train.data import (
 )
 from vae_pipeline.train.distributed import DistEnv, all_reduce_sum, barrier, broadcast_object
 from vae_pipeline.train.step import ElboPath, TrainingError, autocast_dtype
+from vae_pipeline.versioning import git_commit
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,7 @@ class Trainer:
         callbacks: tuple[EpochCallback, ...] = (),
     ):
         self.cfg, self.env, self.device = cfg, env, device
-        self.out_dir = Path(out_dir)
+        self.out_dir, self.workdir = Path(out_dir), Path(workdir)
         self.callbacks = callbacks
         tc = cfg.train
         if tc.batch_size % (env.world_size * tc.grad_accum_steps):
@@ -644,6 +645,7 @@ class Trainer:
             self.out_dir / "model.pt",
             data_version=self.data_version,
             params_hash=self.cfg.params_hash(),
+            git_commit=git_commit(self.workdir),
             epochs=self.epoch,
             train_binarize=self.cfg.train.binarize,
             objective=self.cfg.train.objective,
