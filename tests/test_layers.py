@@ -1,0 +1,153 @@
+"""The layering of the code, as docs/development.md draws it: a module imports only from its own
+layer or below (function-level imports included; the `if __name__ == "__main__":` shims that
+make a flow runnable as a script are the one exception), and every module has a layer."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO
+
+# Bottom to top. A module not listed here fails the test: give it its layer.
+LAYERS: list[tuple[str, list[str]]] = [
+    (
+        "foundations",
+        [
+            "vae_pipeline.config",
+            "vae_pipeline.logs",
+            "vae_pipeline.signals",
+            "vae_pipeline.binarize",
+            "vae_pipeline.model",
+            "vae_pipeline.data.errors",
+            "vae_pipeline.data.images",
+        ],
+    ),
+    (
+        "maths, data and versions",
+        [
+            "vae_pipeline.elbo",
+            "vae_pipeline.gate",
+            "vae_pipeline.uses",
+            "vae_pipeline.data",
+            "vae_pipeline.versioning",
+            "vae_pipeline.promotion_lock",
+        ],
+    ),
+    (
+        "training and evaluation",
+        ["vae_pipeline.train", "vae_pipeline.evaluate", "vae_pipeline.inference"],
+    ),
+    (
+        "tracking and registry",
+        [
+            "vae_pipeline.pyfunc",
+            "vae_pipeline.tracking",
+            "vae_pipeline.lineage",
+            "vae_pipeline.registry",
+        ],
+    ),
+    ("pipeline", ["vae_pipeline.pipeline", "vae_pipeline.monitor"]),
+    (
+        "entry points",
+        [
+            "flows",
+            "vae_pipeline.cli",
+            "vae_pipeline.worker",
+            "vae_pipeline.eval_worker",
+            "vae_pipeline",
+        ],
+    ),
+]
+
+
+# The package itself (its __version__) is at the bottom; its submodules are not (exact match).
+ROOT_PACKAGE = "vae_pipeline"
+
+
+def layer_of(module: str) -> int:
+    """The layer of the longest listed prefix of `module`."""
+    if module == ROOT_PACKAGE:
+        return 0
+    best, found = -1, None
+    for index, (_, prefixes) in enumerate(LAYERS):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best:
+                best, found = len(prefix), index
+    if found is None:
+        raise AssertionError(f"{module} has no layer in tests/test_layers.py: give it one")
+    return found
+
+
+def module_name(path: Path, root: Path = REPO) -> str:
+    parts = path.relative_to(root).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_main_guard(node: ast.AST) -> bool:
+    return (
+        isinstance(node, ast.If)
+        and isinstance(node.test, ast.Compare)
+        and isinstance(node.test.left, ast.Name)
+        and node.test.left.id == "__name__"
+    )
+
+
+def imports_of(path: Path, root: Path = REPO) -> list[tuple[int, str]]:
+    """(line, imported module) for every import of project code in `path`, except inside the
+    `if __name__ == "__main__":` block. `from package import name` counts as `package.name`
+    when that is a module, else as the package."""
+    tree = ast.parse(path.read_text())
+    skipped = {id(n) for top in tree.body if _is_main_guard(top) for n in ast.walk(top)}
+    found = []
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:
+                candidate = f"{node.module}.{alias.name}"
+                where = root / Path(*candidate.split("."))
+                is_module = where.with_suffix(".py").is_file() or where.is_dir()
+                found.append((node.lineno, candidate if is_module else node.module))
+    return [(line, m) for line, m in found if m.split(".")[0] in ("vae_pipeline", "flows")]
+
+
+SOURCES = sorted([*(REPO / "vae_pipeline").rglob("*.py"), *(REPO / "flows").rglob("*.py")])
+
+
+def upward_imports(path: Path, root: Path = REPO) -> list[str]:
+    mine = layer_of(module_name(path, root))
+    return [
+        f"{path.relative_to(root)}:{line} imports {target} ({LAYERS[layer_of(target)][0]})"
+        for line, target in imports_of(path, root)
+        if layer_of(target) > mine
+    ]
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(REPO)))
+def test_no_module_imports_from_a_higher_layer(path):
+    module = module_name(path)
+    upward = upward_imports(path)
+    assert not upward, f"{module} is in layer {LAYERS[layer_of(module)][0]!r}: " + "; ".join(upward)
+
+
+def test_the_check_sees_an_upward_import(tmp_path):
+    """The rule is not vacuous: an import from above, even inside a function, is found."""
+    assert layer_of("vae_pipeline.train.trainer") < layer_of("vae_pipeline.registry")
+    assert layer_of("vae_pipeline.data.sources") == layer_of("vae_pipeline.data")
+    with pytest.raises(AssertionError, match="has no layer"):
+        layer_of("vae_pipeline_extras.thing")
+    (tmp_path / "vae_pipeline" / "train").mkdir(parents=True)
+    (tmp_path / "vae_pipeline" / "registry.py").write_text("")
+    probe = tmp_path / "vae_pipeline" / "train" / "probe.py"
+    probe.write_text(
+        "from vae_pipeline import registry\n"
+        "def f():\n    import vae_pipeline.cli\n"
+        "if __name__ == '__main__':\n    from vae_pipeline.cli import main\n"
+    )
+    assert imports_of(probe, tmp_path) == [(1, "vae_pipeline.registry"), (3, "vae_pipeline.cli")]
+    assert len(upward_imports(probe, tmp_path)) == 2
