@@ -64,15 +64,24 @@ def unshared_note(remote: dict) -> str:
     )
 
 
-def data_object_url(remote: dict, data_version: str) -> str:
+def data_object_url(remote: dict, data_version: str, raw: Path) -> str:
     """Where DVC keeps a data version in the remote: the directory manifest of the raw
-    snapshot (DVC 3 layout, `files/md5/<2>/<30>.dir`)."""
-    base = remote["url"].rstrip("/") or "dvc-remote-unknown"
-    return f"{base}/files/md5/{data_version[:2]}/{data_version[2:]}.dir"
+    snapshot (DVC 3 layout, `files/md5/<2>/<30>.dir`); without a remote, the raw snapshot
+    folder itself (as a file:// URI)."""
+    if not remote["url"]:
+        return raw.resolve().as_uri()
+    base = remote["url"].rstrip("/")
+    url = f"{base}/files/md5/{data_version[:2]}/{data_version[2:]}.dir"
+    return url if "://" in url else Path(url).resolve().as_uri()
 
 
 def log_datasets(
-    client: MlflowClient, run_id: str, remote: dict, data_version: str, test_data_version: str
+    client: MlflowClient,
+    run_id: str,
+    remote: dict,
+    raw: Path,
+    data_version: str,
+    test_data_version: str,
 ) -> None:
     """The train/val/test splits as MLflow dataset inputs of the run: source = the data
     version's object in the DVC remote, digest = the data version."""
@@ -88,11 +97,10 @@ def log_datasets(
         ("val", data_version),
         ("test", test_data_version),
     ):
-        url = data_object_url(remote, version)
         with warnings.catch_warnings():  # MLflow registers the local source twice
             warnings.simplefilter("ignore", UserWarning)
-            source = resolve_dataset_source(url if "://" in url else Path(url).as_uri())
-        dataset = MetaDataset(source, name=f"vae-data-{split}", digest=version)
+            source = resolve_dataset_source(data_object_url(remote, version, raw))
+        dataset = MetaDataset(source, name=f"vae-data-{split}", digest=version[:36])
         tags = [InputTag("mlflow.data.context", split)]
         inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=tags))
     client.log_inputs(run_id, datasets=inputs)
@@ -130,7 +138,8 @@ def record(
             rel = str(pointer.resolve())
         (folder / REMOTE_FILE).write_text(json.dumps({**remote, "pointer": rel}, indent=2))
         client.log_artifacts(run_id, str(folder), artifact_path=LINEAGE_DIR)
-    log_datasets(client, run_id, remote, data_version, test_data_version or data_version)
+    raw = workdir / cfg.data.raw_dir
+    log_datasets(client, run_id, remote, raw, data_version, test_data_version or data_version)
     return {
         "code_version": versioning.code_version(),
         "data_remote": f"{remote['name']} {remote['url']}".strip(),
