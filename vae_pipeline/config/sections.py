@@ -1,34 +1,20 @@
-"""One typed, validated configuration object, built from params.yaml plus `--set` overrides.
-
-Nothing else in the package reads params.yaml or the environment: commands build a `Config`
-here once and pass it down.
-"""
+"""The sections of params.yaml, one validated model each (data, model, train, evaluate, anomaly,
+probe, generation, registry, promotion, orchestration, monitor): every knob, its default, its
+bounds and what it does."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import re
 import zoneinfo
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     field_validator,
     model_validator,
 )
-
-DEFAULT_PARAMS = Path("params.yaml")
-
-
-class ConfigError(ValueError):
-    """A params file or override that cannot be used; the message names the field."""
 
 
 class _Section(BaseModel):
@@ -287,6 +273,8 @@ class PromotionConfig(_Section):
 # The uses' metrics that promotion.floors may name, and whether higher is better. The probe's
 # accuracies are named per labels-per-class N (probe_latent_acc_n10, ...).
 USE_METRICS_HIGHER_BETTER = {"anomaly_auroc": True, "anomaly_auprc": True, "sample_fd": False}
+
+
 PROBE_METRIC = "probe_latent_acc_n{n}"
 
 
@@ -383,215 +371,3 @@ class MonitorConfig(_Section):
     @classmethod
     def _cron(cls, value: str | None) -> str | None:
         return check_cron(value)
-
-
-TRAINING_SECTIONS = ("data", "model", "train", "evaluate", "anomaly", "probe", "generation")
-
-
-class Config(_Section):
-    """The root configuration: one section per pipeline step."""
-
-    data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
-    anomaly: AnomalyConfig = Field(default_factory=AnomalyConfig)
-    probe: ProbeConfig = Field(default_factory=ProbeConfig)
-    generation: GenerationConfig = Field(default_factory=GenerationConfig)
-    registry: RegistryConfig = Field(default_factory=RegistryConfig)
-    promotion: PromotionConfig = Field(default_factory=PromotionConfig)
-    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
-    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
-
-    @model_validator(mode="after")
-    def _binarize_needs_bernoulli(self) -> Config:
-        likelihood = self.model.likelihood
-        for field, value in (
-            ("train.binarize", self.train.binarize),
-            ("evaluate.binarize", self.evaluate.binarize),
-        ):
-            if likelihood != "bernoulli" and value not in ("none", "auto"):
-                raise ValueError(
-                    f"{field}={value} applies to the Bernoulli likelihood; use {field}=none "
-                    f"with model.likelihood={likelihood}"
-                )
-        if self.evaluate.binarize == "auto":  # resolved once, here: everything reads the value
-            self.evaluate.binarize = self.train.binarize
-        return self
-
-    @model_validator(mode="after")
-    def _floors_known(self) -> Config:
-        known = floor_metrics(self.probe.labels_per_class)
-        unknown = sorted(set(self.promotion.floors) - set(known))
-        if unknown:
-            raise ValueError(
-                f"promotion.floors: unknown metric {unknown[0]!r} (one of {', '.join(known)})"
-            )
-        return self
-
-    def params_hash(self) -> str:
-        """Short, stable hash of every value: same params -> same hash (a lineage tag)."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
-
-    def training_hash(self) -> str:
-        """Hash of what decides the trained and evaluated model (data, model, train, evaluate);
-        not of how it is orchestrated, registered or promoted. Retrain caching keys on it."""
-        sections = {k: getattr(self, k).model_dump(mode="json") for k in TRAINING_SECTIONS}
-        blob = json.dumps(sections, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
-
-    def flat(self) -> dict[str, Any]:
-        """`{"train.lr": 0.001, ...}`: the form MLflow params and `--set` use."""
-        return {
-            f"{section}.{key}": value
-            for section, values in self.model_dump(mode="json").items()
-            for key, value in values.items()
-        }
-
-
-def _format_error(err: ValidationError, origin: str) -> str:
-    lines = [f"invalid configuration in {origin}:"]
-    for item in err.errors():
-        field = ".".join(str(p) for p in item["loc"])
-        got = item.get("input")
-        msg = item["msg"]
-        if item["type"] == "extra_forbidden":
-            msg = "unknown field (check the spelling against params.yaml)"
-        if not field or isinstance(got, dict):  # a rule across fields: its message names them
-            lines.append(f"  {msg.removeprefix('Value error, ')}")
-            continue
-        lines.append(f"  {field}: {msg} (got {got!r})")
-    return "\n".join(lines)
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """Split `section.key=value`; the value is read as YAML (1e-3, true, null, [1, 2])."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like section.key=value")
-    dotted, raw = text.split("=", 1)
-    keys = dotted.strip().split(".")
-    if len(keys) != 2 or not all(keys):
-        raise ConfigError(f"override {text!r}: the key must be section.key, e.g. train.lr=0.001")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
-    return keys, value
-
-
-def build_config(
-    values: dict[str, Any], overrides: list[str] = (), origin: str = "params"
-) -> Config:
-    """Validate a params mapping plus overrides into a `Config`; errors name every bad field."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"{origin} must be a mapping of sections (data, model, train, ...)")
-    merged: dict[str, Any] = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
-    for text in overrides:
-        (section, key), value = parse_override(text)
-        if section not in Config.model_fields:
-            allowed = ", ".join(Config.model_fields)
-            raise ConfigError(f"override {text!r}: unknown section {section!r} (one of {allowed})")
-        merged.setdefault(section, {})
-        if not isinstance(merged[section], dict):
-            raise ConfigError(f"{origin}: section {section!r} must be a mapping")
-        merged[section][key] = value
-    try:
-        return Config.model_validate(merged)
-    except ValidationError as err:
-        where = origin + (" with overrides " + " ".join(overrides) if overrides else "")
-        raise ConfigError(_format_error(err, where)) from None
-
-
-def load_config(path: str | os.PathLike = DEFAULT_PARAMS, overrides: list[str] = ()) -> Config:
-    """Read params.yaml (or the config a launcher wrote) and apply `--set` overrides."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(
-            f"params file {path} not found: run from the project root or pass --params PATH"
-        )
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"params file {path} is not valid YAML: {exc}") from exc
-    return build_config(values, list(overrides), origin=str(path))
-
-
-def save_config(cfg: Config, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    return path
-
-
-# --- environment: the one place that reads it --------------------------------------------------
-
-# Every environment variable the pipeline reads, itself or through the libraries it drives
-# (MLflow, Prefect, boto3 and DVC), and what for. Deployment manifests (infra/compose.yaml,
-# infra/k8s/) set names from this list only; tests/test_infra.py checks both directions.
-ENVIRONMENT: dict[str, str] = {
-    "MLFLOW_TRACKING_URI": "MLflow tracking server (registry.tracking_uri wins; else SQLite)",
-    "MLFLOW_TRACKING_USERNAME": "MLflow basic-auth user (read by the MLflow client)",
-    "MLFLOW_TRACKING_PASSWORD": "MLflow basic-auth password (read by the MLflow client)",
-    "PREFECT_API_URL": "Prefect server API (unset = an ephemeral in-process server)",
-    "PREFECT_API_KEY": "Prefect Cloud API key (read by the Prefect client)",
-    "PREFECT_API_AUTH_STRING": "user:password of a Prefect server with basic auth (Prefect client)",
-    "PREFECT_HOME": "Prefect's local state: cached task results (default <workdir>/.prefect)",
-    "AWS_ACCESS_KEY_ID": "S3 credentials for data sources, the DVC remote and MLflow artifacts",
-    "AWS_SECRET_ACCESS_KEY": "S3 credentials (secret)",
-    "AWS_DEFAULT_REGION": "S3 region",
-    "AWS_PROFILE": "a profile in ~/.aws/credentials instead of keys",
-    "AWS_ENDPOINT_URL": "S3-protocol endpoint (MinIO, moto); unset = AWS",
-    "AWS_ENDPOINT_URL_S3": "S3 endpoint for S3 only (wins over AWS_ENDPOINT_URL)",
-    "MLFLOW_S3_ENDPOINT_URL": "S3 endpoint of the MLflow client's direct artifact access",
-    "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "torchrun: a rendezvous store per restart (set by us)",
-    "XDG_CACHE_HOME": "where the step-probe cache lives (train.autotune_cache wins)",
-}
-# Set by torchrun for each rank; never set by hand.
-TORCHRUN_ENVIRONMENT = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
-
-QUIET_OFFLINE = {
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_SERVER_UI_ENABLED": "false",
-    # The default 20 s can time out on 2 cores.
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-    "DO_NOT_TRACK": "true",
-    "DVC_NO_ANALYTICS": "1",
-    "AWS_EC2_METADATA_DISABLED": "true",
-    "GIT_PYTHON_REFRESH": "quiet",
-}
-
-
-def apply_quiet_offline_defaults(workdir: str | os.PathLike = ".") -> None:
-    """Keep Prefect, MLflow and DVC offline and quiet unless the user already chose otherwise.
-
-    Must run before prefect is imported (it reads its settings at import).
-    """
-    for key, value in QUIET_OFFLINE.items():
-        os.environ.setdefault(key, value)
-    os.environ.setdefault("PREFECT_HOME", str(Path(workdir, ".prefect").resolve()))
-
-
-def tracking_uri(cfg: Config, workdir: str | os.PathLike = ".") -> str:
-    """registry.tracking_uri, else MLFLOW_TRACKING_URI, else an SQLite store in the workdir."""
-    if cfg.registry.tracking_uri:
-        return cfg.registry.tracking_uri
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    return "sqlite:///" + str(Path(workdir, "mlflow.db").resolve())
-
-
-def autotune_cache_path(cfg: Config) -> Path:
-    """Where step-probe results are cached: train.autotune_cache, else the user's cache."""
-    if cfg.train.autotune_cache:
-        return Path(cfg.train.autotune_cache).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base, "vae-pipeline", "step-plans.json")
-
-
-def s3_endpoint_url() -> str | None:
-    """The S3 endpoint (MinIO, moto) from the standard AWS variables; None = AWS itself."""
-    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
