@@ -14,6 +14,9 @@ the previous snapshot as it was. Files whose size and modification time match th
 snapshot are hard-linked from it rather than copied, extracted or downloaded again (DVC then
 does not re-hash them either); only new and changed files are fetched and checked.
 
+The readers live beside this module: `fixed_sources` (Fashion-MNIST and `idx:`), `entries`
+(folders, archives, S3); every name stays importable from here.
+
 Every fetched file is decoded in full (in worker processes) before it enters the snapshot.
 Unusable ones (corrupt, empty, truncated, not an image, over `data.max_image_pixels`) and unsafe
 archive entries (absolute paths, `..`, links, devices) are, per `data.on_bad_image`, left out and
@@ -22,63 +25,65 @@ listed in the ingest report, or stop the ingest before anything is written.
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 import multiprocessing
 import os
-import re
 import shutil
 import tarfile
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from tqdm import tqdm
 
 from vae_pipeline.config import Config
-from vae_pipeline.data.errors import DataError, NoImages, SourceUnreachable
+from vae_pipeline.data.entries import (  # noqa: F401 (re-exported)
+    ARCHIVE_SUFFIXES,
+    Entry,
+    _clean_rel,
+    _common_top,
+    _copy_stream,
+    _folder_entries,
+    _s3_entries,
+    _tar_entries,
+    _zip_entries,
+    s3_client,
+    s3_error,
+    split_s3_url,
+    unsafe_reason,
+)
+from vae_pipeline.data.errors import DataError, NoImages
+from vae_pipeline.data.fixed_sources import (  # noqa: F401 (re-exported)
+    _IDX_NAME,
+    FASHION_MNIST,
+    FASHION_MNIST_FILES,
+    IDX_CLASSES,
+    IDX_DIR,
+    IDX_PREFIX,
+    IDX_ROLES,
+    INSTALL_HINT,
+    _copy_fashion_mnist,
+    _copy_idx,
+    _download_fashion_mnist,
+    _fashion_mnist_count,
+    idx_files,
+)
 from vae_pipeline.data.images import (
     IMAGE_EXTENSIONS,
     check_worker,
-    is_image_name,
     left_out,
     list_images,
     pixel_check,
-    utf8_name,
 )
 
 log = logging.getLogger(__name__)
 
-FASHION_MNIST = "fashion-mnist"
-FASHION_MNIST_FILES = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-)
-INSTALL_HINT = (
-    "install Debian's package (apt-get install dataset-fashion-mnist), point "
-    "data.fashion_mnist_dir at a folder holding the IDX files, or set "
-    "data.fashion_mnist_dir=null to let torchvision download them (needs network)"
-)
-ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 REPORT_NAME = "ingest_report.json"
 POOL_THRESHOLD = 4096  # fewer files are handled in-process: a pool costs 1-3 s to start (bench/)
-
-
-@dataclass
-class Entry:
-    """One image of a source: where it goes in the snapshot, and how to fetch its bytes."""
-
-    rel: str
-    size: int
-    mtime: float
-    fetch: Callable[[Path], None]
 
 
 @dataclass
@@ -116,289 +121,6 @@ def report_path(cfg: Config, workdir: Path = Path(".")) -> Path:
     """The ingest report sits beside the raw area (not inside it: it is not part of the data)."""
     raw = (workdir / cfg.data.raw_dir).resolve()
     return raw.parent / REPORT_NAME
-
-
-def unsafe_reason(name: str) -> str | None:
-    """Why an archive entry or S3 key may not be written below the snapshot, or None."""
-    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
-        return "absolute path"
-    if ".." in PurePosixPath(name.replace("\\", "/")).parts:
-        return "path traversal (..)"
-    return None
-
-
-def _clean_rel(name: str) -> str:
-    return "/".join(p for p in PurePosixPath(name.replace("\\", "/")).parts if p not in ("", "."))
-
-
-# --- Fashion-MNIST ------------------------------------------------------------------------------
-
-
-def _copy_fashion_mnist(src_dir: Path, dest: Path) -> None:
-    target = dest / "FashionMNIST" / "raw"
-    target.mkdir(parents=True)
-    for name in FASHION_MNIST_FILES:
-        plain, packed = src_dir / name, src_dir / f"{name}.gz"
-        if plain.is_file():
-            shutil.copyfile(plain, target / name)
-        elif packed.is_file():
-            with gzip.open(packed, "rb") as fin, open(target / name, "wb") as fout:
-                shutil.copyfileobj(fin, fout)
-        else:
-            raise DataError(
-                f"Fashion-MNIST file {name}(.gz) not found in {src_dir}: {INSTALL_HINT}"
-            )
-
-
-def _fashion_mnist_count(dest: Path) -> int:
-    raw = dest / "FashionMNIST" / "raw"
-    total = 0
-    for name in ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte"):
-        with open(raw / name, "rb") as fh:
-            total += int.from_bytes(fh.read(8)[4:8], "big")  # IDX header: magic, count
-    return total
-
-
-def _download_fashion_mnist(dest: Path) -> None:
-    from torchvision.datasets import FashionMNIST
-
-    try:
-        for train in (True, False):
-            FashionMNIST(root=str(dest), train=train, download=True)
-    except Exception as exc:  # network errors come in many types
-        raise DataError(f"downloading Fashion-MNIST failed ({exc}): {INSTALL_HINT}") from exc
-    for gz in (dest / "FashionMNIST" / "raw").glob("*.gz"):
-        gz.unlink()  # keep one copy of the data in the versioned snapshot
-
-
-# --- IDX (the MNIST layout) ---------------------------------------------------------------------
-
-IDX_PREFIX = "idx:"
-IDX_DIR = "IDX"  # the snapshot's folder of an idx: source
-IDX_CLASSES = "classes.txt"
-# train-images-idx3-ubyte, t10k-labels-idx1-ubyte.gz, emnist-digits-test-images-idx3-ubyte,
-# train-images.idx3-ubyte: (prefix)(train|t10k|test)-(images|labels)[-.]idx(3|1)-ubyte(.gz)
-_IDX_NAME = re.compile(r"(?:^|-)(train|t10k|test)-(images|labels)[-.]idx([13])-ubyte(\.gz)?$")
-IDX_ROLES = {
-    ("train", "images"): "train-images-idx3-ubyte",
-    ("train", "labels"): "train-labels-idx1-ubyte",
-    ("test", "images"): "t10k-images-idx3-ubyte",
-    ("test", "labels"): "t10k-labels-idx1-ubyte",
-}
-
-
-def idx_files(folder: Path) -> dict[tuple[str, str], Path]:
-    """The folder's IDX files by (split, kind); refuses a folder with two candidates for one
-    role (e.g. several EMNIST splits side by side) or without both image files."""
-    found: dict[tuple[str, str], list[Path]] = {}
-    for path in sorted(folder.iterdir()):
-        match = _IDX_NAME.search(path.name)
-        if match and path.is_file():
-            split = "train" if match.group(1) == "train" else "test"
-            found.setdefault((split, match.group(2)), []).append(path)
-    for role, paths in found.items():
-        if len(paths) > 1:
-            names = ", ".join(p.name for p in paths)
-            raise DataError(
-                f"{folder} holds several {role[0]} {role[1]} IDX files ({names}): point "
-                "data.source at a folder with one dataset's four files"
-            )
-    missing = [IDX_ROLES[r] for r in (("train", "images"), ("test", "images")) if r not in found]
-    if missing:
-        raise DataError(
-            f"{folder} has no {' or '.join(missing)}(.gz): an idx: source needs the MNIST "
-            "layout (train-images-idx3-ubyte, t10k-images-idx3-ubyte, and optionally the "
-            "two -labels-idx1-ubyte files), plain or gzipped"
-        )
-    return {role: paths[0] for role, paths in found.items()}
-
-
-def _copy_idx(src_dir: Path, dest: Path) -> int:
-    """Copy (decompressing) an IDX folder into dest/IDX; returns the number of images."""
-    if not src_dir.is_dir():
-        raise DataError(
-            f"data.source idx:{src_dir}: no such folder; point it at a folder holding the "
-            "MNIST-layout IDX files"
-        )
-    target = dest / IDX_DIR
-    target.mkdir(parents=True)
-    total = 0
-    for role, path in idx_files(src_dir).items():
-        opener = gzip.open if path.name.endswith(".gz") else open
-        with opener(path, "rb") as fin, open(target / IDX_ROLES[role], "wb") as fout:
-            shutil.copyfileobj(fin, fout)
-        if role[1] == "images":
-            with open(target / IDX_ROLES[role], "rb") as fh:
-                total += int.from_bytes(fh.read(8)[4:8], "big")
-    if (src_dir / IDX_CLASSES).is_file():
-        shutil.copyfile(src_dir / IDX_CLASSES, target / IDX_CLASSES)
-    return total
-
-
-# --- folder, archive and S3 entries -------------------------------------------------------------
-
-
-def _folder_entries(src: Path) -> Iterator[Entry]:
-    for path in list_images(src):
-        st = path.stat()
-        yield Entry(
-            path.relative_to(src).as_posix(),
-            st.st_size,
-            st.st_mtime,
-            lambda dest, path=path: shutil.copyfile(path, dest),
-        )
-
-
-def _copy_stream(fileobj, dest: Path) -> None:
-    with fileobj, open(dest, "wb") as out:
-        shutil.copyfileobj(fileobj, out, 1 << 20)
-
-
-def _common_top(names: list[str]) -> str:
-    """`dataset/` when every image in the archive sits below that one folder, else ``."""
-    rels = [_clean_rel(n) for n in names if is_image_name(n) and unsafe_reason(n) is None]
-    tops = {r.split("/", 1)[0] for r in rels}
-    if len(tops) == 1 and all("/" in r for r in rels):
-        return tops.pop() + "/"
-    return ""
-
-
-def _zip_entries(archive: Path, unsafe: list[dict]) -> Iterator[Entry]:
-    with zipfile.ZipFile(archive) as zf:
-        top = _common_top([i.filename for i in zf.infolist() if not i.is_dir()])
-        for info in zf.infolist():
-            if info.is_dir() or not is_image_name(info.filename):
-                continue
-            reason = unsafe_reason(info.filename)
-            if reason is None and (info.external_attr >> 16) & 0o170000 == 0o120000:
-                reason = "symbolic link"
-            if reason:
-                unsafe.append({"path": info.filename, "reason": f"unsafe archive entry: {reason}"})
-                continue
-            mtime = datetime(*info.date_time).timestamp()
-            yield Entry(
-                _clean_rel(info.filename).removeprefix(top),
-                info.file_size,
-                mtime,
-                lambda dest, info=info: _copy_stream(zf.open(info), dest),
-            )
-
-
-def _tar_entries(archive: Path, unsafe: list[dict]) -> Iterator[Entry]:
-    # A first pass reads the names; the second streams through the (possibly compressed)
-    # archive once, each entry fetched before the next member is read.
-    with tarfile.open(archive, "r:*") as tf:
-        top = _common_top([m.name for m in tf.getmembers() if not m.isdir()])
-    with tarfile.open(archive, "r|*") as tf:
-        for member in tf:
-            if member.isdir() or not is_image_name(member.name):
-                continue
-            reason = unsafe_reason(member.name)
-            if reason is None and not utf8_name(Path(member.name)):
-                reason = "file name is not valid UTF-8: rename it"
-            elif reason is None and member.issym():
-                reason = "symbolic link"
-            elif reason is None and member.islnk():
-                reason = "hard link"
-            elif reason is None and not member.isfile():
-                reason = "not a regular file"
-            if reason:
-                unsafe.append({"path": member.name, "reason": f"unsafe archive entry: {reason}"})
-                continue
-            yield Entry(
-                _clean_rel(member.name).removeprefix(top),
-                member.size,
-                float(member.mtime),
-                lambda dest, member=member: _copy_stream(tf.extractfile(member), dest),
-            )
-
-
-def split_s3_url(url: str) -> tuple[str, str]:
-    bucket, _, prefix = url.removeprefix("s3://").partition("/")
-    if not bucket:
-        raise DataError(f"data.source {url!r} names no bucket: use s3://bucket/prefix")
-    return bucket, prefix.strip("/")
-
-
-def s3_client():
-    """boto3's S3 client: endpoint (AWS_ENDPOINT_URL[_S3]), region and credentials come from the
-    standard AWS environment and profile chain; a few retries with backoff for transient errors."""
-    import boto3
-    from botocore.config import Config as BotoConfig
-
-    # a new session each time: credentials are resolved now (a long-lived worker picks up
-    # rotated keys), not cached from the first client of the process
-    return boto3.session.Session().client(
-        "s3",
-        config=BotoConfig(
-            retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=60
-        ),
-    )
-
-
-def s3_error(exc: Exception, url: str) -> DataError:
-    """A boto3/botocore failure as a DataError that names the input and says what to do."""
-    from botocore import exceptions as bx
-
-    if isinstance(exc, bx.NoCredentialsError | bx.PartialCredentialsError):
-        return DataError(
-            f"no AWS credentials for {url}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or "
-            "AWS_PROFILE (a profile in ~/.aws/credentials)"
-        )
-    if isinstance(exc, bx.EndpointConnectionError | bx.ConnectTimeoutError | bx.ReadTimeoutError):
-        return SourceUnreachable(
-            f"cannot reach the S3 endpoint for {url} ({exc}): check AWS_ENDPOINT_URL / the network"
-        )
-    if isinstance(exc, bx.ClientError):
-        code = exc.response.get("Error", {}).get("Code", "")
-        if code in ("NoSuchBucket", "404", "NotFound"):
-            return DataError(f"S3 bucket of {url} does not exist: check data.source")
-        if code in (
-            "InvalidAccessKeyId",
-            "SignatureDoesNotMatch",
-            "AccessDenied",
-            "403",
-            "ExpiredToken",
-            "InvalidToken",
-        ):
-            return DataError(
-                f"S3 refused the credentials for {url} ({code}): check AWS_ACCESS_KEY_ID / "
-                "AWS_SECRET_ACCESS_KEY / AWS_PROFILE and the bucket policy"
-            )
-        return DataError(f"S3 request for {url} failed ({code}: {exc})")
-    return DataError(f"S3 request for {url} failed ({exc})")
-
-
-def _s3_entries(url: str, unsafe: list[dict]) -> Iterator[Entry]:
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    bucket, prefix = split_s3_url(url)
-    client = s3_client()
-    start = f"{prefix}/" if prefix else ""
-    try:
-        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=start)
-        objects = [obj for page in pages for obj in page.get("Contents", [])]
-    except (BotoCoreError, ClientError) as exc:
-        raise s3_error(exc, url) from exc
-    if not objects:
-        raise DataError(f"no objects under {url}: check the bucket and prefix in data.source")
-    for obj in objects:
-        key = obj["Key"]
-        rel = key[len(start) :]
-        if not rel or rel.endswith("/") or not is_image_name(rel):
-            continue
-        reason = unsafe_reason(rel)
-        if reason:
-            unsafe.append({"path": key, "reason": f"unsafe S3 key: {reason}"})
-            continue
-
-        def fetch(dest: Path, key: str = key) -> None:
-            try:
-                client.download_file(bucket, key, str(dest))
-            except (BotoCoreError, ClientError) as exc:
-                raise s3_error(exc, f"s3://{bucket}/{key}") from exc
-
-        yield Entry(_clean_rel(rel), obj["Size"], obj["LastModified"].timestamp(), fetch)
 
 
 # --- checking images in worker processes --------------------------------------------------------
