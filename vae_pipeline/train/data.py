@@ -16,12 +16,13 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from vae_pipeline.config import TrainConfig
-from vae_pipeline.data.dataset import PreparedSplit
+from vae_pipeline.config import Config, TrainConfig
+from vae_pipeline.data.dataset import PreparedSplit, read_manifest, resolve_label
 from vae_pipeline.data.placement import resident_decision, split_bytes
 
 __all__ = ["DeviceSplit", "StepBatches", "loader_workers", "resident_decision", "split_bytes"]
@@ -126,3 +127,19 @@ class StepBatches:
                 images.to(self.device, non_blocking=cuda),
                 positions.to(self.device, non_blocking=cuda),
             )
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler whose whole per-rank order of an epoch can be read at once: a
+    function of (seed, epoch), and rank r's share of global batch s is the same for any world
+    size. A resumed epoch starts part-way into this order (train/data.py)."""
+
+    def order(self) -> list[int]:
+        """This rank's whole order for the current epoch."""
+        return list(super().__iter__())
+
+
+def holdout_label(cfg: Config, prepared_dir: Path) -> int | None:
+    """The label index of anomaly.holdout_class in the prepared data (None: no held-out class)."""
+    names = read_manifest(prepared_dir).get("label_names") or []
+    return resolve_label(cfg.anomaly.holdout_class, names, "anomaly.holdout_class")

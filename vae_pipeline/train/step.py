@@ -6,10 +6,12 @@ trainer runs.
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 
 import torch
 
+from vae_pipeline.config import TrainConfig
 from vae_pipeline.elbo import iwae_terms, terms_from_outputs
 from vae_pipeline.model import ConvVAE
 
@@ -79,3 +81,11 @@ class ElboPath(torch.nn.Module):
         return terms_from_outputs(
             logits.float(), mu.float(), logvar.float(), x, self.vae.log_likelihood
         )
+
+
+def learning_rate(tc: TrainConfig, step: int, total_steps: int) -> float:
+    """train.lr at optimizer step `step` (0-based): constant, or cosine from lr to lr_min."""
+    if tc.lr_schedule == "constant" or total_steps <= 1:
+        return tc.lr
+    progress = min(1.0, step / (total_steps - 1))
+    return tc.lr_min + 0.5 * (tc.lr - tc.lr_min) * (1.0 + math.cos(math.pi * progress))

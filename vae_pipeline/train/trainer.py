@@ -6,11 +6,10 @@ noise for the whole global batch from one generator seeded by (seed, epoch), kee
 So 1 process and W ranks see the same examples with the same noise, and DDP's gradient average
 of per-rank means equals the global mean.
 
-Exact resume: a checkpoint (at each epoch's end, and every `train.checkpoint_every` steps) holds
-the weights, Adam's state, the epoch and the step within it, the noise generator's state, the
-global RNG states and the epoch's partial sums. The sampler's order is a function of (seed,
-epoch), so a restart skips the steps already taken and goes on with the same batches and noise:
-the final weights equal those of an uninterrupted run.
+Exact resume: a restart resumes from the last checkpoint at the exact step, with the same
+batches and noise (train/resume.py says what a checkpoint holds); the final weights equal those
+of an uninterrupted run. The data path (resident split or loader, the sampler's order) is
+train/data.py; one step's maths, train/step.py.
 
 Dynamic binarization (`train.binarize: dynamic`) is keyed by (seed, epoch, the image's index in
 the training split) through a counter-based hash (`vae_pipeline.binarize`): like the noise, it
@@ -23,32 +22,43 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DistributedSampler
 
 from vae_pipeline.binarize import VALIDATION_STREAM, binarize
-from vae_pipeline.config import Config, TrainConfig, autotune_cache_path
-from vae_pipeline.data.dataset import PreparedSplit, read_manifest, resolve_label, to_unit_float
+from vae_pipeline.config import Config, autotune_cache_path
+from vae_pipeline.data.dataset import PreparedSplit, to_unit_float
 from vae_pipeline.model import ConvVAE
 from vae_pipeline.train import autotune, checkpoint
-from vae_pipeline.train.data import (
+from vae_pipeline.train.data import (  # noqa: F401 (re-exported)
     DeviceSplit,
+    ResumableSampler,
     StepBatches,
+    holdout_label,
     loader_workers,
     resident_decision,
     split_bytes,
 )
 from vae_pipeline.train.distributed import DistEnv, all_reduce_sum, barrier, broadcast_object
-from vae_pipeline.train.step import ElboPath, TrainingError, autocast_dtype
+from vae_pipeline.train.resume import (  # noqa: F401 (re-exported)
+    TRAJECTORY_SETTINGS,
+    CheckpointMixin,
+    describe_checkpoint,
+    resume_fingerprint,
+    rng_states,
+    set_rng_states,
+)
+from vae_pipeline.train.step import (  # noqa: F401 (re-exported)
+    ElboPath,
+    TrainingError,
+    autocast_dtype,
+    learning_rate,
+)
 from vae_pipeline.versioning import git_commit
 
 log = logging.getLogger(__name__)
@@ -56,86 +66,7 @@ log = logging.getLogger(__name__)
 EpochCallback = Callable[[dict], None]
 
 
-class ResumableSampler(DistributedSampler):
-    """DistributedSampler whose whole per-rank order of an epoch can be read at once: a
-    function of (seed, epoch), and rank r's share of global batch s is the same for any world
-    size. A resumed epoch starts part-way into this order (train/data.py)."""
-
-    def order(self) -> list[int]:
-        """This rank's whole order for the current epoch."""
-        return list(super().__iter__())
-
-
-def rng_states() -> dict[str, Any]:
-    """The global RNG states (torch, CUDA, numpy, python) as tensors and plain values, so a
-    checkpoint holding them loads with `torch.load(weights_only=True)`."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-        "python": random.getstate(),
-    }
-
-
-def set_rng_states(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-
-
-def holdout_label(cfg: Config, prepared_dir: Path) -> int | None:
-    """The label index of anomaly.holdout_class in the prepared data (None: no held-out class)."""
-    names = read_manifest(prepared_dir).get("label_names") or []
-    return resolve_label(cfg.anomaly.holdout_class, names, "anomaly.holdout_class")
-
-
-# Settings that change the trajectory, added after checkpoints already existed: part of the
-# fingerprint only when not at their default, so an older checkpoint still resumes.
-TRAJECTORY_SETTINGS = ("binarize", "objective", "iw_samples", "lr_schedule", "lr_min")
-
-
-def resume_fingerprint(cfg: Config) -> dict:
-    """Settings a checkpoint must share with the run that resumes it (epochs may grow, unless
-    a cosine schedule spans them; the world size may change: the batches, the noise and the
-    binarization do not depend on it)."""
-    train = cfg.train.model_dump(
-        mode="json", include={"batch_size", "lr", "seed", "kl_warmup_steps"}
-    )
-    for name in TRAJECTORY_SETTINGS:
-        if getattr(cfg.train, name) != TrainConfig.model_fields[name].default:
-            train[name] = getattr(cfg.train, name)
-    if cfg.train.lr_schedule != "constant":
-        train["epochs"] = cfg.train.epochs
-    return {
-        "data": cfg.data.model_dump(mode="json"),
-        "model": cfg.model.model_dump(mode="json"),
-        "holdout_class": cfg.anomaly.holdout_class,
-        "train": train,
-    }
-
-
-def describe_checkpoint(state: dict) -> str:
-    """Where a checkpoint would resume, in words: "epoch 2" (its end) or "epoch 3, step 40"."""
-    position = state.get("position")
-    if position:
-        return f"epoch {state['epoch'] + 1}, step {position['step']}"
-    return f"epoch {state['epoch']}"
-
-
-def learning_rate(tc: TrainConfig, step: int, total_steps: int) -> float:
-    """train.lr at optimizer step `step` (0-based): constant, or cosine from lr to lr_min."""
-    if tc.lr_schedule == "constant" or total_steps <= 1:
-        return tc.lr
-    progress = min(1.0, step / (total_steps - 1))
-    return tc.lr_min + 0.5 * (tc.lr - tc.lr_min) * (1.0 + math.cos(math.pi * progress))
-
-
-class Trainer:
+class Trainer(CheckpointMixin):
     def __init__(
         self,
         cfg: Config,
@@ -258,80 +189,6 @@ class Trainer:
         else:
             autocast_dtype(tc.precision, self.device)  # the same refusal on every rank
         return broadcast_object(plan)
-
-    # --- checkpoints -----------------------------------------------------------------------
-    @property
-    def checkpoint_path(self) -> Path:
-        return self.out_dir / "checkpoint.pt"
-
-    def _save_checkpoint(self, position: dict | None = None) -> None:
-        """Rank 0 writes (atomically: a crash mid-write leaves the last one loadable); every
-        rank waits for it, so a rank killed after this point resumes from here.
-
-        `position` marks a mid-epoch checkpoint: the step within epoch `self.epoch + 1`, the
-        noise generator's state, the RNG states at the epoch's start and the partial sums."""
-        if self.env.is_main:
-            if not all(torch.isfinite(p).all() for p in self.model.parameters()):
-                where = (
-                    f"epoch {self.epoch + 1}, step {position['step']}"
-                    if position
-                    else (f"epoch {self.epoch}")
-                )
-                raise TrainingError(
-                    f"non-finite weights after {where}; no checkpoint written (the last one is "
-                    "intact): lower train.lr"
-                )
-            checkpoint.atomic_save(
-                {
-                    "model": self.model.state_dict(),
-                    "optimizer": self.optimizer.state_dict(),
-                    "epoch": self.epoch,
-                    "global_step": self.global_step,
-                    "bad_steps": self.bad_steps,
-                    "position": position,
-                    "rng": rng_states() if position is None else position.pop("rng"),
-                    "history": self.history,
-                    "fingerprint": resume_fingerprint(self.cfg),
-                    "data_version": self.data_version,
-                    "step_plan": self.plan.as_dict(),
-                },
-                self.checkpoint_path,
-            )
-        barrier()
-        # every rank knows what a restart would resume from (for its error messages)
-        self.last_checkpoint = describe_checkpoint({"epoch": self.epoch, "position": position})
-
-    def _load_checkpoint(self) -> bool:
-        if not self.checkpoint_path.is_file():
-            return False
-        try:
-            state = checkpoint.load(self.checkpoint_path)
-        except checkpoint.CheckpointError as exc:
-            raise TrainingError(str(exc)) from None
-        if state["fingerprint"] != resume_fingerprint(self.cfg):
-            raise TrainingError(
-                f"checkpoint {self.checkpoint_path} was made with other data/model/train params; "
-                "delete it or train into another out dir (--out-dir)"
-            )
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.epoch, self.history = state["epoch"], state["history"]
-        self.global_step = state.get("global_step", 0)
-        self.bad_steps = state.get("bad_steps", 0)
-        if state.get("rng"):
-            set_rng_states(state["rng"])
-        self._resume = state.get("position")
-        self.last_checkpoint = describe_checkpoint(state)
-        if self._resume:
-            log.info(
-                "resumed from %s at epoch %d, step %d",
-                self.checkpoint_path,
-                self.epoch + 1,
-                self._resume["step"],
-            )
-        else:
-            log.info("resumed from %s after epoch %d", self.checkpoint_path, self.epoch)
-        return True
 
     # --- one step, one epoch ---------------------------------------------------------------
     @property
