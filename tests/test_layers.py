@@ -30,6 +30,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         [
             "vae_pipeline.elbo",
             "vae_pipeline.gate",
+            "vae_pipeline.drift",
             "vae_pipeline.uses",
             "vae_pipeline.data",
             "vae_pipeline.versioning",
