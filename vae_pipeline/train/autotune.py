@@ -317,3 +317,21 @@ def choose(
 
 def _auto(cfg: Config, name: str) -> bool:
     return getattr(cfg.train, name) == "auto"
+
+
+def plan_for_rank(cfg: Config, device: torch.device, env, batch: int, checkpoint_path) -> StepPlan:
+    """Precision, layout, compilation and Adam kernel for a training rank: rank 0 decides (a
+    resumed checkpoint's plan, the forced settings, a cached or a new probe), every rank follows."""
+    from vae_pipeline.config import autotune_cache_path
+    from vae_pipeline.train import checkpoint
+    from vae_pipeline.train.distributed import broadcast_object
+
+    plan = None
+    if env.is_main or not env.distributed:  # no group: each process decides
+        resumed = None
+        if checkpoint_path.is_file():
+            resumed = checkpoint.peek(checkpoint_path, "step_plan")
+        plan = choose(cfg, device, batch, autotune_cache_path(cfg), env.world_size, resumed)
+    else:
+        autocast_dtype(cfg.train.precision, device)  # the same refusal on every rank
+    return broadcast_object(plan)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -143,3 +144,37 @@ def holdout_label(cfg: Config, prepared_dir: Path) -> int | None:
     """The label index of anomaly.holdout_class in the prepared data (None: no held-out class)."""
     names = read_manifest(prepared_dir).get("label_names") or []
     return resolve_label(cfg.anomaly.holdout_class, names, "anomaly.holdout_class")
+
+
+@dataclass
+class TrainingData:
+    """A rank's data path: the sampler's order, the step batches, the validation split on the
+    device when resident (else None), and why it is resident or not (for the log)."""
+
+    sampler: ResumableSampler
+    batches: StepBatches
+    val_data: DeviceSplit | None
+    reason: str
+
+
+def training_data(
+    cfg: Config, env, device: torch.device, train_set: PreparedSplit, val_set: PreparedSplit
+) -> TrainingData:
+    """The splits on the device when they fit (one gather per step), else a batch-wise loader;
+    the same batches either way."""
+    tc = cfg.train
+    sampler = ResumableSampler(
+        train_set,
+        num_replicas=env.world_size,
+        rank=env.rank,
+        shuffle=True,
+        seed=tc.seed,
+        drop_last=True,
+    )
+    need = split_bytes(train_set) + split_bytes(val_set)
+    resident, reason = resident_decision(tc.resident_data, need, device, env.local_world_size)
+    workers = loader_workers(tc, device, env.local_world_size)
+    batches = StepBatches(train_set, device, resident, workers)
+    return TrainingData(
+        sampler, batches, DeviceSplit(val_set, device) if resident else None, reason
+    )

@@ -8,6 +8,7 @@ epoch's partial sums, with a fingerprint of the settings a resumed run must shar
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from pathlib import Path
@@ -20,6 +21,7 @@ from vae_pipeline.config import Config, TrainConfig
 from vae_pipeline.train import checkpoint
 from vae_pipeline.train.distributed import barrier
 from vae_pipeline.train.step import TrainingError
+from vae_pipeline.versioning import git_commit
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +82,9 @@ def describe_checkpoint(state: dict) -> str:
 
 
 class CheckpointMixin:
-    """The Trainer's checkpoint writing and loading (its attributes: cfg, env, model,
-    optimizer, epoch, global_step, bad_steps, history, data_version, plan, out_dir)."""
+    """The Trainer's files: the checkpoint (written and loaded) and, at the end, model.pt and
+    history.json (its attributes: cfg, env, model, optimizer, epoch, global_step, bad_steps,
+    history, data_version, plan, out_dir, workdir, holdout, train_set, iw_samples, device)."""
 
     @property
     def checkpoint_path(self) -> Path:
@@ -155,3 +158,24 @@ class CheckpointMixin:
         else:
             log.info("resumed from %s after epoch %d", self.checkpoint_path, self.epoch)
         return True
+
+    def _write_outputs(self) -> None:
+        if not self.env.is_main:
+            return
+        checkpoint.save_model(
+            self.model.cpu(),
+            self.out_dir / "model.pt",
+            data_version=self.data_version,
+            params_hash=self.cfg.params_hash(),
+            git_commit=git_commit(self.workdir),
+            epochs=self.epoch,
+            train_binarize=self.cfg.train.binarize,
+            objective=self.cfg.train.objective,
+            iw_samples=self.iw_samples,
+            # The class the model never saw (label name), or None: evaluation checks it.
+            holdout_class=None
+            if self.holdout is None
+            else self.train_set.manifest["label_names"][self.holdout],
+        )
+        self.model.to(self.device)
+        (self.out_dir / "history.json").write_text(json.dumps(self.history, indent=2))

@@ -19,7 +19,6 @@ function of the optimizer step, so it needs no state of its own.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -28,12 +27,10 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from vae_pipeline.binarize import VALIDATION_STREAM, binarize
-from vae_pipeline.config import Config, autotune_cache_path
+from vae_pipeline.config import Config
 from vae_pipeline.data.dataset import PreparedSplit, to_unit_float
-from vae_pipeline.model import ConvVAE
 from vae_pipeline.train import autotune, checkpoint
 from vae_pipeline.train.data import (  # noqa: F401 (re-exported)
     DeviceSplit,
@@ -43,8 +40,9 @@ from vae_pipeline.train.data import (  # noqa: F401 (re-exported)
     loader_workers,
     resident_decision,
     split_bytes,
+    training_data,
 )
-from vae_pipeline.train.distributed import DistEnv, all_reduce_sum, barrier, broadcast_object
+from vae_pipeline.train.distributed import DistEnv, all_reduce_sum, barrier
 from vae_pipeline.train.resume import (  # noqa: F401 (re-exported)
     TRAJECTORY_SETTINGS,
     CheckpointMixin,
@@ -57,9 +55,9 @@ from vae_pipeline.train.step import (  # noqa: F401 (re-exported)
     ElboPath,
     TrainingError,
     autocast_dtype,
+    build_network,
     learning_rate,
 )
-from vae_pipeline.versioning import git_commit
 
 log = logging.getLogger(__name__)
 
@@ -99,63 +97,16 @@ class Trainer(CheckpointMixin):
                 f"train.batch_size={tc.batch_size}: lower the batch size or add data"
             )
 
-        self.plan = self._choose_plan()
+        self.plan = autotune.plan_for_rank(
+            cfg, device, env, self.local_batch // tc.grad_accum_steps, self.checkpoint_path
+        )
         torch.manual_seed(tc.seed)  # identical initial weights on every rank
-        self.model = ConvVAE(
-            cfg.data.channels,
-            cfg.data.image_size,
-            cfg.model.latent_dim,
-            cfg.model.likelihood,
-            # the source's real pixels (Fashion-MNIST's 28x28 inside the padded 32x32)
-            content_box=self.train_set.manifest.get("content_box"),
-        )
-        plan = self.plan
-        self.memory_format = torch.channels_last if plan.channels_last else torch.contiguous_format
-        self.model.to(device, memory_format=self.memory_format)
-        self.optimizer = torch.optim.Adam(
-            self.model.parameters(), lr=tc.lr, fused=True if plan.fused_adam else None
-        )
-        self.autocast = torch.bfloat16 if plan.precision == "bf16" else None
-        wrapped = ElboPath(self.model, self.autocast)
-        # self.ddp for no_sync(); self.net is what a step calls (compiled, if asked for).
-        # One rank has nothing to all-reduce: no DDP (measured 0.875-0.906x of no DDP on an
-        # H100 under NCCL). Gradients are views into DDP's buckets (no copy per step); the
-        # graph is static (one-time bucket planning) except under no_sync, where static_graph
-        # is broken in current torch (pytorch/pytorch#187732).
-        self.ddp = (
-            DDP(
-                wrapped,
-                device_ids=[device.index] if device.type == "cuda" else None,
-                gradient_as_bucket_view=True,
-                static_graph=tc.grad_accum_steps == 1,
-                # the model's only buffer is the constant padding mask: nothing to broadcast
-                # before every forward
-                broadcast_buffers=False,
-            )
-            if env.distributed and env.world_size > 1
-            else None
-        )
-        self.net = self.ddp if self.ddp is not None else wrapped
-        if plan.compile != "none":
-            mode = None if plan.compile == "default" else plan.compile
-            self.net = torch.compile(self.net, mode=mode)
-        self.sampler = ResumableSampler(
-            self.train_set,
-            num_replicas=env.world_size,
-            rank=env.rank,
-            shuffle=True,
-            seed=tc.seed,
-            drop_last=True,
-        )
-        # The data path: the splits on the device when they fit (one gather per step), else
-        # a batch-wise loader; the same batches either way (train/data.py).
-        need = split_bytes(self.train_set) + split_bytes(self.val_set)
-        resident, self.data_reason = resident_decision(
-            tc.resident_data, need, device, env.local_world_size
-        )
-        workers = loader_workers(tc, device, env.local_world_size)
-        self.batches = StepBatches(self.train_set, device, resident, workers)
-        self.val_data = DeviceSplit(self.val_set, device) if resident else None
+        net = build_network(cfg, self.plan, device, env, self.train_set.manifest.get("content_box"))
+        self.model, self.optimizer, self.ddp, self.net = net.model, net.optimizer, net.ddp, net.net
+        self.memory_format, self.autocast = net.memory_format, net.autocast
+        data = training_data(cfg, env, device, self.train_set, self.val_set)
+        self.sampler, self.batches, self.val_data = data.sampler, data.batches, data.val_data
+        self.data_reason = data.reason
         self.epoch = 0  # completed epochs
         self.global_step = 0  # optimizer steps taken (or skipped) so far, for the KL warm-up
         self.bad_steps = 0  # skipped non-finite steps so far (train.max_bad_steps)
@@ -168,27 +119,6 @@ class Trainer(CheckpointMixin):
         self.steps_per_epoch = len(self.train_set) // tc.batch_size
         # K posterior samples per image for the iwae objective (1 = the plain ELBO)
         self.iw_samples = tc.iw_samples if tc.objective == "iwae" else 1
-
-    def _choose_plan(self) -> autotune.StepPlan:
-        """Precision, layout, compilation and Adam kernel: rank 0 decides (a resumed
-        checkpoint's plan, the forced settings, a cached or a new probe), every rank follows."""
-        tc = self.cfg.train
-        plan = None
-        if self.env.is_main or not self.env.distributed:  # no group: each process decides
-            resumed = None
-            if self.checkpoint_path.is_file():
-                resumed = checkpoint.peek(self.checkpoint_path, "step_plan")
-            plan = autotune.choose(
-                self.cfg,
-                self.device,
-                self.local_batch // tc.grad_accum_steps,
-                autotune_cache_path(self.cfg),
-                self.env.world_size,
-                resumed,
-            )
-        else:
-            autocast_dtype(tc.precision, self.device)  # the same refusal on every rank
-        return broadcast_object(plan)
 
     # --- one step, one epoch ---------------------------------------------------------------
     @property
@@ -493,24 +423,3 @@ class Trainer(CheckpointMixin):
         self._write_outputs()
         barrier()
         return self.history
-
-    def _write_outputs(self) -> None:
-        if not self.env.is_main:
-            return
-        checkpoint.save_model(
-            self.model.cpu(),
-            self.out_dir / "model.pt",
-            data_version=self.data_version,
-            params_hash=self.cfg.params_hash(),
-            git_commit=git_commit(self.workdir),
-            epochs=self.epoch,
-            train_binarize=self.cfg.train.binarize,
-            objective=self.cfg.train.objective,
-            iw_samples=self.iw_samples,
-            # The class the model never saw (label name), or None: evaluation checks it.
-            holdout_class=None
-            if self.holdout is None
-            else self.train_set.manifest["label_names"][self.holdout],
-        )
-        self.model.to(self.device)
-        (self.out_dir / "history.json").write_text(json.dumps(self.history, indent=2))

@@ -1,0 +1,66 @@
+"""The retrain's summary: the Markdown artifact `retrain-summary` and the lines it prints (data
+version, metrics, the uses, the gate's decision, step timings, MLflow links)."""
+
+from __future__ import annotations
+
+from vae_pipeline.config import Config
+from vae_pipeline.evaluate import uses_markdown
+
+
+def summary_artifact(cfg: Config, summary: dict) -> str:
+    m, d = summary["metrics"], summary["decision"]
+    links = summary["links"]
+    if d is None:
+        gate = "promotion disabled: the champion alias was not touched"
+    else:
+        verdict = "**promoted to champion**" if d["promoted"] else "kept as challenger"
+        gate = f"{verdict}: {d['reason']}"
+    rows = "\n".join(
+        f"| {s['step']} | {s['seconds']:.1f} | {s['state']} |" for s in summary["steps"]
+    )
+    return (
+        f"# retrain: {cfg.registry.model_name} v{summary['model_version']}\n\n"
+        f"- **Data version:** `{summary['data_version']}`\n"
+        f"- **MLflow run:** [{summary['run_id']}]({links['run']})\n"
+        f"- **Model version:** [{cfg.registry.model_name} v{summary['model_version']}]"
+        f"({links['model_version']})\n"
+        f"- **Gate:** {gate}\n\n"
+        f"| metric (test) | value |\n|---|---|\n"
+        f"| ELBO | {m['elbo']:.2f} |\n| reconstruction | {m['recon']:.2f} |\n"
+        f"| KL | {m['kl']:.2f} |\n| IW NLL | {m['iw_nll']:.2f} |\n"
+        f"| bits/dim | {m['bits_per_dim']:.4f} |\n| active units | {m['active_units']} |\n"
+        + "\n".join(uses_markdown(m))
+        + f"\n\n| step | seconds | state |\n|---|---|---|\n{rows}\n\n"
+        + (f"{links['note']}\n" if links.get("note") else "")
+    )
+
+
+def format_summary(cfg: Config, summary: dict) -> str:
+    m, d = summary["metrics"], summary["decision"]
+    lines = [
+        f"retrain finished: {cfg.registry.model_name} v{summary['model_version']} "
+        f"(MLflow run {summary['run_id']}, data version {summary['data_version']})",
+        f"  test elbo {m['elbo']:.2f}  recon {m['recon']:.2f}  kl {m['kl']:.2f}  "
+        f"iw_nll {m['iw_nll']:.2f} nats  {m['bits_per_dim']:.4f} bits/dim  "
+        f"{m['active_units']} active units",
+    ]
+    uses = [
+        f"{label} {m[key]:.3f}"
+        for key, label in (
+            ("anomaly_auroc", f"AUROC ({m.get('holdout_class')} held out)"),
+            ("probe_latent_acc_n100", "100-label probe accuracy"),
+            ("sample_fd", "sample_fd"),
+        )
+        if key in m
+    ]
+    if uses:
+        lines.append("  uses: " + "  ".join(uses))
+    if d is None:
+        lines.append("  promotion disabled: champion alias untouched")
+    else:
+        verdict = "promoted to champion" if d["promoted"] else "kept as challenger"
+        lines.append(f"  gate: {verdict}: {d['reason']}")
+    cached = [s["step"] for s in summary["steps"] if s["state"] == "Cached"]
+    if cached:
+        lines.append(f"  reused from an earlier run of the same inputs: {', '.join(cached)}")
+    return "\n".join(lines)
