@@ -26,10 +26,11 @@ import numpy as np
 import torch
 
 from vae_pipeline.config import build_config
-from vae_pipeline.data import prepare, snapshot_source
 from vae_pipeline.data.dataset import PreparedSplit
-from vae_pipeline.evaluate import per_example_terms
-from vae_pipeline.train import Trainer
+from vae_pipeline.data.preparation import prepare
+from vae_pipeline.data.sources import snapshot_source
+from vae_pipeline.evaluate.estimator import per_example_terms
+from vae_pipeline.train.trainer import Trainer
 
 VARIANTS = {
     "ELBO, latent 32": {"model": {"latent_dim": 32}, "train": {}},

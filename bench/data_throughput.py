@@ -32,8 +32,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, RandomSampler
 
 from vae_pipeline.config import build_config
-from vae_pipeline.data import PreparedSplit, prepare, snapshot_source
-from vae_pipeline.data.dataset import to_unit_float
+from vae_pipeline.data.dataset import PreparedSplit, to_unit_float
+from vae_pipeline.data.preparation import prepare
+from vae_pipeline.data.sources import snapshot_source
 from vae_pipeline.elbo import elbo_terms
 from vae_pipeline.model import ConvVAE
 

@@ -29,11 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo: tests.
 
 from tests.drift_images import drawn_digits, fashion_test_images, save_pngs  # noqa: E402
 from vae_pipeline.config import build_config
-from vae_pipeline.data import prepare, snapshot_source
-from vae_pipeline.data.images import _resize_and_crop, list_images
-from vae_pipeline.data.preparation import _fit_fashion_mnist
-from vae_pipeline.monitor import drift_decision, load_images, score
-from vae_pipeline.train import Trainer, load_model
+from vae_pipeline.data.images import list_images, resize_and_crop
+from vae_pipeline.data.preparation import fit_fashion_mnist, prepare
+from vae_pipeline.data.sources import snapshot_source
+from vae_pipeline.monitor.check import load_images, score
+from vae_pipeline.monitor.drift import drift_decision
+from vae_pipeline.train.checkpoint import load_model
+from vae_pipeline.train.trainer import Trainer
 
 
 def main() -> None:
@@ -83,15 +85,15 @@ def main() -> None:
         return drift_decision(scores, reference, cfg.monitor, False, mu, ref_mu)
 
     n = args.n
-    idx_path = torch.from_numpy(_fit_fashion_mnist(torch.from_numpy(fresh[:n]), 32, 1))
+    idx_path = torch.from_numpy(fit_fashion_mnist(torch.from_numpy(fresh[:n]), 32, 1))
     folder = save_pngs(fresh[:n], ws / "folder28")
     _, folder_path = load_images(cfg, folder, list_images(folder), n, 0)
     assert torch.equal(idx_path, folder_path), "the folder and IDX paths differ"
     resized = torch.from_numpy(
-        np.stack([_resize_and_crop(Image.fromarray(a), 32) for a in fresh[:n]])
+        np.stack([resize_and_crop(Image.fromarray(a), 32) for a in fresh[:n]])
     )
-    digits = torch.from_numpy(_fit_fashion_mnist(torch.from_numpy(drawn_digits(n, 0)), 32, 1))
-    inverted = torch.from_numpy(_fit_fashion_mnist(torch.from_numpy(255 - fresh[:n]), 32, 1))
+    digits = torch.from_numpy(fit_fashion_mnist(torch.from_numpy(drawn_digits(n, 0)), 32, 1))
+    inverted = torch.from_numpy(fit_fashion_mnist(torch.from_numpy(255 - fresh[:n]), 32, 1))
     cases = [
         ("Fashion-MNIST test images it never saw (IDX path, padded)", idx_path, "no drift"),
         ("the same images as 28x28 PNGs in a folder (same tensors now)", folder_path, "no drift"),
@@ -119,7 +121,7 @@ def main() -> None:
     )
     print("| new images | alarms | likelihood fired | latent fired | rate |")
     print("|---|---|---|---|---|")
-    pool = torch.from_numpy(_fit_fashion_mnist(torch.from_numpy(fresh), 32, 1))
+    pool = torch.from_numpy(fit_fashion_mnist(torch.from_numpy(fresh), 32, 1))
     rng = np.random.default_rng(1)
     for size in [int(s) for s in args.sizes.split(",")]:
         alarms = lik = lat = 0

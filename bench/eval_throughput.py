@@ -22,8 +22,8 @@ import torch
 from common import gemm_gflops
 from torch.utils.flop_counter import FlopCounterMode
 
-from vae_pipeline.config import EvaluateConfig
-from vae_pipeline.evaluate import per_example_terms
+from vae_pipeline.config.sections import EvaluateConfig
+from vae_pipeline.evaluate.estimator import per_example_terms
 from vae_pipeline.model import ConvVAE
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vae_pipeline import uses
 from vae_pipeline.elbo import elbo_terms, iw_log_likelihood
+from vae_pipeline.evaluate import downstream
 from vae_pipeline.model import ConvVAE
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -79,8 +79,8 @@ def main() -> None:
         held = y_test == k
         lit = float((x_test[held] > 0.5).float().sum(dim=(1, 2, 3)).mean())
         print(
-            f"| {k} {NAMES[k]} | {uses.auroc_auprc(neg_elbo, held)[0]:.3f} | "
-            f"{uses.auroc_auprc(iw, held)[0]:.3f} | {lit:.0f} | "
+            f"| {k} {NAMES[k]} | {downstream.auroc_auprc(neg_elbo, held)[0]:.3f} | "
+            f"{downstream.auroc_auprc(iw, held)[0]:.3f} | {lit:.0f} | "
             f"{time.perf_counter() - start:.0f} |",
             flush=True,
         )

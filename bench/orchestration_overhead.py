@@ -136,7 +136,7 @@ def main() -> None:
         child(args.child, args.runs)
         return
 
-    from vae_pipeline.config import apply_quiet_offline_defaults
+    from vae_pipeline.config.environment import apply_quiet_offline_defaults
 
     apply_quiet_offline_defaults()
     tmp = Path(tempfile.mkdtemp(prefix="vae-orch-bench-"))

@@ -44,11 +44,13 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.flop_counter import FlopCounterMode
 
 from vae_pipeline.config import build_config
-from vae_pipeline.data import prepare, snapshot_source
 from vae_pipeline.data.dataset import PreparedSplit
+from vae_pipeline.data.preparation import prepare
+from vae_pipeline.data.sources import snapshot_source
 from vae_pipeline.model import ConvVAE
-from vae_pipeline.train import Trainer, autotune
-from vae_pipeline.train.autotune import StepPlan
+from vae_pipeline.train import autotune
+from vae_pipeline.train.step import StepPlan
+from vae_pipeline.train.trainer import Trainer
 
 
 def plain_loss(model: ConvVAE, x: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:

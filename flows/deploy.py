@@ -136,7 +136,7 @@ def deploy(
 ) -> list[str]:
     """Write prefect.yaml, make sure the pool and the training lock exist, deploy; returns
     the deployment names. `workdir`/`params`: see `render`."""
-    from vae_pipeline.config import apply_quiet_offline_defaults
+    from vae_pipeline.config.environment import apply_quiet_offline_defaults
 
     apply_quiet_offline_defaults(root)
     if not os.environ.get("PREFECT_API_URL"):

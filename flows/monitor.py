@@ -14,26 +14,23 @@ images). A Markdown artifact `drift-report` records the numbers and the decision
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-from vae_pipeline.config import apply_quiet_offline_defaults, load_config, tracking_uri
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
 
-apply_quiet_offline_defaults()  # Prefect reads its settings at import
-
-from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.artifacts import create_markdown_artifact  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
-
-from flows.retrain import retry_options  # noqa: E402
-from vae_pipeline import monitor as drift  # noqa: E402
+from flows.retrain import retry_options
+from vae_pipeline.config import load_config
+from vae_pipeline.config.environment import tracking_uri
+from vae_pipeline.monitor import check as monitor_check
 
 DRIFT_ARTIFACT = "drift-report"
 
 
 @task(name="check-drift", cache_policy=NO_CACHE)
 def check_drift(cfg, workdir: Path, source: str | None, always: bool | None) -> dict:
-    return drift.check_drift(cfg, tracking_uri(cfg, workdir), workdir, source, always)
+    return monitor_check.check_drift(cfg, tracking_uri(cfg, workdir), workdir, source, always)
 
 
 @flow(name="monitor")
@@ -177,9 +174,3 @@ def format_report(r: dict) -> str:
         if started.get("note"):
             lines.append(f"  NOTE: {started['note']}")
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    from vae_pipeline.cli import main
-
-    sys.exit(main(["monitor", *sys.argv[1:]]))

@@ -20,7 +20,7 @@ Behaviour (orchestration.* in params.yaml):
   step and the reason (flows/summary.py writes both summaries). A failure never moves the
   champion alias.
 
-    python -m flows.retrain --set train.epochs=1      # or: vae-pipeline retrain
+    vae-pipeline retrain --set train.epochs=1
 """
 
 from __future__ import annotations
@@ -29,34 +29,27 @@ import contextlib
 import hashlib
 import json
 import socket
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vae_pipeline.config import (
-    Config,
-    ConfigError,
-    apply_quiet_offline_defaults,
-    load_config,
-    tracking_uri,
-)
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+from prefect.tasks import exponential_backoff
 
-apply_quiet_offline_defaults()  # Prefect reads its settings at import
-
-from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.artifacts import create_markdown_artifact  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
-from prefect.runtime import flow_run  # noqa: E402
-from prefect.tasks import exponential_backoff  # noqa: E402
-
-from flows.summary import format_summary, summary_artifact  # noqa: E402
-from vae_pipeline import pipeline, registry, tracking, versioning  # noqa: E402
-from vae_pipeline.data.errors import DataError, SourceUnreachable  # noqa: E402
-from vae_pipeline.evaluate import summary_markdown  # noqa: E402
-from vae_pipeline.monitor import MonitorError  # noqa: E402
-from vae_pipeline.registry import decision_dict  # noqa: E402
+from flows.summary import format_summary, summary_artifact
+from vae_pipeline import pipeline, tracking, versioning
+from vae_pipeline.config import Config, ConfigError, load_config
+from vae_pipeline.config.environment import tracking_uri
+from vae_pipeline.data.errors import DataError, SourceUnreachable
+from vae_pipeline.evaluate.report import summary_markdown
+from vae_pipeline.monitor.drift import MonitorError
+from vae_pipeline.registry.lock import PromotionError
+from vae_pipeline.registry.promotion import decision_dict
+from vae_pipeline.registry.versions import champion
 
 EVALUATION_ARTIFACT = "evaluation-summary"
 SUMMARY_ARTIFACT = "retrain-summary"
@@ -77,7 +70,7 @@ def _cache_on(*names: str) -> Callable[[Any, dict], str]:
 PERMANENT = (
     ConfigError,
     DataError,
-    registry.PromotionError,
+    PromotionError,
     MonitorError,
     tracking.TrackingAuthError,
 )
@@ -238,7 +231,7 @@ class Steps:
 
 def _champion_line(cfg: Config, uri: str) -> str:
     try:
-        mv = registry.champion(tracking.client_for(uri), cfg.registry.model_name)
+        mv = champion(tracking.client_for(uri), cfg.registry.model_name)
     except Exception as exc:  # the registry itself may be what failed
         return f"champion unknown (registry unreachable: {exc})"
     if mv is None:
@@ -335,24 +328,26 @@ def retrain(
         decision = None
         if cfg.promotion.enabled:
             steps.current = "promote"  # reading the champion is part of it
-            incumbent = registry.champion(tracking.client_for(uri), cfg.registry.model_name)
+            incumbent = champion(tracking.client_for(uri), cfg.registry.model_name)
             gate = _hash(
                 json.dumps(cfg.promotion.model_dump(mode="json"), sort_keys=True),
                 uri,
                 cfg.registry.model_name,
             )
-            champion = "none" if incumbent is None else str(incumbent.version)
-            decision = steps.run(promote_version, cfg, root, version, champion, gate, network=True)
+            incumbent_version = "none" if incumbent is None else str(incumbent.version)
+            decision = steps.run(
+                promote_version, cfg, root, version, incumbent_version, gate, network=True
+            )
         tracking.finish_run(uri, run_id)
     except Exception as exc:
         if run_id is not None:
             _quietly(tracking.finish_run, uri, run_id, "FAILED")
-        champion = (
+        champion_note = (
             "champion untouched (the registry was not reached)"
             if steps.current == "preflight"
             else _champion_line(cfg, uri)
         )
-        raise RetrainFailed(steps.current, _reason(exc), champion) from exc
+        raise RetrainFailed(steps.current, _reason(exc), champion_note) from exc
     summary = {
         "flow_run_id": str(flow_run.id or ""),
         "data_version": data_version,
@@ -388,9 +383,3 @@ def _quietly(fn, *args) -> None:
         fn(*args)
     except Exception as exc:  # reporting must not hide the step's own error
         get_run_logger().warning("could not mark the MLflow run failed: %s", exc)
-
-
-if __name__ == "__main__":
-    from vae_pipeline.cli import main
-
-    sys.exit(main(["retrain", *sys.argv[1:]]))

@@ -4,7 +4,7 @@ version, metrics, the uses, the gate's decision, step timings, MLflow links)."""
 from __future__ import annotations
 
 from vae_pipeline.config import Config
-from vae_pipeline.evaluate import uses_markdown
+from vae_pipeline.evaluate.report import uses_markdown
 
 
 def summary_artifact(cfg: Config, summary: dict) -> str:

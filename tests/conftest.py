@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vae_pipeline.config import apply_quiet_offline_defaults, build_config, save_config
+from vae_pipeline.config import build_config, save_config
+from vae_pipeline.config.environment import apply_quiet_offline_defaults
 
 REPO = Path(__file__).resolve().parents[1]
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -112,8 +113,9 @@ def bagless(tmp_path_factory):
     benchmark's held-out class), evaluated: (workspace, config, model, metrics). Shared by the
     uses' tests (uses, inference, the CLI) so the suite trains it once (about 30 s)."""
     from vae_pipeline import pipeline
-    from vae_pipeline.data import snapshot_source
-    from vae_pipeline.train import Trainer, load_model
+    from vae_pipeline.data.sources import snapshot_source
+    from vae_pipeline.train.checkpoint import load_model
+    from vae_pipeline.train.trainer import Trainer
 
     ws = make_workspace(tmp_path_factory.mktemp("bagless") / "ws")
     cfg = build_config(
@@ -139,7 +141,7 @@ def registered(bagless) -> str:
     """`bagless` registered the way the retrain does it (anomaly.json with the threshold), in
     the SQLite store of its workspace; returns its models:/ URI."""
     from vae_pipeline import pipeline, tracking
-    from vae_pipeline.config import tracking_uri
+    from vae_pipeline.config.environment import tracking_uri
 
     ws, cfg, _, metrics = bagless
     uri = tracking_uri(cfg, ws)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import multiprocessing
 import time
 
-from vae_pipeline import promotion_lock as locks
+from vae_pipeline.registry import lock as locks
 
 from .registry_helpers import registry_cfg
 

@@ -110,7 +110,7 @@ def test_torchrun_flags_follow_the_train_section():
 
 
 def test_train_flags_are_overrides_that_win_over_set(capsys):
-    from vae_pipeline.cli import build_parser, topology_overrides
+    from vae_pipeline.cli.parser import build_parser, topology_overrides
 
     args = build_parser().parse_args(
         [

@@ -15,7 +15,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from flows import deploy
-from vae_pipeline.config import load_config, tracking_uri
+from vae_pipeline.config import load_config
+from vae_pipeline.config.environment import tracking_uri
 
 from .conftest import REPO, copy_project_files, fashion_mnist_pngs, make_workspace
 from .server_helpers import free_port, stop, wait_http

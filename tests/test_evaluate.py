@@ -14,9 +14,10 @@ from torch.distributions import Normal, kl_divergence
 
 from vae_pipeline import pipeline
 from vae_pipeline.config import build_config
-from vae_pipeline.data import snapshot_source
 from vae_pipeline.data.dataset import PreparedSplit, to_unit_float
-from vae_pipeline.evaluate import evaluate, per_example_terms
+from vae_pipeline.data.sources import snapshot_source
+from vae_pipeline.evaluate import evaluate
+from vae_pipeline.evaluate.estimator import per_example_terms
 from vae_pipeline.model import ConvVAE
 from vae_pipeline.train.checkpoint import save_model
 

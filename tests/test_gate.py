@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from vae_pipeline.config import PromotionConfig
-from vae_pipeline.gate import bootstrap_mean_upper_bound, check_floors, decide
+from vae_pipeline.config.sections import PromotionConfig
+from vae_pipeline.registry.gate import bootstrap_mean_upper_bound, check_floors, decide
 
 
 def test_bootstrap_bound_matches_a_plain_reference_loop():

@@ -11,7 +11,7 @@ from PIL import Image
 
 from vae_pipeline import cli
 from vae_pipeline.data.dataset import PreparedSplit, to_unit_float
-from vae_pipeline.evaluate import encode_means
+from vae_pipeline.evaluate.estimator import encode_means
 
 from .conftest import fashion_mnist_pngs
 

@@ -22,7 +22,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from vae_pipeline.config import ENVIRONMENT, QUIET_OFFLINE, TORCHRUN_ENVIRONMENT, load_config
+from vae_pipeline.config import load_config
+from vae_pipeline.config.environment import ENVIRONMENT, QUIET_OFFLINE, TORCHRUN_ENVIRONMENT
 
 from .conftest import REPO
 

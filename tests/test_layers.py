@@ -1,6 +1,6 @@
 """The layering of the code, as docs/development.md draws it: a module imports only from its own
-layer or below (function-level imports included; the `if __name__ == "__main__":` shims that
-make a flow runnable as a script are the one exception), and every module has a layer."""
+layer or below (function-level imports included, no exception), every module has a layer, and
+no modules import each other in a circle."""
 
 from __future__ import annotations
 
@@ -29,12 +29,11 @@ LAYERS: list[tuple[str, list[str]]] = [
         "maths, data and versions",
         [
             "vae_pipeline.elbo",
-            "vae_pipeline.gate",
-            "vae_pipeline.drift",
-            "vae_pipeline.uses",
+            "vae_pipeline.registry.gate",
+            "vae_pipeline.monitor.drift",
             "vae_pipeline.data",
             "vae_pipeline.versioning",
-            "vae_pipeline.promotion_lock",
+            "vae_pipeline.registry.lock",
         ],
     ),
     (
@@ -51,10 +50,10 @@ LAYERS: list[tuple[str, list[str]]] = [
         ],
     ),
     ("pipeline", ["vae_pipeline.pipeline", "vae_pipeline.monitor"]),
+    ("flows", ["flows"]),
     (
         "entry points",
         [
-            "flows",
             "vae_pipeline.cli",
             "vae_pipeline.worker",
             "vae_pipeline.eval_worker",
@@ -87,25 +86,13 @@ def module_name(path: Path, root: Path = REPO) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _is_main_guard(node: ast.AST) -> bool:
-    return (
-        isinstance(node, ast.If)
-        and isinstance(node.test, ast.Compare)
-        and isinstance(node.test.left, ast.Name)
-        and node.test.left.id == "__name__"
-    )
-
-
 def imports_of(path: Path, root: Path = REPO) -> list[tuple[int, str]]:
-    """(line, imported module) for every import of project code in `path`, except inside the
-    `if __name__ == "__main__":` block. `from package import name` counts as `package.name`
-    when that is a module, else as the package."""
+    """(line, imported module) for every import of project code in `path`, wherever it is
+    (a function, a TYPE_CHECKING block, a `__main__` guard). `from package import name` counts
+    as `package.name` when that is a module, else as the package."""
     tree = ast.parse(path.read_text())
-    skipped = {id(n) for top in tree.body if _is_main_guard(top) for n in ast.walk(top)}
     found = []
     for node in ast.walk(tree):
-        if id(node) in skipped:
-            continue
         if isinstance(node, ast.Import):
             found += [(node.lineno, a.name) for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -150,5 +137,69 @@ def test_the_check_sees_an_upward_import(tmp_path):
         "def f():\n    import vae_pipeline.cli\n"
         "if __name__ == '__main__':\n    from vae_pipeline.cli import main\n"
     )
-    assert imports_of(probe, tmp_path) == [(1, "vae_pipeline.registry"), (3, "vae_pipeline.cli")]
-    assert len(upward_imports(probe, tmp_path)) == 2
+    assert imports_of(probe, tmp_path) == [
+        (1, "vae_pipeline.registry"),
+        (3, "vae_pipeline.cli"),
+        (5, "vae_pipeline.cli"),
+    ]
+    assert len(upward_imports(probe, tmp_path)) == 3
+    assert layer_of("flows.retrain") < layer_of("vae_pipeline.cli")
+
+
+def import_graph(root: Path = REPO) -> dict[str, set[str]]:
+    """module -> the project modules it imports (function-level and TYPE_CHECKING imports too)."""
+    sources = sorted([*(root / "vae_pipeline").rglob("*.py"), *(root / "flows").rglob("*.py")])
+    return {module_name(p, root): {m for _, m in imports_of(p, root)} for p in sources}
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in graph.get(node, ()):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1 or node in graph.get(node, ()):
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_import_circles():
+    """No two modules of vae_pipeline/ and flows/ import each other, directly or through others."""
+    cycles = import_cycles(import_graph())
+    assert not cycles, "import circles: " + "; ".join(" <-> ".join(c) for c in cycles)
+
+
+def test_the_circle_check_sees_a_circle(tmp_path):
+    """The check is not vacuous: a circle through a function-level import is found."""
+    (tmp_path / "vae_pipeline").mkdir()
+    (tmp_path / "flows").mkdir()
+    (tmp_path / "vae_pipeline" / "a.py").write_text("from vae_pipeline import b\n")
+    (tmp_path / "vae_pipeline" / "b.py").write_text("def f():\n    import flows.c\n")
+    (tmp_path / "flows" / "c.py").write_text("import vae_pipeline.a\n")
+    (tmp_path / "vae_pipeline" / "d.py").write_text("import vae_pipeline.a\n")
+    cycles = import_cycles(import_graph(tmp_path))
+    assert cycles == [["flows.c", "vae_pipeline.a", "vae_pipeline.b"]]

@@ -17,9 +17,9 @@ from vae_pipeline.elbo import (
     iw_log_likelihood,
     iwae_terms,
 )
-from vae_pipeline.evaluate import summarize
+from vae_pipeline.evaluate.estimator import summarize
 from vae_pipeline.model import ConvVAE
-from vae_pipeline.train.trainer import learning_rate
+from vae_pipeline.train.step import learning_rate
 
 from .conftest import tiny_params
 

@@ -14,7 +14,9 @@ import pytest
 import torch
 import yaml
 
-from vae_pipeline.config import build_config, load_config, tracking_uri
+from vae_pipeline.config import build_config, load_config
+from vae_pipeline.config.environment import tracking_uri
+from vae_pipeline.lineage import version_lineage
 
 from .conftest import copy_project_files, make_workspace, tiny_params
 
@@ -33,7 +35,6 @@ def _run(command: str, cwd: Path) -> str:
 
 def test_a_version_is_rebuilt_bit_for_bit_in_a_second_clone_from_its_lineage(tmp_path):
     from flows.retrain import retrain
-    from vae_pipeline import registry
     from vae_pipeline.tracking import client_for, download_weights
 
     shared = tmp_path / "shared"  # what a team shares: the MLflow store and the DVC remote
@@ -55,7 +56,7 @@ def test_a_version_is_rebuilt_bit_for_bit_in_a_second_clone_from_its_lineage(tmp
     cfg = load_config(first / "params.yaml")
     uri = tracking_uri(cfg, first)
     client = client_for(uri)
-    info = registry.lineage(client, "conv-vae", version)
+    info = version_lineage(client, "conv-vae", version)
     tags = info["tags"]
     assert tags["git_commit"] == head and tags["data_remote"] == f"local {shared}/dvc-storage"
     assert tags["lineage_data"] == "recorded"
@@ -119,7 +120,8 @@ def test_a_per_clone_remote_is_named_as_such(tmp_path):
 
 
 def test_prepare_without_raw_data_names_pull_and_ingest(tmp_path):
-    from vae_pipeline.data import DataError, prepare
+    from vae_pipeline.data.errors import DataError
+    from vae_pipeline.data.preparation import prepare
 
     cfg = build_config(tiny_params())
     with pytest.raises(DataError, match=r"vae-pipeline ingest.*lineage VERSION --restore"):

@@ -12,14 +12,11 @@ import numpy as np
 import pytest
 from scipy.stats import t as student_t
 
-from vae_pipeline.config import MonitorConfig, load_config, tracking_uri
-from vae_pipeline.monitor import (
-    MonitorError,
-    drift_decision,
-    known_hashes,
-    mmd_test,
-    new_images,
-)
+from vae_pipeline.config import load_config
+from vae_pipeline.config.environment import tracking_uri
+from vae_pipeline.config.sections import MonitorConfig
+from vae_pipeline.monitor.check import known_hashes, new_images
+from vae_pipeline.monitor.drift import MonitorError, drift_decision, mmd_test
 
 from .conftest import REPO, fashion_mnist_pngs, make_workspace
 from .drift_images import drawn_digits, fashion_test_images, save_pngs
@@ -134,7 +131,7 @@ def test_always_retrains_without_calling_it_drift():
 
 
 def test_fashion_mnist_is_not_snapshotted_for_the_monitor(tmp_path):
-    from vae_pipeline.monitor import snapshot
+    from vae_pipeline.monitor.check import snapshot
 
     cfg = load_config(make_workspace(tmp_path / "ws") / "params.yaml")
     folder, why = snapshot(cfg, "fashion-mnist", tmp_path)
@@ -166,7 +163,7 @@ def test_the_operator_cases_get_the_right_answer(champion_ws, tmp_path):
     """The cases operators meet, as folders beside the data: clothing the champion never saw,
     padded to 32 or at its native 28x28 (the same tensors: no drift either way); drawn digits
     (another domain, simpler than clothing) and inverted clothing (drift)."""
-    from vae_pipeline.monitor import check_drift
+    from vae_pipeline.monitor.check import check_drift
 
     cfg = load_config(champion_ws / "params.yaml")
     uri = tracking_uri(cfg, champion_ws)
@@ -197,10 +194,10 @@ def test_in_distribution_samples_rarely_raise_a_false_alarm(champion_ws):
     the decision's false-alarm rate stays within 1 - monitor.confidence (5%)."""
     import torch
 
-    from vae_pipeline.data.preparation import _fit_fashion_mnist
-    from vae_pipeline.monitor import champion_reference, reference_images, score
+    from vae_pipeline.data.preparation import fit_fashion_mnist
+    from vae_pipeline.monitor.check import champion_reference, reference_images, score
     from vae_pipeline.tracking import download_weights
-    from vae_pipeline.train import load_model
+    from vae_pipeline.train.checkpoint import load_model
 
     cfg = load_config(champion_ws / "params.yaml")
     uri = tracking_uri(cfg, champion_ws)
@@ -210,7 +207,7 @@ def test_in_distribution_samples_rarely_raise_a_false_alarm(champion_ws):
     assert ref_images is not None, why
     _, ref_mu = score(cfg, model, ref_images, "none", 1)
     pool = torch.from_numpy(
-        _fit_fashion_mnist(torch.from_numpy(fashion_test_images(2000, 8000)), 32, 1)
+        fit_fashion_mnist(torch.from_numpy(fashion_test_images(2000, 8000)), 32, 1)
     )
     rng = np.random.default_rng(0)
     alarms = {}
@@ -228,7 +225,7 @@ def test_in_distribution_samples_rarely_raise_a_false_alarm(champion_ws):
 @pytest.mark.slow
 def test_nothing_to_score_is_one_line_not_an_error(champion_ws, tmp_path):
     from flows.monitor import format_report
-    from vae_pipeline.monitor import check_drift
+    from vae_pipeline.monitor.check import check_drift
 
     cfg = load_config(champion_ws / "params.yaml")
     uri = tracking_uri(cfg, champion_ws)
@@ -340,7 +337,7 @@ def test_new_images_are_those_not_in_the_prepared_data(champion_ws, tmp_path):
 
 @pytest.mark.slow
 def test_a_check_of_fashion_mnist_reports_nothing_new(champion_ws):
-    from vae_pipeline.monitor import check_drift
+    from vae_pipeline.monitor.check import check_drift
 
     cfg = load_config(champion_ws / "params.yaml")
     report = check_drift(cfg, tracking_uri(cfg, champion_ws), champion_ws, "fashion-mnist")

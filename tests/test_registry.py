@@ -7,8 +7,11 @@ import time
 import pytest
 import torch
 
-from vae_pipeline import registry
-from vae_pipeline.registry import PromotionError, history, promote_if_better, rollback
+from vae_pipeline.lineage import version_lineage
+from vae_pipeline.registry.history import history
+from vae_pipeline.registry.lock import LOCK_SUFFIX, PromotionError, lock_entries, promotion_lock
+from vae_pipeline.registry.promotion import promote_if_better, rollback
+from vae_pipeline.registry.versions import alias_version, register
 from vae_pipeline.tracking import client_for
 
 from .registry_helpers import NAME, add_version, evidence, registry_cfg
@@ -21,7 +24,7 @@ def store(tmp_path):
 
 
 def _alias(client, alias):
-    mv = registry.alias_version(client, NAME, alias)
+    mv = alias_version(client, NAME, alias)
     return None if mv is None else str(mv.version)
 
 
@@ -108,7 +111,7 @@ def test_register_is_idempotent_by_run_id(store, tmp_path):
     uri, client = store
     v1 = add_version(client, evidence(1))
     run_id = client.get_model_version(NAME, v1).run_id
-    again = registry.register(uri, NAME, f"runs:/{run_id}/model", run_id, {"k": "v"})
+    again = register(uri, NAME, f"runs:/{run_id}/model", run_id, {"k": "v"})
     assert again == v1
     assert len(client.search_model_versions(f"name='{NAME}'")) == 1
 
@@ -116,17 +119,17 @@ def test_register_is_idempotent_by_run_id(store, tmp_path):
 def test_the_lock_excludes_a_second_promoter_then_times_out(store):
     uri, client = store
     cfg = registry_cfg(uri, lock_timeout_s=0.5)
-    with registry.promotion_lock(client, NAME, cfg, "first"):
+    with promotion_lock(client, NAME, cfg, "first"):
         started = time.monotonic()
         with (
             pytest.raises(PromotionError, match=r"\(by first\) holds the lock 'conv-vae--promo"),
-            registry.promotion_lock(client, NAME, cfg, "second"),
+            promotion_lock(client, NAME, cfg, "second"),
         ):
             pass
         assert time.monotonic() - started >= 0.5
-    with registry.promotion_lock(client, NAME, cfg, "second"):  # released: free again
+    with promotion_lock(client, NAME, cfg, "second"):  # released: free again
         pass
-    assert registry.lock_entries(client, NAME) == []  # released: nothing left in the registry
+    assert lock_entries(client, NAME) == []  # released: nothing left in the registry
 
 
 def test_a_waiting_promoter_gets_the_lock_when_it_is_released(store):
@@ -136,7 +139,7 @@ def test_a_waiting_promoter_gets_the_lock_when_it_is_released(store):
     inside = threading.Event()
 
     def holder():
-        with registry.promotion_lock(client_for(uri), NAME, cfg, "holder"):
+        with promotion_lock(client_for(uri), NAME, cfg, "holder"):
             inside.set()
             time.sleep(1.0)
             order.append("holder done")
@@ -144,7 +147,7 @@ def test_a_waiting_promoter_gets_the_lock_when_it_is_released(store):
     thread = threading.Thread(target=holder)
     thread.start()
     inside.wait(10)
-    with registry.promotion_lock(client, NAME, cfg, "waiter"):
+    with promotion_lock(client, NAME, cfg, "waiter"):
         order.append("waiter in")
     thread.join()
     assert order == ["holder done", "waiter in"]
@@ -152,15 +155,15 @@ def test_a_waiting_promoter_gets_the_lock_when_it_is_released(store):
 
 def test_an_abandoned_lock_is_broken_after_lock_stale_s(store):
     uri, client = store
-    dead = NAME + registry.LOCK_SUFFIX + "--deadbeef"
+    dead = NAME + LOCK_SUFFIX + "--deadbeef"
     client.create_registered_model(dead, tags={"owner": "a dead process"})
     time.sleep(1.2)
     cfg = registry_cfg(uri, lock_timeout_s=5, lock_stale_s=1.0)
-    with registry.promotion_lock(client, NAME, cfg, "new owner") as lock:
-        held = registry.lock_entries(client, NAME)
+    with promotion_lock(client, NAME, cfg, "new owner") as lock:
+        held = lock_entries(client, NAME)
         assert [(m.name, m.tags["owner"]) for m in held] == [(lock.entry, "new owner")]
         lock.check()
-    assert registry.lock_entries(client, NAME) == []
+    assert lock_entries(client, NAME) == []
 
 
 def test_a_holder_whose_lock_was_broken_as_stale_changes_nothing(store, tmp_path):
@@ -168,16 +171,17 @@ def test_a_holder_whose_lock_was_broken_as_stale_changes_nothing(store, tmp_path
     moves an alias it finds that out and stops."""
     uri, client = store
     cfg = registry_cfg(uri, lock_timeout_s=5, lock_stale_s=0.5)
-    with registry.promotion_lock(client, NAME, cfg, "slow") as slow:
+    with promotion_lock(client, NAME, cfg, "slow") as slow:
         time.sleep(0.7)
-        with registry.promotion_lock(client, NAME, cfg, "waiter") as waiter:
+        with promotion_lock(client, NAME, cfg, "waiter") as waiter:
             waiter.check()
             with pytest.raises(PromotionError, match="was broken while held"):
                 slow.check()
 
 
 def test_using_a_store_does_not_change_which_store_the_config_resolves(tmp_path, monkeypatch):
-    from vae_pipeline.config import build_config, tracking_uri
+    from vae_pipeline.config import build_config
+    from vae_pipeline.config.environment import tracking_uri
 
     from .conftest import tiny_params
 
@@ -192,7 +196,7 @@ def test_lineage_gives_the_checkout_and_warns_about_uncommitted_changes(store):
     v1 = add_version(client, evidence(1))
     client.set_model_version_tag(NAME, v1, "git_commit", "0123abcd-dirty")
     client.set_model_version_tag(NAME, v1, "data_version", "feedbeef")
-    info = registry.lineage(client, NAME, v1)
+    info = version_lineage(client, NAME, v1)
     assert info["reproduce"][:2] == [
         "git checkout 0123abcd",
         "# trained with uncommitted changes: the checkout may differ",
@@ -259,10 +263,12 @@ def test_floors_re_measure_a_champion_measured_with_other_settings(bagless, regi
     import shutil
 
     from vae_pipeline import pipeline, tracking
-    from vae_pipeline.config import tracking_uri
+    from vae_pipeline.config.environment import tracking_uri
     from vae_pipeline.data.dataset import PreparedSplit
-    from vae_pipeline.evaluate import measure_uses, per_example_terms
-    from vae_pipeline.train import Trainer, load_model
+    from vae_pipeline.evaluate.downstream import measure_uses
+    from vae_pipeline.evaluate.estimator import per_example_terms
+    from vae_pipeline.train.checkpoint import load_model
+    from vae_pipeline.train.trainer import Trainer
 
     ws, cfg, model, _ = bagless
     uri = tracking_uri(cfg, ws)

@@ -20,11 +20,13 @@ from moto.server import ThreadedMotoServer
 
 from vae_pipeline import pipeline, registry, tracking
 from vae_pipeline.config import build_config
-from vae_pipeline.data import snapshot_source
 from vae_pipeline.data.dataset import PreparedSplit, to_unit_float
+from vae_pipeline.data.sources import snapshot_source
 from vae_pipeline.elbo import elbo_terms
 from vae_pipeline.evaluate import evaluate
 from vae_pipeline.model import ConvVAE
+from vae_pipeline.registry.lock import lock_entries
+from vae_pipeline.registry.promotion import promote_if_better, rollback
 from vae_pipeline.train.checkpoint import save_model
 
 from .conftest import make_workspace, tiny_params
@@ -165,7 +167,7 @@ def test_register_gate_promote_rollback_over_http(registered, server, s3):
     assert decision.promoted and decision.champion_evidence == "stored"
     assert decision.upper_bound < 0 and decision.candidate_value < decision.champion_value
     assert str(client.get_model_version_by_alias("conv-vae", "champion").version) == v2
-    registry.rollback(cfg, server, "drill", actor="ci")
+    rollback(cfg, server, "drill", actor="ci")
     assert str(client.get_model_version_by_alias("conv-vae", "champion").version) == v1
     assert [e["action"] for e in registry.history(client, "conv-vae")] == [
         "promote",
@@ -246,7 +248,7 @@ import pathlib, time
 while not pathlib.Path(go).exists():
     time.sleep(0.01)
 cfg = registry_cfg(uri, "race-vae")
-decision = registry.promote_if_better(cfg, uri, version, pathlib.Path(workdir), actor=version)
+decision = promote_if_better(cfg, uri, version, pathlib.Path(workdir), actor=version)
 print(json.dumps(decision.__dict__))
 """
 
@@ -257,7 +259,7 @@ def test_two_racing_promotions_are_serialised(server, tmp_path):
     v1 = add_version(client, evidence(1), name=name)
     v2 = add_version(client, evidence(2, shift=-1.0), name=name)
     v3 = add_version(client, evidence(3, shift=-2.0), name=name)  # best
-    registry.promote_if_better(registry_cfg(server, name), server, v1, tmp_path, actor="setup")
+    promote_if_better(registry_cfg(server, name), server, v1, tmp_path, actor="setup")
     go = tmp_path / "go"
     repo = Path(__file__).resolve().parents[1]
     racers = [
@@ -291,7 +293,7 @@ def test_two_racing_promotions_are_serialised(server, tmp_path):
         str(client.get_model_version_by_alias(name, "previous-champion").version)
         == (promoted[-1]["from_champion"])
     )
-    assert registry.lock_entries(client, name) == []
+    assert lock_entries(client, name) == []
 
 
 def test_eight_promoters_meeting_a_stale_lock_never_hold_it_together(server):

@@ -9,7 +9,8 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-from vae_pipeline.config import load_config, tracking_uri
+from vae_pipeline.config import load_config
+from vae_pipeline.config.environment import tracking_uri
 from vae_pipeline.versioning import read_data_version
 
 from .conftest import make_workspace
@@ -228,7 +229,7 @@ def test_champion_loads_as_pyfunc_and_matches_the_model(runs):
     import numpy as np
     import torch
 
-    from vae_pipeline.data import PreparedSplit
+    from vae_pipeline.data.dataset import PreparedSplit
     from vae_pipeline.pipeline import load_model_ref
 
     ws, *_ = runs

@@ -16,7 +16,10 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from vae_pipeline.config import load_config, tracking_uri
+from vae_pipeline.config import load_config
+from vae_pipeline.config.environment import tracking_uri
+from vae_pipeline.registry.lock import promotion_lock
+from vae_pipeline.registry.versions import champion
 
 from .conftest import make_workspace
 from .server_helpers import free_port
@@ -94,7 +97,6 @@ def test_a_failed_retrain_resumes_where_it_failed(tmp_path, capfd):
     from prefect.concurrency.sync import concurrency
 
     from flows.retrain import FAILURE_ARTIFACT, SUMMARY_ARTIFACT, train_lock_name
-    from vae_pipeline import registry
 
     ws = make_workspace(
         tmp_path / "ws",
@@ -131,7 +133,7 @@ def test_a_failed_retrain_resumes_where_it_failed(tmp_path, capfd):
     cfg = load_config(ws / "params.yaml")
     lock = concurrency(train_lock_name(cfg), occupy=1, strict=True)
     lock.__enter__()
-    promo = registry.promotion_lock(client, "conv-vae", cfg, "another promoter")
+    promo = promotion_lock(client, "conv-vae", cfg, "another promoter")
     promo.__enter__()
     result = {}
     capfd.readouterr()
@@ -161,7 +163,7 @@ def test_a_failed_retrain_resumes_where_it_failed(tmp_path, capfd):
     history = client.get_metric_history(run_dir.name, "train_loss")
     assert sorted(m.step for m in history) == [1, 2]  # each epoch logged once
     (mv,) = client.search_model_versions("name='conv-vae'")
-    assert registry.champion(client, "conv-vae") is None  # the failure moved nothing
+    assert champion(client, "conv-vae") is None  # the failure moved nothing
 
     # 3. Re-run with the lock free: nothing is trained or evaluated again.
     third = retrain(workdir=str(ws))
@@ -253,7 +255,6 @@ def test_a_step_timeout_stops_torchrun_and_its_processes(tmp_path):
 def test_flow_parameters_choose_source_and_promotion(tmp_path):
     """`source` and `promote` parameters (what a deployment run sets) override params."""
     from flows.retrain import retrain
-    from vae_pipeline import registry
 
     from .conftest import fashion_mnist_pngs
 
@@ -262,7 +263,7 @@ def test_flow_parameters_choose_source_and_promotion(tmp_path):
     summary = retrain(workdir=str(ws), source=str(images), promote=False)
     assert summary["decision"] is None
     client = _client(ws)
-    assert registry.champion(client, "conv-vae") is None
+    assert champion(client, "conv-vae") is None
     assert client.get_run(summary["run_id"]).data.params["data.source"] == str(images)
     manifest = (ws / "data/prepared/manifest.json").read_text()
     assert '"class0"' in manifest  # the folder's labels, not Fashion-MNIST's names

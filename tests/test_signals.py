@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from vae_pipeline.config import build_config, save_config
-from vae_pipeline.data import prepare, snapshot_source
+from vae_pipeline.data.preparation import prepare
+from vae_pipeline.data.sources import snapshot_source
 from vae_pipeline.train.launch import torchrun_env
 
 from .conftest import tiny_params

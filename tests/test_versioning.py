@@ -17,7 +17,7 @@ from PIL import Image
 
 from vae_pipeline import versioning
 from vae_pipeline.config import build_config
-from vae_pipeline.data import snapshot_source
+from vae_pipeline.data.sources import snapshot_source
 
 from .conftest import tiny_params
 from .s3_helpers import CuttableProxy, MotoServer

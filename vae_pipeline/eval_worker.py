@@ -12,8 +12,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vae_pipeline.cli import add_params_arguments
-from vae_pipeline.config import ConfigError, apply_quiet_offline_defaults, load_config
+from vae_pipeline.cli.parser import add_params_arguments
+from vae_pipeline.config import ConfigError, load_config
+from vae_pipeline.config.environment import apply_quiet_offline_defaults
 from vae_pipeline.logs import setup_logging
 from vae_pipeline.signals import die_with_parent
 from vae_pipeline.train import distributed

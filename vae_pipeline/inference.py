@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vae_pipeline.config import Config, EvaluateConfig
+from vae_pipeline.config import Config
+from vae_pipeline.config.sections import EvaluateConfig
 from vae_pipeline.data.dataset import PreparedSplit, to_unit_float
 from vae_pipeline.data.errors import DataError
-from vae_pipeline.evaluate import anomaly_scores, encode_means, per_example_terms
+from vae_pipeline.evaluate.estimator import anomaly_scores, encode_means, per_example_terms
 from vae_pipeline.model import ConvVAE
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from vae_pipeline import versioning
-from vae_pipeline.config import Config, s3_endpoint_url
+from vae_pipeline.config import Config
+from vae_pipeline.config.environment import s3_endpoint_url
 from vae_pipeline.tracking import redact
 
 log = logging.getLogger(__name__)
@@ -159,6 +160,21 @@ def _download(client: MlflowClient, run_id: str) -> Path | None:
         )
     except Exception:  # a version registered before lineage was recorded
         return None
+
+
+def version_lineage(client: MlflowClient, name: str, version: str) -> dict:
+    """A version's lineage tags, aliases and the commands that reproduce it."""
+    mv = client.get_model_version(name, str(version))
+    tags = dict(mv.tags or {})
+    return {
+        "name": name,
+        "version": str(mv.version),
+        "aliases": list(mv.aliases or []),
+        "run_id": mv.run_id,
+        "source": mv.source,
+        "tags": tags,
+        "reproduce": reproduce(client, name, str(mv.version), tags, mv.run_id),
+    }
 
 
 def reproduce(client: MlflowClient, name: str, version: str, tags: dict, run_id: str) -> list[str]:

@@ -12,16 +12,22 @@ from pathlib import Path
 
 import torch
 
-from vae_pipeline import lineage, registry, tracking, versioning
-from vae_pipeline.config import Config, tracking_uri
-from vae_pipeline.data import prepare, snapshot_source
+from vae_pipeline import lineage, tracking, versioning
+from vae_pipeline.config import Config
+from vae_pipeline.config.environment import tracking_uri
 from vae_pipeline.data.dataset import read_manifest, resolve_label
+from vae_pipeline.data.preparation import prepare
+from vae_pipeline.data.sources import snapshot_source
 from vae_pipeline.evaluate import evaluate
 from vae_pipeline.model import ConvVAE
-from vae_pipeline.train import load_model
+from vae_pipeline.registry.promotion import Decision, promote_if_better
+from vae_pipeline.registry.versions import register as register_version
+from vae_pipeline.registry.versions import version_of_run, version_tags
 from vae_pipeline.train.checkpoint import load as load_weights_meta
+from vae_pipeline.train.checkpoint import load_model
+from vae_pipeline.train.data import holdout_label
+from vae_pipeline.train.distributed import pick_device
 from vae_pipeline.train.launch import launch, launch_evaluation
-from vae_pipeline.train.trainer import holdout_label
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +98,7 @@ def evaluate_model(
         json.loads(history_path.read_text()) if history_path and history_path.is_file() else None
     )
     if device is None:
-        device = torch.device(
-            "cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu"
-        )
+        device = pick_device(cfg.train.device)
     return evaluate(cfg, model, workdir, history=history, device=device)
 
 
@@ -122,7 +126,7 @@ def register(
 ) -> str:
     """Log evaluation + model into the run, register it with lineage tags; returns the version."""
     uri = tracking_uri(cfg, workdir)
-    done = registry.version_of_run(uri, cfg.registry.model_name, run_id)
+    done = version_of_run(uri, cfg.registry.model_name, run_id)
     if done is not None:  # a retried step: this run's model is registered already
         return done
     blob = load_weights_meta(weights)
@@ -142,10 +146,10 @@ def register(
         ),
         "params_hash": cfg.params_hash(),
         "pytorch_model_uri": torch_uri,
-        **registry.version_tags(metrics),
+        **version_tags(metrics),
         **(extra_tags or {}),
     }
-    return registry.register(uri, cfg.registry.model_name, model_uri, run_id, tags)
+    return register_version(uri, cfg.registry.model_name, model_uri, run_id, tags)
 
 
 def check_registrable(blob: dict, metrics: dict, weights: Path) -> None:
@@ -161,5 +165,5 @@ def check_registrable(blob: dict, metrics: dict, weights: Path) -> None:
 
 def promote(
     cfg: Config, version: str, workdir: Path = Path("."), actor: str | None = None
-) -> registry.Decision:
-    return registry.promote_if_better(cfg, tracking_uri(cfg, workdir), version, workdir, actor)
+) -> Decision:
+    return promote_if_better(cfg, tracking_uri(cfg, workdir), version, workdir, actor)

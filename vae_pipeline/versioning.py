@@ -18,7 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from vae_pipeline.config import Config, s3_endpoint_url
+from vae_pipeline.config import Config
+from vae_pipeline.config.environment import s3_endpoint_url
 
 log = logging.getLogger(__name__)
 

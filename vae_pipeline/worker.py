@@ -11,11 +11,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from vae_pipeline.cli import add_params_arguments
-from vae_pipeline.config import ConfigError, load_config, tracking_uri
+from vae_pipeline.cli.parser import add_params_arguments
+from vae_pipeline.config import ConfigError, load_config
+from vae_pipeline.config.environment import tracking_uri
 from vae_pipeline.logs import setup_logging
 from vae_pipeline.signals import die_with_parent
-from vae_pipeline.train import Trainer, TrainingError, distributed
+from vae_pipeline.train import distributed
+from vae_pipeline.train.step import TrainingError
+from vae_pipeline.train.trainer import Trainer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

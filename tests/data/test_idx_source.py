@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from vae_pipeline.config import build_config
-from vae_pipeline.data import DataError, PreparedSplit, prepare, snapshot_source
-from vae_pipeline.data.preparation import read_idx
+from vae_pipeline.data.dataset import PreparedSplit
+from vae_pipeline.data.errors import DataError
+from vae_pipeline.data.preparation import prepare, read_idx
+from vae_pipeline.data.sources import snapshot_source
 
 from ..conftest import FASHION_MNIST_DIR, tiny_params
 

@@ -8,8 +8,10 @@ import torch
 from PIL import Image
 
 from vae_pipeline.config import build_config
-from vae_pipeline.data import DataError, PreparedSplit, prepare, snapshot_source
-from vae_pipeline.data.preparation import assign_split, content_hash
+from vae_pipeline.data.dataset import PreparedSplit
+from vae_pipeline.data.errors import DataError
+from vae_pipeline.data.preparation import assign_split, content_hash, prepare
+from vae_pipeline.data.sources import snapshot_source
 
 from ..conftest import tiny_params
 
@@ -223,7 +225,7 @@ def test_a_28x28_image_is_the_same_tensor_from_idx_files_a_folder_and_the_monito
     images as PNG files give equal prepared tensors (padded at 32, scaled at 16), and the
     folder's manifest records the same content box."""
     from tests.drift_images import fashion_test_images, save_pngs
-    from vae_pipeline.monitor import load_images
+    from vae_pipeline.monitor.check import load_images
 
     idx_cfg = build_config(tiny_params(data={"limit": 300, "image_size": size}))
     snapshot_source(idx_cfg, tmp_path / "idx")

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from vae_pipeline.config import build_config
-from vae_pipeline.data import DataError, snapshot_source
+from vae_pipeline.data.errors import DataError
+from vae_pipeline.data.sources import snapshot_source
 
 from ..conftest import tiny_params
 from ..s3_helpers import MotoServer, free_port

@@ -13,8 +13,9 @@ import pytest
 from PIL import Image
 
 from vae_pipeline.config import build_config
-from vae_pipeline.data import DataError, snapshot_source
-from vae_pipeline.data.sources import report_path, unsafe_reason
+from vae_pipeline.data.entries import unsafe_reason
+from vae_pipeline.data.errors import DataError
+from vae_pipeline.data.sources import report_path, snapshot_source
 
 from ..conftest import tiny_params
 from .conftest import file_tree as _tree
@@ -302,7 +303,7 @@ def test_a_source_that_holds_the_snapshot_or_lies_inside_it_is_refused(tmp_path)
 
 
 def test_the_manifest_records_the_source_the_snapshot_came_from(tmp_path):
-    from vae_pipeline.data import prepare
+    from vae_pipeline.data.preparation import prepare
 
     src = _folder(tmp_path / "src", n=30)
     params_source = _cfg("fashion-mnist", test_fraction=0.3)  # what params.yaml says
@@ -312,7 +313,7 @@ def test_the_manifest_records_the_source_the_snapshot_came_from(tmp_path):
 
 
 def test_an_empty_split_says_which_fraction_to_change(tmp_path):
-    from vae_pipeline.data import prepare
+    from vae_pipeline.data.preparation import prepare
 
     src = _folder(tmp_path / "src", n=6)
     snapshot_source(_cfg(src), tmp_path)

@@ -18,7 +18,9 @@ import torch.distributed as dist
 
 from vae_pipeline.config import load_config
 from vae_pipeline.logs import setup_logging
-from vae_pipeline.train import Trainer, TrainingError, distributed
+from vae_pipeline.train import distributed
+from vae_pipeline.train.step import TrainingError
+from vae_pipeline.train.trainer import Trainer
 
 
 def _at_step(trainer: Trainer, step: int, action) -> None:

@@ -5,10 +5,14 @@ import json
 import pytest
 import torch
 
-from vae_pipeline.config import autotune_cache_path, build_config
-from vae_pipeline.data import prepare, snapshot_source
-from vae_pipeline.train import Trainer, TrainingError, autotune
-from vae_pipeline.train.autotune import StepPlan, _pick, choose
+from vae_pipeline.config import build_config
+from vae_pipeline.config.environment import autotune_cache_path
+from vae_pipeline.data.preparation import prepare
+from vae_pipeline.data.sources import snapshot_source
+from vae_pipeline.train import autotune
+from vae_pipeline.train.autotune import choose, pick_plan
+from vae_pipeline.train.step import StepPlan, TrainingError
+from vae_pipeline.train.trainer import Trainer
 
 from ..conftest import tiny_params
 
@@ -34,11 +38,11 @@ def prepared(tmp_path_factory):
 
 def test_the_plain_variant_wins_ties_and_a_faster_one_wins_clearly():
     plain, nhwc = StepPlan("fp32", False), StepPlan("fp32", True)
-    assert _pick({plain: 100.0, nhwc: 102.5})[0] == plain  # within 3%: not worth a change
-    best, detail = _pick({plain: 100.0, nhwc: 110.0})
+    assert pick_plan({plain: 100.0, nhwc: 102.5})[0] == plain  # within 3%: not worth a change
+    best, detail = pick_plan({plain: 100.0, nhwc: 110.0})
     assert best == nhwc and "fp32, channels_last 110" in detail and "fp32, NCHW 100" in detail
     bf16 = StepPlan("bf16", True, "default", True)
-    assert _pick({plain: 100.0, bf16: 180.0})[0] == bf16
+    assert pick_plan({plain: 100.0, bf16: 180.0})[0] == bf16
 
 
 def test_auto_layout_on_cpu_is_probed_once_then_cached(tmp_path, monkeypatch):
@@ -61,7 +65,7 @@ def test_auto_layout_on_cpu_is_probed_once_then_cached(tmp_path, monkeypatch):
         (True, "fp32", "none", False),
     }
     assert all(rate > 0 for rate in timed[0].values())
-    assert plan.as_dict() == _pick(timed[0])[0].as_dict()  # the measured winner, by the rule
+    assert plan.as_dict() == pick_plan(timed[0])[0].as_dict()  # the measured winner, by the rule
     cached = choose(cfg, CPU, 64, path)
     assert cached.how == "cached" and len(timed) == 1  # no second probe
     assert (cached.channels_last, cached.precision) == (plan.channels_last, plan.precision)

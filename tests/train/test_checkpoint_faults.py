@@ -8,9 +8,12 @@ import pytest
 import torch
 
 from vae_pipeline.config import build_config
-from vae_pipeline.data import prepare, snapshot_source
-from vae_pipeline.train import Trainer, TrainingError, checkpoint
+from vae_pipeline.data.preparation import prepare
+from vae_pipeline.data.sources import snapshot_source
+from vae_pipeline.train import checkpoint
 from vae_pipeline.train.launch import restart_hint
+from vae_pipeline.train.step import TrainingError
+from vae_pipeline.train.trainer import Trainer
 
 from ..conftest import tiny_params
 

@@ -10,12 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from vae_pipeline.config import build_config, save_config, tracking_uri
-from vae_pipeline.data import prepare, snapshot_source
+from vae_pipeline.config import build_config, save_config
+from vae_pipeline.config.environment import tracking_uri
+from vae_pipeline.data.preparation import prepare
+from vae_pipeline.data.sources import snapshot_source
 from vae_pipeline.pipeline import train as pipeline_train
 from vae_pipeline.tracking import start_run
-from vae_pipeline.train import Trainer, load_model
+from vae_pipeline.train.checkpoint import load_model
 from vae_pipeline.train.launch import torchrun_env
+from vae_pipeline.train.trainer import Trainer
 
 from ..conftest import tiny_params
 

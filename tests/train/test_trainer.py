@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from vae_pipeline.config import build_config
-from vae_pipeline.data import prepare, snapshot_source
-from vae_pipeline.train import Trainer, TrainingError, load_model
-from vae_pipeline.train.checkpoint import load
-from vae_pipeline.train.trainer import autocast_dtype
+from vae_pipeline.data.preparation import prepare
+from vae_pipeline.data.sources import snapshot_source
+from vae_pipeline.train.checkpoint import load, load_model
+from vae_pipeline.train.step import TrainingError, autocast_dtype
+from vae_pipeline.train.trainer import Trainer
 
 from ..conftest import tiny_params
 
@@ -238,7 +239,7 @@ def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
     import numpy as np
 
     from vae_pipeline.train.checkpoint import atomic_save
-    from vae_pipeline.train.trainer import rng_states, set_rng_states
+    from vae_pipeline.train.resume import rng_states, set_rng_states
 
     torch.manual_seed(3), np.random.seed(3), random.seed(3)
     atomic_save({"rng": rng_states()}, tmp_path / "rng.pt")

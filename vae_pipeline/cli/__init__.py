@@ -9,28 +9,9 @@ from __future__ import annotations
 import logging
 import sys
 
-from vae_pipeline.cli.model_commands import (  # noqa: F401 (re-exported)
-    _device,
-    _image_set,
-    _load,
-    _table_metadata,
-    cmd_encode,
-    cmd_interpolate,
-    cmd_sample,
-    cmd_score,
-)
-from vae_pipeline.cli.parser import (  # noqa: F401 (re-exported)
-    CHAMPION_URI,
-    INGEST_FLAGS,
-    TRAIN_TOPOLOGY_FLAGS,
-    _model_arg,
-    add_params_arguments,
-    build_parser,
-    topology_overrides,
-)
-from vae_pipeline.cli.pipeline_commands import (  # noqa: F401 (re-exported)
-    DeployMismatch,
-    _deploy_workdir,
+from vae_pipeline.cli.model_commands import cmd_encode, cmd_interpolate, cmd_sample, cmd_score
+from vae_pipeline.cli.parser import build_parser, topology_overrides
+from vae_pipeline.cli.pipeline_commands import (
     cmd_deploy,
     cmd_evaluate,
     cmd_ingest,
@@ -39,20 +20,21 @@ from vae_pipeline.cli.pipeline_commands import (  # noqa: F401 (re-exported)
     cmd_retrain,
     cmd_train,
 )
-from vae_pipeline.cli.registry_commands import (  # noqa: F401 (re-exported)
-    _num,
-    _registry_client,
+from vae_pipeline.cli.registry_commands import (
     cmd_history,
     cmd_lineage,
     cmd_promote,
     cmd_register,
     cmd_rollback,
 )
-from vae_pipeline.config import ConfigError, apply_quiet_offline_defaults, load_config
+from vae_pipeline.config import ConfigError, load_config
+from vae_pipeline.config.environment import apply_quiet_offline_defaults
 from vae_pipeline.logs import setup_logging
 from vae_pipeline.signals import exit_on_sigterm
 
 log = logging.getLogger(__name__)
+
+__all__ = ["entry", "main"]
 
 
 COMMANDS = {

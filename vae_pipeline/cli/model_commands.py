@@ -17,16 +17,15 @@ def _load(cfg: Config, ref: str | None):
 
 
 def _device(cfg: Config):
-    import torch
+    from vae_pipeline.train.distributed import pick_device
 
-    use_cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
-    return torch.device("cuda" if use_cuda else "cpu")
+    return pick_device(cfg.train.device)
 
 
 def cmd_sample(cfg: Config, args) -> None:
     from torchvision.utils import save_image
 
-    from vae_pipeline.evaluate import prior_samples
+    from vae_pipeline.evaluate.estimator import prior_samples
 
     if args.n < 1 or args.temperature <= 0:
         raise ValueError("--n must be >= 1 and --temperature > 0")
@@ -70,7 +69,8 @@ def _table_metadata(cfg: Config, args, data, **extra) -> dict:
 
 
 def cmd_encode(cfg: Config, args) -> None:
-    from vae_pipeline import inference, uses
+    from vae_pipeline import inference
+    from vae_pipeline.evaluate import downstream, pictures
 
     inference.check_table_path(args.out)
     model, _ = _load(cfg, args.model)
@@ -82,7 +82,8 @@ def cmd_encode(cfg: Config, args) -> None:
         import numpy as np
 
         mu = np.column_stack([columns[f"mu_{j}"] for j in range(model.latent_dim)])
-        print(uses.plot_latent_pca(mu, data.labels, data.label_names, args.plot))
+        xy = downstream.project(mu, downstream.pca_basis(mu, 2))
+        print(pictures.plot_latent_pca(xy, data.labels, data.label_names, args.plot))
 
 
 def cmd_score(cfg: Config, args) -> None:

@@ -50,7 +50,7 @@ def cmd_retrain(cfg: Config, args) -> None:
 
 def cmd_monitor(cfg: Config, args) -> None:
     from flows.monitor import monitor
-    from vae_pipeline.monitor import check_source, monitor_source
+    from vae_pipeline.monitor.check import check_source, monitor_source
 
     check_source(monitor_source(cfg, args.source))  # a wrong path: one line, before the flow
 

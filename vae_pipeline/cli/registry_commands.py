@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 
 def cmd_register(cfg: Config, args) -> None:
     from vae_pipeline import pipeline, tracking, versioning
-    from vae_pipeline.config import tracking_uri
+    from vae_pipeline.config.environment import tracking_uri
     from vae_pipeline.train.checkpoint import load
 
     model_dir = Path(args.model or cfg.train.out_dir)
@@ -44,17 +44,17 @@ def cmd_promote(cfg: Config, args) -> None:
 
 
 def _registry_client(cfg: Config):
-    from vae_pipeline.config import tracking_uri
+    from vae_pipeline.config.environment import tracking_uri
     from vae_pipeline.tracking import client_for
 
     return client_for(tracking_uri(cfg))
 
 
 def cmd_rollback(cfg: Config, args) -> None:
-    from vae_pipeline import registry
-    from vae_pipeline.config import tracking_uri
+    from vae_pipeline.config.environment import tracking_uri
+    from vae_pipeline.registry.promotion import rollback
 
-    event = registry.rollback(cfg, tracking_uri(cfg), args.reason, args.to_version)
+    event = rollback(cfg, tracking_uri(cfg), args.reason, args.to_version)
     print(
         f"{cfg.registry.model_name}: champion v{event['from_champion']} -> v{event['version']} "
         f"(rollback #{event['seq']}: {event['reason']})"
@@ -62,9 +62,9 @@ def cmd_rollback(cfg: Config, args) -> None:
 
 
 def cmd_history(cfg: Config, args) -> None:
-    from vae_pipeline import registry
+    from vae_pipeline.registry.history import history
 
-    events = registry.history(_registry_client(cfg), cfg.registry.model_name)
+    events = history(_registry_client(cfg), cfg.registry.model_name)
     if args.json:
         for event in events:
             print(json.dumps(event))
@@ -91,7 +91,7 @@ def _num(value) -> str:
 
 
 def cmd_lineage(cfg: Config, args) -> None:
-    from vae_pipeline import registry
+    from vae_pipeline.lineage import version_lineage
 
     client = _registry_client(cfg)
     if args.restore:
@@ -101,7 +101,7 @@ def cmd_lineage(cfg: Config, args) -> None:
         for line in restore(client, name, args.model_version, Path("."), Path(args.params)):
             print(line)
         return
-    info = registry.lineage(client, cfg.registry.model_name, args.model_version)
+    info = version_lineage(client, cfg.registry.model_name, args.model_version)
     if args.json:
         print(json.dumps(info, indent=2))
         return

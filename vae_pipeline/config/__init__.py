@@ -15,19 +15,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from vae_pipeline.config.environment import (  # noqa: F401 (re-exported)
-    ENVIRONMENT,
-    QUIET_OFFLINE,
-    TORCHRUN_ENVIRONMENT,
-    apply_quiet_offline_defaults,
-    autotune_cache_path,
-    s3_endpoint_url,
-    tracking_uri,
-)
-from vae_pipeline.config.sections import (  # noqa: F401 (re-exported)
-    _CRON_FIELD,
-    PROBE_METRIC,
-    USE_METRICS_HIGHER_BETTER,
+from vae_pipeline.config.sections import (
     AnomalyConfig,
     DataConfig,
     EvaluateConfig,
@@ -38,11 +26,21 @@ from vae_pipeline.config.sections import (  # noqa: F401 (re-exported)
     ProbeConfig,
     PromotionConfig,
     RegistryConfig,
+    Section,
     TrainConfig,
-    _Section,
-    check_cron,
     floor_metrics,
 )
+
+__all__ = [
+    "DEFAULT_PARAMS",
+    "TRAINING_SECTIONS",
+    "Config",
+    "ConfigError",
+    "build_config",
+    "load_config",
+    "parse_override",
+    "save_config",
+]
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -54,7 +52,7 @@ class ConfigError(ValueError):
 TRAINING_SECTIONS = ("data", "model", "train", "evaluate", "anomaly", "probe", "generation")
 
 
-class Config(_Section):
+class Config(Section):
     """The root configuration: one section per pipeline step."""
 
     data: DataConfig = Field(default_factory=DataConfig)

@@ -17,11 +17,11 @@ from pydantic import (
 )
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     source: str = "fashion-mnist"
     """"fashion-mnist", `idx:<folder>` (the four MNIST-layout IDX files: MNIST, KMNIST,
     EMNIST, Fashion-MNIST; labels and a classes.txt optional), a folder of images, a
@@ -66,7 +66,7 @@ class DataConfig(_Section):
         return value
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     latent_dim: int = Field(32, ge=1, le=4096)
     likelihood: Literal["bernoulli", "gaussian", "discretized_logistic"] = "bernoulli"
     """p(x|z): Bernoulli on the decoder's logits (the seed's BCE; a normalised density only of
@@ -75,7 +75,7 @@ class ModelConfig(_Section):
     pixel; the one whose bits/dim of intensity data compare with published tables)."""
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     epochs: int = Field(2, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(1e-3, gt=0.0, le=1.0)
@@ -168,7 +168,7 @@ class TrainConfig(_Section):
         return self
 
 
-class EvaluateConfig(_Section):
+class EvaluateConfig(Section):
     iw_samples: int = Field(16, ge=1)
     iw_chunk: int = Field(16, ge=1)
     batch_size: int = Field(500, ge=1)
@@ -186,7 +186,7 @@ class EvaluateConfig(_Section):
     Recorded with the metrics and in the eval key: published NLLs differ by it."""
 
 
-class AnomalyConfig(_Section):
+class AnomalyConfig(Section):
     """Anomaly detection: the held-out-class benchmark and the threshold stored with the model."""
 
     holdout_class: str | None = None
@@ -212,7 +212,7 @@ class AnomalyConfig(_Section):
         return None if value is None else str(value)
 
 
-class ProbeConfig(_Section):
+class ProbeConfig(Section):
     """Few-label learning: logistic regression on latent means vs on raw pixels."""
 
     labels_per_class: list[int] = Field(default_factory=lambda: [10, 100], min_length=1)
@@ -231,7 +231,7 @@ class ProbeConfig(_Section):
         return sorted(value)
 
 
-class GenerationConfig(_Section):
+class GenerationConfig(Section):
     """Sample quality: a Frechet distance in a feature space fitted here (no downloaded weights)."""
 
     fd_images: int = Field(2000, ge=10)
@@ -240,13 +240,13 @@ class GenerationConfig(_Section):
     """Principal components of the test images that make the feature space."""
 
 
-class RegistryConfig(_Section):
+class RegistryConfig(Section):
     tracking_uri: str | None = None
     experiment: str = Field("vae-pipeline", min_length=1)
     model_name: str = Field("conv-vae", min_length=1)
 
 
-class PromotionConfig(_Section):
+class PromotionConfig(Section):
     enabled: bool = True
     metric: Literal["iw_nll", "elbo_nll"] = "iw_nll"
     min_improvement_nats: float = Field(0.0, ge=0.0)
@@ -297,7 +297,7 @@ def check_cron(value: str | None) -> str | None:
     return value
 
 
-class OrchestrationConfig(_Section):
+class OrchestrationConfig(Section):
     """How Prefect runs the retrain: deployments, schedule, retries, timeouts, the GPU lock."""
 
     work_pool: str = Field("vae-pipeline", min_length=1)
@@ -336,7 +336,7 @@ class OrchestrationConfig(_Section):
         return value
 
 
-class MonitorConfig(_Section):
+class MonitorConfig(Section):
     """The `monitor` flow: score new data with the champion, retrain on a shift."""
 
     source: str | None = None

@@ -45,7 +45,7 @@ def _clean_rel(name: str) -> str:
     return "/".join(p for p in PurePosixPath(name.replace("\\", "/")).parts if p not in ("", "."))
 
 
-def _folder_entries(src: Path) -> Iterator[Entry]:
+def folder_entries(src: Path) -> Iterator[Entry]:
     for path in list_images(src):
         st = path.stat()
         yield Entry(
@@ -70,7 +70,7 @@ def _common_top(names: list[str]) -> str:
     return ""
 
 
-def _zip_entries(archive: Path, unsafe: list[dict]) -> Iterator[Entry]:
+def zip_entries(archive: Path, unsafe: list[dict]) -> Iterator[Entry]:
     with zipfile.ZipFile(archive) as zf:
         top = _common_top([i.filename for i in zf.infolist() if not i.is_dir()])
         for info in zf.infolist():
@@ -91,7 +91,7 @@ def _zip_entries(archive: Path, unsafe: list[dict]) -> Iterator[Entry]:
             )
 
 
-def _tar_entries(archive: Path, unsafe: list[dict]) -> Iterator[Entry]:
+def tar_entries(archive: Path, unsafe: list[dict]) -> Iterator[Entry]:
     # A first pass reads the names; the second streams through the (possibly compressed)
     # archive once, each entry fetched before the next member is read.
     with tarfile.open(archive, "r:*") as tf:
@@ -176,7 +176,7 @@ def s3_error(exc: Exception, url: str) -> DataError:
     return DataError(f"S3 request for {url} failed ({exc})")
 
 
-def _s3_entries(url: str, unsafe: list[dict]) -> Iterator[Entry]:
+def s3_entries(url: str, unsafe: list[dict]) -> Iterator[Entry]:
     from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, prefix = split_s3_url(url)

@@ -28,7 +28,7 @@ INSTALL_HINT = (
 )
 
 
-def _copy_fashion_mnist(src_dir: Path, dest: Path) -> None:
+def copy_fashion_mnist(src_dir: Path, dest: Path) -> None:
     target = dest / "FashionMNIST" / "raw"
     target.mkdir(parents=True)
     for name in FASHION_MNIST_FILES:
@@ -44,7 +44,7 @@ def _copy_fashion_mnist(src_dir: Path, dest: Path) -> None:
             )
 
 
-def _fashion_mnist_count(dest: Path) -> int:
+def fashion_mnist_count(dest: Path) -> int:
     raw = dest / "FashionMNIST" / "raw"
     total = 0
     for name in ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte"):
@@ -53,7 +53,7 @@ def _fashion_mnist_count(dest: Path) -> int:
     return total
 
 
-def _download_fashion_mnist(dest: Path) -> None:
+def download_fashion_mnist(dest: Path) -> None:
     from torchvision.datasets import FashionMNIST
 
     try:
@@ -113,7 +113,7 @@ def idx_files(folder: Path) -> dict[tuple[str, str], Path]:
     return {role: paths[0] for role, paths in found.items()}
 
 
-def _copy_idx(src_dir: Path, dest: Path) -> int:
+def copy_idx(src_dir: Path, dest: Path) -> int:
     """Copy (decompressing) an IDX folder into dest/IDX; returns the number of images."""
     if not src_dir.is_dir():
         raise DataError(

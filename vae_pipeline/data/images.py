@@ -183,10 +183,10 @@ def fit_array(arr: np.ndarray, image_size: int) -> np.ndarray:
         return out
     mode = "L" if arr.shape[0] == 1 else "RGB"
     img = Image.fromarray(arr[0] if mode == "L" else arr.transpose(1, 2, 0), mode=mode)
-    return _resize_and_crop(img, image_size)
+    return resize_and_crop(img, image_size)
 
 
-def _resize_and_crop(img: Image.Image, image_size: int) -> np.ndarray:
+def resize_and_crop(img: Image.Image, image_size: int) -> np.ndarray:
     """Resize the shorter side to `image_size` and centre-crop: (C, H, W) uint8.
 
     The same arithmetic and filter as torchvision's `resize(img, [size])` + `center_crop` on a
@@ -216,7 +216,7 @@ def fit_image(img: Image.Image, image_size: int) -> np.ndarray:
     """`fit_array`'s rule on a decoded image: (C, H, W) uint8."""
     width, height = img.size
     if width > image_size or height > image_size:
-        return _resize_and_crop(img, image_size)
+        return resize_and_crop(img, image_size)
     return fit_array(_chw(img), image_size)
 
 

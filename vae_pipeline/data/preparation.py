@@ -63,7 +63,7 @@ def content_box(side: int, size: int) -> list[int] | None:
     return padded_box(side, side, size)
 
 
-def _fit_fashion_mnist(images: torch.Tensor, size: int, channels: int) -> np.ndarray:
+def fit_fashion_mnist(images: torch.Tensor, size: int, channels: int) -> np.ndarray:
     """(N, side, side) uint8 -> (N, C, size, size) by `fit_array`'s rule, the one every source
     follows: zero-pad (the background is black), or resize and crop when size < side. (Any
     square IDX image set is fitted the same way.)"""
@@ -94,7 +94,7 @@ def _load_fashion_mnist(cfg: Config, raw: Path) -> tuple[dict, list[str], list[s
                 "`vae-pipeline ingest` first"
             ) from exc
         label_names = list(ds.classes)
-        images = _fit_fashion_mnist(ds.data, cfg.data.image_size, cfg.data.channels)
+        images = fit_fashion_mnist(ds.data, cfg.data.image_size, cfg.data.channels)
         part = "train" if train else "t10k"
         for i, (img, label) in enumerate(zip(images, ds.targets.tolist(), strict=True)):
             digest = content_hash(ds.data[i].numpy().tobytes())
@@ -119,7 +119,7 @@ def read_idx(path: Path) -> np.ndarray:
 
 def _load_idx(cfg: Config, folder: Path) -> tuple[dict, list[str], list[str]]:
     """An idx: snapshot's rows per split, as `_load_fashion_mnist` gives them."""
-    from vae_pipeline.data.sources import IDX_CLASSES, IDX_ROLES
+    from vae_pipeline.data.fixed_sources import IDX_CLASSES, IDX_ROLES
 
     rows: dict[str, list] = {s: [] for s in SPLITS}
     max_label = -1
@@ -137,7 +137,7 @@ def _load_idx(cfg: Config, folder: Path) -> tuple[dict, list[str], list[str]]:
         if labels is None:
             labels = np.full(len(images), -1, dtype=np.int64)
         max_label = max(max_label, int(labels.max(initial=-1)))
-        fitted = _fit_fashion_mnist(
+        fitted = fit_fashion_mnist(
             torch.from_numpy(images.copy()), cfg.data.image_size, cfg.data.channels
         )
         name = "train" if part == "train" else "t10k"
@@ -266,7 +266,7 @@ def snapshot_source_of(cfg: Config, workdir: Path) -> str:
 
 def read_idx_side(raw: Path) -> int:
     """The side of the square images in an IDX snapshot (Fashion-MNIST's or an idx: one)."""
-    from vae_pipeline.data.sources import IDX_DIR
+    from vae_pipeline.data.fixed_sources import IDX_DIR
 
     folder = raw / IDX_DIR if (raw / IDX_DIR).is_dir() else raw / "FashionMNIST" / "raw"
     with open(folder / "train-images-idx3-ubyte", "rb") as fh:
@@ -311,7 +311,7 @@ def prepare(cfg: Config, workdir: Path = Path("."), data_version: str = "unversi
     index: dict[str, list[tuple[str, str, int]]] = {}  # split -> (source, sha256, label) per row
     try:
         # the layout of the snapshot, not data.source, decides (ingest may have had --source)
-        from vae_pipeline.data.sources import IDX_DIR
+        from vae_pipeline.data.fixed_sources import IDX_DIR
 
         box = None
         if (raw / "FashionMNIST").is_dir() or (raw / IDX_DIR).is_dir():

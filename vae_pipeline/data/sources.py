@@ -41,36 +41,23 @@ from pathlib import Path
 from tqdm import tqdm
 
 from vae_pipeline.config import Config
-from vae_pipeline.data.entries import (  # noqa: F401 (re-exported)
+from vae_pipeline.data.entries import (
     ARCHIVE_SUFFIXES,
     Entry,
-    _clean_rel,
-    _common_top,
-    _copy_stream,
-    _folder_entries,
-    _s3_entries,
-    _tar_entries,
-    _zip_entries,
-    s3_client,
-    s3_error,
-    split_s3_url,
-    unsafe_reason,
+    folder_entries,
+    s3_entries,
+    tar_entries,
+    zip_entries,
 )
 from vae_pipeline.data.errors import DataError, NoImages
-from vae_pipeline.data.fixed_sources import (  # noqa: F401 (re-exported)
-    _IDX_NAME,
+from vae_pipeline.data.fixed_sources import (
     FASHION_MNIST,
-    FASHION_MNIST_FILES,
-    IDX_CLASSES,
-    IDX_DIR,
     IDX_PREFIX,
-    IDX_ROLES,
     INSTALL_HINT,
-    _copy_fashion_mnist,
-    _copy_idx,
-    _download_fashion_mnist,
-    _fashion_mnist_count,
-    idx_files,
+    copy_fashion_mnist,
+    copy_idx,
+    download_fashion_mnist,
+    fashion_mnist_count,
 )
 from vae_pipeline.data.images import (
     IMAGE_EXTENSIONS,
@@ -182,7 +169,7 @@ def _fill_images(cfg: Config, kind: str, source: str, staging: Path, old: Path) 
                 "(.zip .tar .tar.gz .tgz) or an existing folder of images: fix the path in "
                 "params.yaml or with --source / --set data.source=PATH"
             )
-        entries: Iterator[Entry] = _folder_entries(src)
+        entries: Iterator[Entry] = folder_entries(src)
         links, report.ignored = left_out(src)
         unsafe.extend(links)  # the policy (on_bad_image) applies to them like to bad images
         for item in report.ignored:
@@ -192,9 +179,9 @@ def _fill_images(cfg: Config, kind: str, source: str, staging: Path, old: Path) 
         if not src.is_file():
             raise DataError(f"archive {source} does not exist: fix data.source / --source")
         zipped = source.lower().endswith(".zip")
-        entries = _zip_entries(src, unsafe) if zipped else _tar_entries(src, unsafe)
+        entries = zip_entries(src, unsafe) if zipped else tar_entries(src, unsafe)
     else:
-        entries = _s3_entries(source, unsafe)
+        entries = s3_entries(source, unsafe)
 
     images = staging / "images"
     fetched: list[tuple[str, Path]] = []
@@ -307,18 +294,18 @@ def snapshot_source(cfg: Config, workdir: Path = Path(".")) -> IngestReport:
         if kind == "fashion-mnist":
             report = IngestReport(source=source, kind=kind, raw_dir=cfg.data.raw_dir)
             if cfg.data.fashion_mnist_dir is None:
-                _download_fashion_mnist(staging)
+                download_fashion_mnist(staging)
             else:
                 src_dir = Path(cfg.data.fashion_mnist_dir)
                 if not src_dir.is_dir():
                     raise DataError(
                         f"Fashion-MNIST folder {src_dir} does not exist: {INSTALL_HINT}"
                     )
-                _copy_fashion_mnist(src_dir, staging)
-            report.images = report.fetched = _fashion_mnist_count(staging)
+                copy_fashion_mnist(src_dir, staging)
+            report.images = report.fetched = fashion_mnist_count(staging)
         elif kind == "idx":
             report = IngestReport(source=source, kind=kind, raw_dir=cfg.data.raw_dir)
-            count = _copy_idx(Path(source[len(IDX_PREFIX) :]), staging)
+            count = copy_idx(Path(source[len(IDX_PREFIX) :]), staging)
             report.images = report.fetched = count
         else:
             report = _fill_images(cfg, kind, source, staging, raw)

@@ -1,7 +1,8 @@
 """Evaluation on the held-out test split: ELBO components, the IW bound, pictures, metrics JSON.
 
-One module per job: `estimator` (the numbers), `pictures`, `measured` (the VAE's uses),
-`report` (summary.md); `evaluate` runs them all. Every name is importable from here.
+One module per job: `estimator` (the numbers), `downstream` (the VAE's uses: anomaly
+detection, the few-label probe, sample quality), `pictures`, `report` (summary.md);
+`evaluate` runs them all.
 
 Units: nats per example; see `estimator`.
 """
@@ -21,44 +22,27 @@ import torch.distributed as dist
 from vae_pipeline.config import Config
 from vae_pipeline.data.dataset import PreparedSplit
 from vae_pipeline.data.placement import resident_decision
-from vae_pipeline.evaluate.estimator import (  # noqa: F401 (re-exported)
-    EVAL_PROTOCOL,
-    METRIC_KEYS,
-    PROGRESS_EVERY_S,
-    _normal,
-    _stderr,
-    anomaly_scores,
-    binarize,
-    encode_means,
-    example_generators,
-    kl_per_dim,
-    mutual_info,
+from vae_pipeline.evaluate.downstream import measure_uses, uses_key
+from vae_pipeline.evaluate.estimator import (
     per_example_metrics,
-    per_example_terms,
-    prior_samples,
-    shard,
     sharded_terms,
     summarize,
 )
-from vae_pipeline.evaluate.measured import (  # noqa: F401 (re-exported)
-    _seeded_subset,
-    measure_uses,
-    uses_key,
-)
-from vae_pipeline.evaluate.pictures import (  # noqa: F401 (re-exported)
-    _upscale,
+from vae_pipeline.evaluate.pictures import (
     plot_kl_per_dim,
     plot_loss_curves,
     save_grids,
     save_latent_pictures,
 )
-from vae_pipeline.evaluate.report import (  # noqa: F401 (re-exported)
+from vae_pipeline.evaluate.report import (
     summary_markdown,
     uses_markdown,
 )
 from vae_pipeline.model import ConvVAE
 
 log = logging.getLogger(__name__)
+
+__all__ = ["evaluate"]
 
 
 def _is_main() -> bool:

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from vae_pipeline.binarize import TEST_STREAM
 from vae_pipeline.binarize import binarize as binarize_policy
-from vae_pipeline.config import EvaluateConfig
+from vae_pipeline.config.sections import EvaluateConfig
 from vae_pipeline.data.dataset import to_unit_float
 from vae_pipeline.elbo import (
     gaussian_kl_per_dim,

@@ -1,5 +1,6 @@
 """The evaluation's pictures: reconstructions, prior samples, interpolation, traversal, KL per
-latent dimension and the loss curves."""
+latent dimension, the loss curves, and the downstream tasks' (latent PCA, anomaly scores,
+the few-label probe)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,20 @@ import numpy as np
 import torch
 from torchvision.utils import save_image
 
-from vae_pipeline.config import EvaluateConfig
+from vae_pipeline.config.sections import EvaluateConfig
 from vae_pipeline.data.dataset import to_unit_float
 from vae_pipeline.model import ConvVAE
 
 log = logging.getLogger(__name__)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 @torch.no_grad()
@@ -84,11 +94,7 @@ def save_latent_pictures(
 
 
 def plot_kl_per_dim(kl_dims: np.ndarray, threshold_units: int, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(4, len(kl_dims) * 0.2 + 2), 3.5))
     ax.bar(range(len(kl_dims)), kl_dims, color="tab:blue")
     ax.set_xlabel("latent unit")
@@ -112,11 +118,9 @@ def _upscale(x: torch.Tensor, min_side: int = 64) -> torch.Tensor:
 def plot_loss_curves(history: list[dict], path: Path) -> Path | None:
     if not history:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
+
+    plt = _pyplot()
 
     epochs = [h["epoch"] for h in history]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -131,6 +135,104 @@ def plot_loss_curves(history: list[dict], path: Path) -> Path | None:
     ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_latent_pca(
+    xy: np.ndarray,
+    labels: np.ndarray,
+    label_names: list[str],
+    path: Path,
+    holdout: int | None = None,
+    title: str = "latent means, first two principal components",
+) -> Path:
+    """Scatter of the latent means' first two principal components (`xy`, from
+    `downstream.project`), one colour per label."""
+    plt = _pyplot()
+    if xy.shape[1] < 2:
+        xy = np.column_stack([xy[:, 0], np.zeros(len(xy))])
+    fig, ax = plt.subplots(figsize=(7, 5.5))
+    cmap = plt.get_cmap("tab10" if len(label_names) <= 10 else "tab20")
+    present = [int(v) for v in np.unique(labels)]
+    for label in present:
+        where = labels == label
+        name = label_names[label] if 0 <= label < len(label_names) else "unlabelled"
+        held = label == holdout
+        ax.scatter(
+            xy[where, 0],
+            xy[where, 1],
+            s=14 if held else 5,
+            marker="x" if held else "o",
+            color="black" if held else cmap(label % cmap.N),
+            alpha=0.9 if held else 0.6,
+            label=f"{name} (held out)" if held else name,
+            linewidths=0.8 if held else 0,
+        )
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    ax.set_title(title)
+    ax.legend(markerscale=2.5, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_anomaly_scores(
+    scores: np.ndarray,
+    is_anomaly: np.ndarray | None,
+    threshold: float,
+    score_name: str,
+    path: Path,
+    anomaly_name: str = "held-out class",
+    title: str = "",
+) -> Path:
+    """Histograms of the test images' scores (normal vs anomalies) and the threshold."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    lo, hi = np.percentile(scores, [0.5, 99.5])
+    bins = np.linspace(min(lo, threshold), max(hi, threshold), 60)
+    normal = scores if is_anomaly is None else scores[~is_anomaly]
+    ax.hist(normal, bins=bins, alpha=0.6, density=True, label="normal test images")
+    if is_anomaly is not None:
+        ax.hist(scores[is_anomaly], bins=bins, alpha=0.6, density=True, label=anomaly_name)
+    ax.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.1f}")
+    ax.set_xlabel(f"{score_name} (nats per image)")
+    ax.set_ylabel("density")
+    ax.set_title(title or "anomaly scores")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_probe(
+    per_draw: dict[str, dict[int, list[float]]], chance: float, path: Path
+) -> Path | None:
+    """Probe accuracy against labels per class: latent means vs raw pixels, with the spread."""
+    if not per_draw:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for kind, label in (("latent", "latent means"), ("pixel", "raw pixels")):
+        if kind not in per_draw:
+            continue
+        ns = sorted(per_draw[kind])
+        means = [np.mean(per_draw[kind][n]) for n in ns]
+        stds = [np.std(per_draw[kind][n], ddof=1) if len(per_draw[kind][n]) > 1 else 0 for n in ns]
+        ax.errorbar(ns, means, yerr=stds, marker="o", capsize=4, label=label)
+    ax.axhline(chance, color="grey", linestyle=":", label=f"chance {chance:.2f}")
+    ax.set_xscale("log")
+    ax.set_xlabel("labelled images per class")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("few-label probe (logistic regression; mean and std over draws)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -15,12 +15,8 @@ from mlflow.exceptions import MlflowException
 
 from vae_pipeline.config import Config
 from vae_pipeline.data.dataset import PreparedSplit, resolve_label
-from vae_pipeline.evaluate import (
-    measure_uses,
-    per_example_metrics,
-    per_example_terms,
-    summarize,
-)
+from vae_pipeline.evaluate.downstream import measure_uses
+from vae_pipeline.evaluate.estimator import per_example_metrics, per_example_terms, summarize
 from vae_pipeline.registry.versions import PER_EXAMPLE, stored_uses
 from vae_pipeline.tracking import download_weights
 from vae_pipeline.train.checkpoint import load_model

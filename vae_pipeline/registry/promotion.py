@@ -7,23 +7,23 @@ import logging
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from vae_pipeline import gate
 from vae_pipeline.config import Config
-from vae_pipeline.promotion_lock import (
+from vae_pipeline.registry import gate
+from vae_pipeline.registry.evidence import per_example
+from vae_pipeline.registry.history import event_side, history, record_event, utc_now
+from vae_pipeline.registry.lock import (
     PromotionError,
     promotion_lock,
 )
-from vae_pipeline.registry.evidence import per_example
-from vae_pipeline.registry.history import _now, _record, _side, history
 from vae_pipeline.registry.versions import (
     CHALLENGER,
     CHAMPION,
     PREVIOUS,
-    _actor,
     alias_version,
     champion,
     current_eval_key,
     current_uses_key,
+    default_actor,
 )
 from vae_pipeline.tracking import client_for
 
@@ -54,7 +54,7 @@ def promote_if_better(
     """
     name = cfg.registry.model_name
     client = client_for(uri)
-    actor = actor or _actor()
+    actor = actor or default_actor()
     candidate = client.get_model_version(name, str(version))
     ctags = candidate.tags or {}
     if "eval_key" not in ctags:
@@ -166,7 +166,7 @@ def _apply(client, name, cfg: Config, d: Decision, candidate, incumbent, actor: 
         name, d.candidate_version, "gate_decision", "promoted" if d.promoted else "rejected"
     )
     client.set_model_version_tag(name, d.candidate_version, "gate_reason", d.reason)
-    _record(
+    record_event(
         client,
         name,
         {
@@ -177,8 +177,8 @@ def _apply(client, name, cfg: Config, d: Decision, candidate, incumbent, actor: 
             "by": actor,
             "reason": d.reason,
             "metric": metric,
-            "candidate": _side(candidate, metric, d.candidate_value),
-            "champion": _side(incumbent, metric, d.champion_value),
+            "candidate": event_side(candidate, metric, d.candidate_value),
+            "champion": event_side(incumbent, metric, d.champion_value),
             "mean_diff": d.mean_diff,
             "upper_bound": d.upper_bound,
             "confidence": cfg.promotion.confidence,
@@ -204,7 +204,7 @@ def rollback(
     """
     name = cfg.registry.model_name
     client = client_for(uri)
-    actor = actor or _actor()
+    actor = actor or default_actor()
     if not reason.strip():
         raise PromotionError("rollback needs a --reason: it is recorded in the history")
     with promotion_lock(client, name, cfg, actor) as lock:
@@ -240,9 +240,9 @@ def rollback(
         held = alias_version(client, name, CHALLENGER)
         if held is not None and str(held.version) == str(target.version):
             client.delete_registered_model_alias(name, CHALLENGER)
-        client.set_model_version_tag(name, str(current.version), "rolled_back_at", _now())
+        client.set_model_version_tag(name, str(current.version), "rolled_back_at", utc_now())
         metric = cfg.promotion.metric
-        return _record(
+        return record_event(
             client,
             name,
             {
@@ -253,8 +253,8 @@ def rollback(
                 "by": actor,
                 "reason": reason,
                 "metric": metric,
-                "candidate": _side(target, metric),
-                "champion": _side(current, metric),
+                "candidate": event_side(target, metric),
+                "champion": event_side(current, metric),
             },
         )
 

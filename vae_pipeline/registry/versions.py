@@ -16,11 +16,8 @@ from mlflow.tracking import MlflowClient
 from vae_pipeline.config import Config
 from vae_pipeline.data.dataset import PreparedSplit, resolve_label
 from vae_pipeline.data.errors import DataError
-from vae_pipeline.evaluate import (
-    EVAL_PROTOCOL,
-    METRIC_KEYS,
-    uses_key,
-)
+from vae_pipeline.evaluate.downstream import uses_key
+from vae_pipeline.evaluate.estimator import EVAL_PROTOCOL, METRIC_KEYS
 from vae_pipeline.tracking import client_for
 
 log = logging.getLogger(__name__)
@@ -150,13 +147,13 @@ def champion(client: MlflowClient, name: str):
     return alias_version(client, name, CHAMPION)
 
 
-def _actor() -> str:
+def default_actor() -> str:
     with contextlib.suppress(Exception):
         return f"{getpass.getuser()}@{socket.gethostname()}"
     return "unknown"
 
 
-def _get_registered_model(client: MlflowClient, name: str):
+def get_registered_model(client: MlflowClient, name: str):
     try:
         return client.get_registered_model(name)
     except MlflowException:

@@ -29,7 +29,6 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -37,50 +36,13 @@ import torch
 
 from vae_pipeline.config import Config
 from vae_pipeline.model import ConvVAE
-from vae_pipeline.train.step import ElboPath, TrainingError, autocast_dtype
+from vae_pipeline.train.step import ElboPath, StepPlan, TrainingError, autocast_dtype
 
 log = logging.getLogger(__name__)
 
 TIE = 0.03  # the plain variant wins unless another is more than 3% faster
 ROUNDS = 5  # interleaved timing rounds per candidate (median)
 ROUND_SECONDS = 0.15  # target length of one round
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    """How the training step runs. `how`: forced (every setting given), probed, cached,
-    checkpoint (a resumed run keeps its plan) or rule (nothing to choose)."""
-
-    precision: str = "fp32"  # fp32 | bf16
-    channels_last: bool = False
-    compile: str = "none"  # none | default | reduce-overhead
-    fused_adam: bool = False
-    how: str = "rule"
-    detail: str = ""
-
-    def label(self) -> str:
-        parts = [
-            "bf16 autocast" if self.precision == "bf16" else "fp32",
-            "channels_last" if self.channels_last else "NCHW",
-        ]
-        if self.compile != "none":
-            parts.append(
-                "compiled" + (" + CUDA graphs" if self.compile == "reduce-overhead" else "")
-            )
-        if self.fused_adam:
-            parts.append("fused Adam")
-        return ", ".join(parts)
-
-    def describe(self) -> str:
-        return f"{self.label()} ({self.how}{': ' + self.detail if self.detail else ''})"
-
-    def as_dict(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("how", "detail")}
-
-    @classmethod
-    def from_dict(cls, data: dict, how: str, detail: str = "") -> StepPlan:
-        fields = {f.name for f in dataclasses.fields(cls)} - {"how", "detail"}
-        return cls(**{k: v for k, v in data.items() if k in fields}, how=how, detail=detail)
 
 
 def device_name(device: torch.device) -> str:
@@ -226,7 +188,7 @@ def time_candidates(
     return {plan: statistics.median(v) for plan, v in rates.items()}
 
 
-def _pick(rates: dict[StepPlan, float]) -> tuple[StepPlan, str]:
+def pick_plan(rates: dict[StepPlan, float]) -> tuple[StepPlan, str]:
     best = max(rates, key=rates.get)
     plain = next(
         (p for p in rates if (p.precision, p.channels_last, p.compile) == ("fp32", False, "none")),
@@ -251,7 +213,7 @@ def probe(cfg: Config, device: torch.device, micro_batch: int, world_size: int =
             for cl in choices["channels_last"]
         ]
         rates = time_candidates(cfg, device, micro_batch, first)
-        best, _ = _pick(rates)
+        best, _ = pick_plan(rates)
         more = [
             dataclasses.replace(best, compile=c) for c in choices["compile"] if c != best.compile
         ]
@@ -264,7 +226,7 @@ def probe(cfg: Config, device: torch.device, micro_batch: int, world_size: int =
             rates.update(time_candidates(cfg, device, micro_batch, [best, *more]))
     if not rates:
         raise TrainingError("the step probe could run no variant of the training step")
-    best, detail = _pick(rates)
+    best, detail = pick_plan(rates)
     return dataclasses.replace(best, how="probed", detail=detail)
 
 
@@ -322,7 +284,7 @@ def _auto(cfg: Config, name: str) -> bool:
 def plan_for_rank(cfg: Config, device: torch.device, env, batch: int, checkpoint_path) -> StepPlan:
     """Precision, layout, compilation and Adam kernel for a training rank: rank 0 decides (a
     resumed checkpoint's plan, the forced settings, a cached or a new probe), every rank follows."""
-    from vae_pipeline.config import autotune_cache_path
+    from vae_pipeline.config.environment import autotune_cache_path
     from vae_pipeline.train import checkpoint
     from vae_pipeline.train.distributed import broadcast_object
 

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from vae_pipeline.config import Config, TrainConfig
+from vae_pipeline.config import Config
+from vae_pipeline.config.sections import TrainConfig
 from vae_pipeline.data.dataset import PreparedSplit, read_manifest, resolve_label
 from vae_pipeline.data.placement import resident_decision, split_bytes
 

@@ -36,6 +36,9 @@ def read_env() -> DistEnv:
 
 
 def pick_device(preference: str, local_rank: int = 0) -> torch.device:
+    """The device for `train.device` (auto | cuda | cpu): the process's GPU on CUDA (set as
+    the current device), else the CPU. Training, evaluation, the monitor and the model commands
+    all choose here."""
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise RuntimeError("train.device=cuda but no CUDA device is visible: use auto or cpu")

@@ -16,10 +16,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from vae_pipeline.config import Config, TrainConfig, save_config
+from vae_pipeline.config import Config, save_config
+from vae_pipeline.config.sections import TrainConfig
 from vae_pipeline.signals import with_parent
 from vae_pipeline.train import checkpoint
-from vae_pipeline.train.trainer import TrainingError, describe_checkpoint
+from vae_pipeline.train.resume import describe_checkpoint
+from vae_pipeline.train.step import TrainingError
 
 log = logging.getLogger(__name__)
 

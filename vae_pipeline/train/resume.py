@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from vae_pipeline.config import Config, TrainConfig
+from vae_pipeline.config import Config
+from vae_pipeline.config.sections import TrainConfig
 from vae_pipeline.train import checkpoint
 from vae_pipeline.train.distributed import barrier
 from vae_pipeline.train.step import TrainingError

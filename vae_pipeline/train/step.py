@@ -1,4 +1,5 @@
-"""One training step's network call: the ELBO (or IWAE) terms under the chosen precision.
+"""One training step: how it runs (`StepPlan`: precision, memory layout, compile, fused Adam),
+the network it runs on (`build_network`) and its call (`ElboPath`: the ELBO or IWAE terms).
 
 Kept apart from the trainer so the step-variant probe (`autotune`) times exactly what the
 trainer runs.
@@ -6,21 +7,56 @@ trainer runs.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from vae_pipeline.config import Config, TrainConfig
+from vae_pipeline.config import Config
+from vae_pipeline.config.sections import TrainConfig
 from vae_pipeline.elbo import iwae_terms, terms_from_outputs
 from vae_pipeline.model import ConvVAE
 from vae_pipeline.train.distributed import DistEnv
 
-if TYPE_CHECKING:
-    from vae_pipeline.train.autotune import StepPlan
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How the training step runs. `how`: forced (every setting given), probed, cached,
+    checkpoint (a resumed run keeps its plan) or rule (nothing to choose)."""
+
+    precision: str = "fp32"  # fp32 | bf16
+    channels_last: bool = False
+    compile: str = "none"  # none | default | reduce-overhead
+    fused_adam: bool = False
+    how: str = "rule"
+    detail: str = ""
+
+    def label(self) -> str:
+        parts = [
+            "bf16 autocast" if self.precision == "bf16" else "fp32",
+            "channels_last" if self.channels_last else "NCHW",
+        ]
+        if self.compile != "none":
+            parts.append(
+                "compiled" + (" + CUDA graphs" if self.compile == "reduce-overhead" else "")
+            )
+        if self.fused_adam:
+            parts.append("fused Adam")
+        return ", ".join(parts)
+
+    def describe(self) -> str:
+        return f"{self.label()} ({self.how}{': ' + self.detail if self.detail else ''})"
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("how", "detail")}
+
+    @classmethod
+    def from_dict(cls, data: dict, how: str, detail: str = "") -> StepPlan:
+        fields = {f.name for f in dataclasses.fields(cls)} - {"how", "detail"}
+        return cls(**{k: v for k, v in data.items() if k in fields}, how=how, detail=detail)
 
 
 class TrainingError(RuntimeError):

@@ -32,29 +32,18 @@ from vae_pipeline.binarize import VALIDATION_STREAM, binarize
 from vae_pipeline.config import Config
 from vae_pipeline.data.dataset import PreparedSplit, to_unit_float
 from vae_pipeline.train import autotune, checkpoint
-from vae_pipeline.train.data import (  # noqa: F401 (re-exported)
-    DeviceSplit,
-    ResumableSampler,
-    StepBatches,
+from vae_pipeline.train.data import (
     holdout_label,
-    loader_workers,
-    resident_decision,
-    split_bytes,
     training_data,
 )
 from vae_pipeline.train.distributed import DistEnv, all_reduce_sum, barrier
-from vae_pipeline.train.resume import (  # noqa: F401 (re-exported)
-    TRAJECTORY_SETTINGS,
+from vae_pipeline.train.resume import (
     CheckpointMixin,
-    describe_checkpoint,
-    resume_fingerprint,
     rng_states,
-    set_rng_states,
 )
-from vae_pipeline.train.step import (  # noqa: F401 (re-exported)
+from vae_pipeline.train.step import (
     ElboPath,
     TrainingError,
-    autocast_dtype,
     build_network,
     learning_rate,
 )

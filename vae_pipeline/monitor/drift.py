@@ -1,6 +1,6 @@
 """The drift statistics, on numbers alone: a two-sided likelihood check (Welch t interval of
 the shift in mean negative ELBO against +-threshold) and a latent check (unbiased MMD^2 of encoder
-means with a permutation test), combined at a Bonferroni level. `vae_pipeline.monitor` gathers
+means with a permutation test), combined at a Bonferroni level. `monitor.check` gathers
 the numbers; the rule and its false-alarm rate are documented there and in docs/orchestration.md.
 """
 
@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from vae_pipeline.config import MonitorConfig
+from vae_pipeline.config.sections import MonitorConfig
 
 
 class MonitorError(RuntimeError):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vae_pipeline.config import PromotionConfig, floor_metrics
+from vae_pipeline.config.sections import PromotionConfig, floor_metrics
 
 RESAMPLES_PER_CHUNK = 256
 

@@ -10,10 +10,12 @@ import scipy.linalg
 import torch
 from PIL import Image
 
-from vae_pipeline import pipeline, uses
-from vae_pipeline.config import ConfigError, ProbeConfig, build_config
+from vae_pipeline import pipeline
+from vae_pipeline.config import ConfigError, build_config
+from vae_pipeline.config.sections import ProbeConfig
 from vae_pipeline.data.dataset import PreparedSplit
 from vae_pipeline.data.errors import DataError
+from vae_pipeline.evaluate import downstream
 
 from .conftest import tiny_params
 
@@ -40,36 +42,39 @@ def test_auroc_and_auprc_match_pair_counting_and_a_ranking_loop():
     rng = np.random.default_rng(0)
     is_anomaly = rng.random(300) < 0.2
     scores = rng.normal(size=300) + 1.2 * is_anomaly  # anomalies score higher, with overlap
-    auroc, auprc = uses.auroc_auprc(scores, is_anomaly)
+    auroc, auprc = downstream.auroc_auprc(scores, is_anomaly)
     assert auroc == pytest.approx(_auroc_by_pairs(scores, is_anomaly), abs=1e-12)
     assert auprc == pytest.approx(_average_precision_by_loop(scores, is_anomaly), abs=1e-12)
     assert 0.7 < auroc < 0.95  # separated, not perfectly
-    assert uses.auroc_auprc(-scores, is_anomaly)[0] == pytest.approx(1 - auroc)
+    assert downstream.auroc_auprc(-scores, is_anomaly)[0] == pytest.approx(1 - auroc)
     with pytest.raises(ValueError, match="both anomalies and normal"):
-        uses.auroc_auprc(scores, np.zeros(300, bool))
+        downstream.auroc_auprc(scores, np.zeros(300, bool))
 
 
 def test_the_threshold_flags_the_calibrated_share_of_normal_images():
     rng = np.random.default_rng(1)
     calibration, fresh = rng.gamma(5.0, 20.0, size=20000), rng.gamma(5.0, 20.0, size=20000)
-    threshold = uses.calibrate_threshold(calibration, 99.0)
+    threshold = downstream.calibrate_threshold(calibration, 99.0)
     assert (calibration > threshold).mean() == pytest.approx(0.01, abs=1e-4)
     assert (fresh > threshold).mean() == pytest.approx(0.01, abs=0.003)  # new normal images
     assert threshold == pytest.approx(np.sort(calibration)[int(0.99 * 19999)], rel=1e-3)
     with pytest.raises(ValueError, match="finite scores"):
-        uses.calibrate_threshold(np.array([1.0, np.nan]), 99.0)
+        downstream.calibrate_threshold(np.array([1.0, np.nan]), 99.0)
 
 
 def test_label_draws_are_n_per_class_without_repeats_and_differ_between_draws():
     labels = np.repeat(np.arange(4), 30)
     labels[:5] = -1  # unlabelled rows are never drawn
     rng = np.random.default_rng(0)
-    first, second = uses.draw_per_class(labels, 7, rng), uses.draw_per_class(labels, 7, rng)
+    first, second = (
+        downstream.draw_per_class(labels, 7, rng),
+        downstream.draw_per_class(labels, 7, rng),
+    )
     for drawn in (first, second):
         assert len(np.unique(drawn)) == len(drawn) == 28
         assert np.bincount(labels[drawn]).tolist() == [7, 7, 7, 7]
     assert not np.array_equal(first, second)
-    assert uses.draw_per_class(labels, 26, rng) is None  # class 0 has 25 labelled images
+    assert downstream.draw_per_class(labels, 26, rng) is None  # class 0 has 25 labelled images
 
 
 def test_the_probe_separates_separable_classes_and_reports_its_spread():
@@ -84,7 +89,7 @@ def test_the_probe_separates_separable_classes_and_reports_its_spread():
         "pixel": (lambda p: noise[p], rng.normal(size=(150, 5))),
     }
     pcfg = ProbeConfig(labels_per_class=[5, 50, 200], draws=4)
-    metrics, per_draw, skipped = uses.few_label_probe(train_y, test_y, features, pcfg)
+    metrics, per_draw, skipped = downstream.few_label_probe(train_y, test_y, features, pcfg)
     assert skipped == [200]  # 100 training images per class
     assert metrics["probe_latent_acc_n50"] > 0.9 > 0.6 > metrics["probe_pixel_acc_n50"]
     assert len(per_draw["latent"][5]) == 4
@@ -92,8 +97,8 @@ def test_the_probe_separates_separable_classes_and_reports_its_spread():
         np.std(per_draw["latent"][5], ddof=1)
     )
     # One draw's accuracy is a plain logistic regression's on those examples.
-    first = uses.draw_per_class(train_y, 5, np.random.default_rng(pcfg.seed))
-    alone = uses.probe_accuracy(train_x[first], train_y[first], test_x, test_y)
+    first = downstream.draw_per_class(train_y, 5, np.random.default_rng(pcfg.seed))
+    alone = downstream.probe_accuracy(train_x[first], train_y[first], test_x, test_y)
     assert per_draw["latent"][5][0] == alone
 
 
@@ -105,23 +110,23 @@ def test_frechet_distance_matches_scipy_sqrtm_and_the_gaussian_closed_form():
     by_scipy = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(
         s_a + s_b - 2 * scipy.linalg.sqrtm(s_a @ s_b).real
     )
-    assert uses.frechet_distance(a, b) == pytest.approx(by_scipy, rel=1e-8)
-    assert uses.frechet_distance(b, a) == pytest.approx(by_scipy, rel=1e-8)
-    assert uses.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
+    assert downstream.frechet_distance(a, b) == pytest.approx(by_scipy, rel=1e-8)
+    assert downstream.frechet_distance(b, a) == pytest.approx(by_scipy, rel=1e-8)
+    assert downstream.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
     # N(0, diag(1, 4, .25)) vs N(m, diag(s)): |m|^2 + sum (sqrt(v1) - sqrt(v2))^2, sampled.
     c = rng.normal(size=(200000, 3)) * [1.0, 2.0, 0.5]
     d = rng.normal(size=(200000, 3)) * [1.0, 1.0, 1.0] + [1.0, 0.0, 0.0]
     closed = 1.0 + (2.0 - 1.0) ** 2 + (0.5 - 1.0) ** 2
-    assert uses.frechet_distance(c, d) == pytest.approx(closed, rel=0.02)
+    assert downstream.frechet_distance(c, d) == pytest.approx(closed, rel=0.02)
 
 
 def test_the_pca_basis_is_orthonormal_and_keeps_the_largest_variance():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(500, 6)) * [5, 1, 1, 1, 1, 0.1]
-    mean, components = uses.pca_basis(x, 2)
+    mean, components = downstream.pca_basis(x, 2)
     assert np.allclose(components @ components.T, np.eye(2), atol=1e-10)
     assert abs(components[0, 0]) > 0.99  # the first direction is the high-variance axis
-    assert uses.project(x, (mean, components)).shape == (500, 2)
+    assert downstream.project(x, (mean, components)).shape == (500, 2)
 
 
 # --- on a short real training without the class Bag --------------------------------------------

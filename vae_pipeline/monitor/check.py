@@ -1,26 +1,6 @@
-"""Data drift against the champion: score the new images of a snapshot and compare them with
-the champion's own test set, by two checks.
-
-New images are those whose content is not in the prepared data (data/prepared/index.csv):
-the monitored source may keep old images beside new arrivals. They are decoded and fitted by
-the one rule every source follows (`vae_pipeline.data.images.fit_array`), so a 28x28 image in
-a folder is the same tensor as in Fashion-MNIST's IDX files.
-
-- **likelihood** (two-sided, a typicality test in the sense of Nalisnick et al. 2019): the
-  mean negative ELBO of the new images (nats per image, one posterior sample from each image's
-  seeded stream, as in evaluation) against the champion's per-example values on its test set,
-  stored with its MLflow run. It fires when the whole confidence interval of the shift lies
-  beyond +-monitor.threshold_nats. Both ways: images from a simpler domain (digits for a
-  clothing model) score *better* than the test set, and are drift too.
-- **latent**: the encoder means of the new images against those of prepared test images
-  (a sample of data.prepared_dir's test split), by the unbiased MMD^2 with a Gaussian kernel
-  (median-distance bandwidth) and a permutation test (Gretton et al. 2012). It sees a change
-  in what the images are, whether or not their likelihood moves.
-
-Decision: drift when any check fires; each of the k checks runs at level
-(1 - monitor.confidence) / k, so the false-alarm rate of the whole decision on in-distribution
-images is at most 1 - monitor.confidence (Bonferroni).
-"""
+"""The monitor's numbers: the monitored source's snapshot, its new images, their scores under
+the champion, and the check that runs the statistics of `monitor.drift` on them (the rule is in
+the package's docstring and docs/orchestration.md)."""
 
 from __future__ import annotations
 
@@ -34,27 +14,22 @@ import mlflow
 import numpy as np
 import torch
 
-from vae_pipeline.config import Config, MonitorConfig
-from vae_pipeline.data import snapshot_source
+from vae_pipeline.config import Config
+from vae_pipeline.config.sections import MonitorConfig
 from vae_pipeline.data.errors import DataError, NoImages
 from vae_pipeline.data.images import BadImage, decode_image, list_images
 from vae_pipeline.data.preparation import content_hash
-from vae_pipeline.data.sources import source_kind
-from vae_pipeline.drift import (  # noqa: F401 (re-exported)
-    Check,
+from vae_pipeline.data.sources import snapshot_source, source_kind
+from vae_pipeline.evaluate.estimator import per_example_terms
+from vae_pipeline.monitor.drift import (
     DriftDecision,
     MonitorError,
-    _mmd2_rows,
     drift_decision,
-    latent_check,
-    likelihood_check,
-    mmd_test,
-    welch_t,
 )
-from vae_pipeline.evaluate import per_example_terms
-from vae_pipeline.registry import PER_EXAMPLE, champion
+from vae_pipeline.registry.versions import PER_EXAMPLE, champion
 from vae_pipeline.tracking import client_for, download_weights
-from vae_pipeline.train import load_model
+from vae_pipeline.train.checkpoint import load_model
+from vae_pipeline.train.distributed import pick_device
 
 log = logging.getLogger(__name__)
 
@@ -168,10 +143,7 @@ def score(
     ecfg = cfg.evaluate.model_copy(
         update={"iw_samples": 1, "iw_chunk": 1, "binarize": binarize, "seed": seed}
     )
-    device = torch.device(
-        "cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu"
-    )
-    terms = per_example_terms(model, images, ecfg, device)
+    terms = per_example_terms(model, images, ecfg, pick_device(cfg.train.device))
     return -terms["elbo"], np.asarray(terms["mu"], np.float64)
 
 
