@@ -17,7 +17,7 @@ export DVC_NO_ANALYTICS := 1
 export AWS_EC2_METADATA_DISABLED := true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test install data cxx lint format bench clean help stack-up stack-down stack-status
+.PHONY: run test test-fast install data cxx lint format bench clean help stack-up stack-down stack-status
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -64,6 +64,10 @@ cxx:  ## a C++ compiler, for torch.compile on CPU (train.compile; one test uses 
 test: install data cxx  ## the linter, then the test suite
 	$(BIN)/ruff check vae_pipeline flows tests bench infra
 	$(BIN)/python -m pytest -q
+
+test-fast: install data cxx  ## the inner loop: ruff, then the suite without its slow (end-to-end) tests
+	$(BIN)/ruff check vae_pipeline flows tests bench infra
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: install  ## benchmarks (see docs/benchmarks.md); not part of the tests
 	$(BIN)/python bench/eval_throughput.py

@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from vae_pipeline.config import Config
+from vae_pipeline.errors import UserError
 
 PREFECT_FILE = "prefect.yaml"
 HEADER = """\
@@ -123,7 +124,7 @@ def ensure_work_pool(name: str) -> bool:
             return True
 
 
-class DeployError(RuntimeError):
+class DeployError(UserError):
     """The deployments could not be created; the message says why and what to do."""
 
 

@@ -6,7 +6,8 @@ deployment (prefect.yaml).
 
 Behaviour (orchestration.* in params.yaml):
 - Steps that touch the network (MLflow, the DVC remote, S3) retry with exponential backoff;
-  bad input (a config or data error) and training are never retried.
+  bad input or a state a person must fix (a UserError, vae_pipeline.errors) and training
+  are never retried.
 - Every step has a time limit; at training's, torchrun and its ranks are stopped.
 - prepare, the MLflow run, training, evaluation and the gate's decision are cached under the
   retrain's identity (workdir, data version, training params, code), with results persisted
@@ -42,12 +43,10 @@ from prefect.tasks import exponential_backoff
 
 from flows.summary import format_summary, summary_artifact
 from vae_pipeline import pipeline, tracking, versioning
-from vae_pipeline.config import Config, ConfigError, load_config
+from vae_pipeline.config import Config, load_config
 from vae_pipeline.config.environment import tracking_uri
-from vae_pipeline.data.errors import DataError, SourceUnreachable
+from vae_pipeline.errors import PipelineError, is_permanent
 from vae_pipeline.evaluate.report import summary_markdown
-from vae_pipeline.monitor.drift import MonitorError
-from vae_pipeline.registry.lock import PromotionError
 from vae_pipeline.registry.promotion import decision_dict
 from vae_pipeline.registry.versions import champion
 
@@ -66,20 +65,11 @@ def _cache_on(*names: str) -> Callable[[Any, dict], str]:
     return key
 
 
-# Bad input or a state only a person can fix: retrying would only fail again.
-PERMANENT = (
-    ConfigError,
-    DataError,
-    PromotionError,
-    MonitorError,
-    tracking.TrackingAuthError,
-)
-
-
 def is_transient(task, task_run, state) -> bool:
-    """retry_condition_fn: retry network trouble, not bad input (PERMANENT errors)."""
+    """retry_condition_fn, the pipeline's one rule (vae_pipeline.errors): bad input or a state
+    only a person can fix (a UserError) is never retried; anything else is."""
     exc = state.result(raise_on_failure=False)
-    return isinstance(exc, SourceUnreachable) or not isinstance(exc, PERMANENT)
+    return not is_permanent(exc)
 
 
 def retry_options(cfg: Config) -> dict:
@@ -188,8 +178,9 @@ def promote_version(cfg: Config, workdir: Path, version: str, champion: str, gat
     return decision_dict(pipeline.promote(cfg, version, workdir, actor))
 
 
-class RetrainFailed(RuntimeError):
-    """A retrain step failed; names the step, the reason and the (untouched) champion."""
+class RetrainFailed(PipelineError):
+    """A retrain step failed; names the step, the reason and the (untouched) champion. The
+    step's own error, with its traceback when it is not the pipeline's, is in the flow's log."""
 
     def __init__(self, step: str, reason: str, champion: str):
         super().__init__(f"step {step!r} failed: {reason}; {champion}")
@@ -299,45 +290,18 @@ def retrain(
         force: redo every step even when a retrain of the same inputs finished before.
     """
     root = Path(workdir).resolve()
-    cfg = load_config(root / params, overrides or [])
-    if source is not None:
-        cfg.data.source = source
-    if promote is not None:
-        cfg.promotion.enabled = promote
+    cfg = _flow_config(root / params, overrides, source, promote)
     uri = tracking_uri(cfg, root)
     steps = Steps(cfg, force)
     run_id = None
     try:
-        steps.run(preflight, cfg, root, network=True)  # a dead MLflow fails before any work
-        data_version = steps.run(version_data, cfg, root, network=True)
-        key = versioning.retrain_key(cfg, data_version, root, CODE_VERSION)
-        prepare_key = versioning.prepare_key(cfg, data_version, root, CODE_VERSION)
-        steps.run(prepare, cfg, root, prepare_key, valid=_prepared_matches(cfg, root, data_version))
+        data_version, key = _version_and_prepare(steps, cfg, root)
         # The run lives in one tracking store: the same work against another store is new.
         run_key = _hash(key, uri, cfg.registry.experiment)
         run_id = steps.run(open_run, cfg, root, data_version, run_key, network=True)
         tracking.reopen_run(uri, run_id)
-        out_dir = Path("runs") / run_id
-        weights = steps.run(
-            train, cfg, root, out_dir, run_id, key, valid=lambda w: (root / w).is_file()
-        )
-        metrics = steps.run(
-            evaluate, cfg, root, out_dir, run_id, key, valid=_metrics_match(cfg, root)
-        )
-        version = steps.run(register, cfg, root, run_id, weights, metrics, network=True)
-        decision = None
-        if cfg.promotion.enabled:
-            steps.current = "promote"  # reading the champion is part of it
-            incumbent = champion(tracking.client_for(uri), cfg.registry.model_name)
-            gate = _hash(
-                json.dumps(cfg.promotion.model_dump(mode="json"), sort_keys=True),
-                uri,
-                cfg.registry.model_name,
-            )
-            incumbent_version = "none" if incumbent is None else str(incumbent.version)
-            decision = steps.run(
-                promote_version, cfg, root, version, incumbent_version, gate, network=True
-            )
+        version, metrics = _train_and_register(steps, cfg, root, run_id, key)
+        decision = _gate(steps, cfg, root, uri, version) if cfg.promotion.enabled else None
         tracking.finish_run(uri, run_id)
     except Exception as exc:
         if run_id is not None:
@@ -360,13 +324,63 @@ def retrain(
         "steps": [{"step": s, "seconds": round(t, 3), "state": n} for s, t, n in steps.timings],
         "links": tracking.ui_links(uri, run_id, cfg.registry.model_name, version),
     }
+    _publish_summary(cfg, summary, version)
+    return summary
+
+
+def _flow_config(
+    params: Path, overrides: list[str] | None, source: str | None, promote: bool | None
+) -> Config:
+    """The retrain's config: the params file and overrides, then the flow's own parameters."""
+    cfg = load_config(params, overrides or [])
+    if source is not None:
+        cfg.data.source = source
+    if promote is not None:
+        cfg.promotion.enabled = promote
+    return cfg
+
+
+def _version_and_prepare(steps: Steps, cfg: Config, root: Path) -> tuple[str, str]:
+    """The preflight, version-data and prepare steps; returns (data version, retrain key)."""
+    steps.run(preflight, cfg, root, network=True)  # a dead MLflow fails before any work
+    data_version = steps.run(version_data, cfg, root, network=True)
+    key = versioning.retrain_key(cfg, data_version, root, CODE_VERSION)
+    prepare_key = versioning.prepare_key(cfg, data_version, root, CODE_VERSION)
+    steps.run(prepare, cfg, root, prepare_key, valid=_prepared_matches(cfg, root, data_version))
+    return data_version, key
+
+
+def _train_and_register(
+    steps: Steps, cfg: Config, root: Path, run_id: str, key: str
+) -> tuple[str, dict]:
+    """The train, evaluate and register steps in the open run; returns (model version, metrics)."""
+    out_dir = Path("runs") / run_id
+    weights = steps.run(
+        train, cfg, root, out_dir, run_id, key, valid=lambda w: (root / w).is_file()
+    )
+    metrics = steps.run(evaluate, cfg, root, out_dir, run_id, key, valid=_metrics_match(cfg, root))
+    version = steps.run(register, cfg, root, run_id, weights, metrics, network=True)
+    return version, metrics
+
+
+def _gate(steps: Steps, cfg: Config, root: Path, uri: str, version: str) -> dict:
+    """The promote step: the gate's decision on `version` against the champion it faces now."""
+    steps.current = "promote"  # reading the champion is part of it
+    incumbent = champion(tracking.client_for(uri), cfg.registry.model_name)
+    settings = json.dumps(cfg.promotion.model_dump(mode="json"), sort_keys=True)
+    gate = _hash(settings, uri, cfg.registry.model_name)
+    incumbent_version = "none" if incumbent is None else str(incumbent.version)
+    return steps.run(promote_version, cfg, root, version, incumbent_version, gate, network=True)
+
+
+def _publish_summary(cfg: Config, summary: dict, version: str) -> None:
+    """The retrain-summary artifact, and the same summary on stdout."""
     create_markdown_artifact(
         key=SUMMARY_ARTIFACT,
         markdown=summary_artifact(cfg, summary),
         description=f"{cfg.registry.model_name} v{version}: data, metrics, gate, timings",
     )
     print(format_summary(cfg, summary))
-    return summary
 
 
 def _hash(*parts: str) -> str:

@@ -83,3 +83,15 @@ def test_every_relative_link_resolves_to_a_file_and_heading(page):
         elif anchor and dest.suffix == ".md" and anchor not in {slug(h) for h in headings(dest)}:
             broken.append(f"{target}: no heading #{anchor} in {dest.relative_to(REPO)}")
     assert not broken, broken
+
+
+def test_the_development_map_names_every_module():
+    """docs/development.md's one-screen map names each module of vae_pipeline/ and flows/."""
+    text = (REPO / "docs" / "development.md").read_text()
+    layout = text[text.index("## Layout") : text.index("## Tests")]
+    block = layout[layout.index("```") : layout.rindex("```")]
+    modules = [*(REPO / "vae_pipeline").rglob("*.py"), *(REPO / "flows").glob("*.py")]
+    packages = {p.parent.name + "/" for p in modules if p.parent.name != "vae_pipeline"}
+    missing = [p.name for p in modules if not p.name.startswith("__") and p.name not in block]
+    missing += [pkg for pkg in packages if pkg not in block]
+    assert not missing, f"docs/development.md's map does not name: {sorted(set(missing))}"

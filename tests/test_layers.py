@@ -16,6 +16,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     (
         "foundations",
         [
+            "vae_pipeline.errors",
             "vae_pipeline.config",
             "vae_pipeline.logs",
             "vae_pipeline.signals",
@@ -56,6 +57,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         [
             "vae_pipeline.cli",
             "vae_pipeline.worker",
+            "vae_pipeline.agent",
             "vae_pipeline.eval_worker",
             "vae_pipeline",
         ],

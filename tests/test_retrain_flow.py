@@ -117,7 +117,7 @@ def test_second_run_registers_v2_and_the_gate_keeps_the_champion(runs):
 
 def test_alias_history_records_both_decisions(runs):
     ws, first, second = runs
-    from vae_pipeline.registry import history
+    from vae_pipeline.registry.history import history
 
     events = history(_client(ws), "conv-vae")
     assert [(e["action"], e["alias"], e["version"]) for e in events[:2]] == [

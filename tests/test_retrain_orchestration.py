@@ -291,3 +291,32 @@ def test_the_cli_retrain_has_flags_for_the_deployment_parameters():
     assert result.returncode == 0
     for flag in ("--source", "--no-promote", "--force"):
         assert flag in result.stdout
+
+
+def test_a_non_finite_model_reaches_register_once(tmp_path):
+    """The one error rule in the flow: the register step retries network trouble, but a model
+    with a non-finite weight is bad input (a UserError) and is refused once, not retried."""
+    from prefect import flow
+
+    from flows.retrain import Steps, register
+    from vae_pipeline.model import ConvVAE
+    from vae_pipeline.train.checkpoint import atomic_save
+
+    ws = make_workspace(tmp_path / "ws", orchestration={"retries": 2, "retry_delay_s": 0.2})
+    cfg = load_config(ws / "params.yaml")
+    model = ConvVAE(cfg.data.channels, cfg.data.image_size, cfg.model.latent_dim)
+    weights = model.state_dict()
+    weights["fc_mu.weight"][0, 0] = float("nan")
+    atomic_save({"hparams": model.hparams(), "state_dict": weights}, ws / "model.pt")
+    metrics = {"elbo": -100.0, "recon": 90.0, "kl": 10.0, "iw_nll": 99.0}
+
+    @flow(name="register-only")
+    def register_only():
+        steps = Steps(cfg, force=False)
+        steps.run(register, cfg, ws, "run-id", ws / "model.pt", metrics, network=True)
+
+    state = register_only(return_state=True)
+    assert state.is_failed() and "non-finite values in fc_mu.weight" in state.message
+    runs = _task_runs(state.state_details.flow_run_id)
+    assert [r.run_count for r in runs["register"]] == [1]  # bad input: no retry
+    assert _client(ws).search_registered_models() == []  # nothing was registered

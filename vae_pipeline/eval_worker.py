@@ -12,9 +12,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vae_pipeline.cli.parser import add_params_arguments
+from vae_pipeline.cli.parser import add_error_dir_argument, add_params_arguments, report_error
 from vae_pipeline.config import ConfigError, load_config
 from vae_pipeline.config.environment import apply_quiet_offline_defaults
+from vae_pipeline.errors import PipelineError
 from vae_pipeline.logs import setup_logging
 from vae_pipeline.signals import die_with_parent
 from vae_pipeline.train import distributed
@@ -32,6 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         required=True,
         help="model.pt file, a train out dir, or an MLflow URI (models:/conv-vae@champion)",
     )
+    add_error_dir_argument(p)
     return p.parse_args(argv)
 
 
@@ -43,15 +45,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.params, args.overrides)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        report_error(exc, args.error_dir, distributed.read_env().rank)
         return 2
     from vae_pipeline import pipeline
 
-    _, device = distributed.setup(cfg.train.device)
+    env = distributed.read_env()
     try:
+        env, device = distributed.setup(cfg.train.device)
         pipeline.evaluate_model(cfg, args.model, device=device)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except PipelineError as exc:
+        report_error(exc, args.error_dir, env.rank)
         return 1
     finally:
         distributed.teardown()

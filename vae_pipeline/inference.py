@@ -20,6 +20,7 @@ from vae_pipeline.config import Config
 from vae_pipeline.config.sections import EvaluateConfig
 from vae_pipeline.data.dataset import PreparedSplit, to_unit_float
 from vae_pipeline.data.errors import DataError
+from vae_pipeline.errors import UserError
 from vae_pipeline.evaluate.estimator import anomaly_scores, encode_means, per_example_terms
 from vae_pipeline.model import ConvVAE
 
@@ -105,7 +106,7 @@ def image_ref(cfg: Config, ref: str, workdir: Path = Path(".")) -> tuple[str, to
 def check_table_path(path: Path) -> None:
     """Refuse an output path whose suffix is neither .csv nor .parquet, before any work."""
     if path.suffix.lower() not in TABLE_SUFFIXES:
-        raise ValueError(f"--out {path}: the suffix must be .csv or .parquet")
+        raise UserError(f"--out {path}: the suffix must be .csv or .parquet")
 
 
 def write_table(path: Path, columns: dict[str, list | np.ndarray], metadata: dict) -> Path:
@@ -177,7 +178,7 @@ def interpolate(
     """[a, decode of `steps` points on the line from mu(a) to mu(b) (ends included), b], in
     [0, 1]: a (steps + 2, C, H, W) strip."""
     if steps < 2:
-        raise ValueError(f"--steps must be at least 2, not {steps}")
+        raise UserError(f"--steps must be at least 2, not {steps}")
     model.eval().to(device)
     x = to_unit_float(torch.stack([a, b]).to(device))
     mu, _ = model.encode(x)

@@ -28,6 +28,8 @@ from mlflow.tracking import MlflowClient
 from vae_pipeline import versioning
 from vae_pipeline.config import Config
 from vae_pipeline.config.environment import s3_endpoint_url
+from vae_pipeline.errors import UserError
+from vae_pipeline.registry.versions import model_version
 from vae_pipeline.tracking import redact
 
 log = logging.getLogger(__name__)
@@ -38,7 +40,7 @@ POINTER_FILE = "pointer.dvc"
 REMOTE_FILE = "remote.json"
 
 
-class LineageError(RuntimeError):
+class LineageError(UserError):
     """A version's lineage cannot be restored (none recorded, or it does not fit this clone)."""
 
 
@@ -164,7 +166,7 @@ def _download(client: MlflowClient, run_id: str) -> Path | None:
 
 def version_lineage(client: MlflowClient, name: str, version: str) -> dict:
     """A version's lineage tags, aliases and the commands that reproduce it."""
-    mv = client.get_model_version(name, str(version))
+    mv = model_version(client, name, version)
     tags = dict(mv.tags or {})
     return {
         "name": name,
@@ -225,7 +227,7 @@ def restore(
 ) -> list[str]:
     """Write the version's params file and data pointer back from its run; returns what was
     written, and a warning when this checkout's code is not the code that trained it."""
-    mv = client.get_model_version(name, str(version))
+    mv = model_version(client, name, version)
     folder = _download(client, mv.run_id)
     if folder is None or not (folder / POINTER_FILE).is_file():
         why = (

@@ -18,6 +18,7 @@ from vae_pipeline.config.environment import tracking_uri
 from vae_pipeline.data.dataset import read_manifest, resolve_label
 from vae_pipeline.data.preparation import prepare
 from vae_pipeline.data.sources import snapshot_source
+from vae_pipeline.errors import UserError
 from vae_pipeline.evaluate import evaluate
 from vae_pipeline.model import ConvVAE
 from vae_pipeline.registry.promotion import Decision, promote_if_better
@@ -104,12 +105,13 @@ def evaluate_model(
 
 def check_holdout(cfg: Config, meta: dict, model_ref: str, label_names: list[str]) -> None:
     """The model must have been trained without anomaly.holdout_class (and only without it):
-    otherwise its AUROC would measure something else. Models from before the field have none."""
+    otherwise its AUROC would measure something else. A file saved without the field (a bare
+    `save_model(model, path)`) counts as trained on every class."""
     held = resolve_label(cfg.anomaly.holdout_class, label_names, "anomaly.holdout_class")
     wanted = None if held is None else label_names[held]
     trained = meta.get("holdout_class")
     if wanted != trained:
-        raise ValueError(
+        raise UserError(
             f"{model_ref} was trained without class {trained!r} but anomaly.holdout_class="
             f"{cfg.anomaly.holdout_class!r}: evaluate it with --set "
             f"anomaly.holdout_class={trained or 'null'}"
@@ -157,7 +159,7 @@ def check_registrable(blob: dict, metrics: dict, weights: Path) -> None:
     bad = [k for k in ("elbo", "recon", "kl", "iw_nll") if not math.isfinite(float(metrics[k]))]
     bad += [k for k, t in blob["state_dict"].items() if not torch.isfinite(t).all()]
     if bad:
-        raise ValueError(
+        raise UserError(
             f"not registering {weights}: non-finite values in {', '.join(bad[:5])}; retrain "
             "(lower train.lr); the registry and the champion are unchanged"
         )

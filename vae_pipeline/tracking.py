@@ -21,6 +21,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from vae_pipeline.config import Config
+from vae_pipeline.errors import TransientError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +41,11 @@ def redact(value: Any) -> Any:
     return value
 
 
-class TrackingUnavailable(RuntimeError):
+class TrackingUnavailable(TransientError):
     """The MLflow tracking/registry store cannot be reached; raised before any work starts."""
 
 
-class TrackingAuthError(TrackingUnavailable):
+class TrackingAuthError(UserError):
     """The MLflow server refused this client's credentials (basic auth); retrying won't help."""
 
 
@@ -304,7 +305,7 @@ def reopen_run(uri: str, run_id: str) -> None:
     client = MlflowClient(tracking_uri=uri)
     run = client.get_run(run_id)  # raises, naming the run, when it was deleted
     if run.info.lifecycle_stage == "deleted":
-        raise RuntimeError(
+        raise UserError(
             f"MLflow run {run_id} was deleted; re-run the retrain with force=True (--force)"
         )
     if run.info.status in ("FAILED", "KILLED"):
@@ -343,12 +344,12 @@ def download_weights(uri: str, model_uri: str, dest: Path | None = None) -> Path
     if found:
         return found[0]
     if not any(p.is_file() for p in local.rglob("*")):
-        raise FileNotFoundError(
+        raise UserError(
             f"the artifacts of {model_uri} are missing: nothing at {_artifact_location(model_uri)}, "
             "where the registry says they are (the artifact store lost them, e.g. an in-memory S3 "
             "that was restarted); register the model again, or restore that store"
         )
-    raise FileNotFoundError(f"{model_uri} holds no {WEIGHTS_FILE}: not a vae-pipeline model")
+    raise UserError(f"{model_uri} holds no {WEIGHTS_FILE}: not a vae-pipeline model")
 
 
 def _artifact_location(model_uri: str) -> str:

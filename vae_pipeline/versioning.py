@@ -20,6 +20,7 @@ import yaml
 
 from vae_pipeline.config import Config
 from vae_pipeline.config.environment import s3_endpoint_url
+from vae_pipeline.errors import TransientError
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +28,9 @@ LOCAL_REMOTE = "local"
 S3_REMOTE = "s3"
 
 
-class VersioningError(RuntimeError):
-    """A DVC or git operation failed; the message carries DVC's own explanation."""
+class VersioningError(TransientError):
+    """A DVC or git operation failed; the message carries DVC's own explanation. Retried by
+    the flow: a push to a remote that did not answer may go through next time."""
 
 
 def dvc(args: list[str], workdir: Path, check: bool = True) -> subprocess.CompletedProcess:

@@ -11,13 +11,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from vae_pipeline.cli.parser import add_params_arguments
+from vae_pipeline.cli.parser import add_error_dir_argument, add_params_arguments, report_error
 from vae_pipeline.config import ConfigError, load_config
 from vae_pipeline.config.environment import tracking_uri
+from vae_pipeline.errors import PipelineError
 from vae_pipeline.logs import setup_logging
 from vae_pipeline.signals import die_with_parent
 from vae_pipeline.train import distributed
-from vae_pipeline.train.step import TrainingError
 from vae_pipeline.train.trainer import Trainer
 
 
@@ -30,6 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_params_arguments(p)
     p.add_argument("--out-dir", type=Path, default=None, help="default: train.out_dir")
     p.add_argument("--mlflow-run-id", default=None, help="MLflow run to log epochs into")
+    add_error_dir_argument(p)
     return p.parse_args(argv)
 
 
@@ -40,21 +41,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.params, args.overrides)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        report_error(exc, args.error_dir, distributed.read_env().rank)
         return 2
-    env, device = distributed.setup(cfg.train.device)
-    callbacks = ()
-    if env.is_main and args.mlflow_run_id:
-        from vae_pipeline.tracking import EpochLogger
-
-        callbacks = (EpochLogger(tracking_uri(cfg), args.mlflow_run_id),)
+    env = distributed.read_env()
     try:
+        env, device = distributed.setup(cfg.train.device)
+        callbacks = ()
+        if env.is_main and args.mlflow_run_id:
+            from vae_pipeline.tracking import EpochLogger
+
+            callbacks = (EpochLogger(tracking_uri(cfg), args.mlflow_run_id),)
         trainer = Trainer(
             cfg, args.out_dir or Path(cfg.train.out_dir), env, device, callbacks=callbacks
         )
         trainer.fit()
-    except TrainingError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except PipelineError as exc:
+        report_error(exc, args.error_dir, env.rank)
         return 1
     finally:
         distributed.teardown()

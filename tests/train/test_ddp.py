@@ -184,3 +184,31 @@ def test_a_nan_on_one_rank_stops_every_rank_with_the_step(prepared):
         assert "non-finite loss or gradient at epoch 1, step 2 " in message
         assert f"on rank {rank})" in message
     assert not (out / "checkpoint.pt").exists() and not (out / "model.pt").exists()
+
+
+@pytest.mark.slow
+def test_a_rank_error_reaches_the_user_as_one_line_without_tracebacks(prepared):
+    """`vae-pipeline train` (2 ranks) restarted on a truncated checkpoint.pt: the ranks' error
+    names the file, in one line that says where torchrun's own log is; no launcher or rank
+    traceback is printed (torchrun's FAILED block is in that log)."""
+    root, cfg = prepared
+    save_config(cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 1})}),
+                root / "faults.yaml")  # fmt: skip
+    cli = [sys.executable, "-m", "vae_pipeline.cli", "train", "--params", "faults.yaml"]
+    cli += ["--out-dir", "faulty"]
+    first = subprocess.run(cli, cwd=root, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    path = root / "faulty" / "checkpoint.pt"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    again = subprocess.run(
+        [*cli, "--set", "train.epochs=2"], cwd=root, capture_output=True, text=True, timeout=300
+    )
+    output = again.stdout + again.stderr
+    assert again.returncode == 1, output[-3000:]
+    assert "Traceback" not in output and "ChildFailedError" not in output, output[-3000:]
+    errors = [line for line in again.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, output[-3000:]
+    assert errors[0].startswith("vae-pipeline train: error: ")
+    assert str(Path("faulty") / "checkpoint.pt") in errors[0] and "cannot be read" in errors[0]
+    assert "torchrun's log: faulty/torchrun.log" in errors[0]
+    assert "Root Cause" in (root / "faulty" / "torchrun.log").read_text()

@@ -215,7 +215,7 @@ def test_mid_epoch_checkpoint_resumes_to_exactly_the_same_weights(prepared, tmp_
     torch.manual_seed(12345)  # a restarted process starts with other global RNG states
     restarted = Trainer(cfg, tmp_path / "crashed", workdir=prepared)
     history = restarted.fit()
-    assert restarted.global_step == straight.global_step == 8
+    assert restarted.progress.global_step == straight.progress.global_step == 8
     for (name, x), y in zip(
         straight.model.state_dict().items(), restarted.model.state_dict().values(), strict=True
     ):

@@ -29,6 +29,7 @@ from vae_pipeline.cli.registry_commands import (
 )
 from vae_pipeline.config import ConfigError, load_config
 from vae_pipeline.config.environment import apply_quiet_offline_defaults
+from vae_pipeline.errors import is_reported
 from vae_pipeline.logs import setup_logging
 from vae_pipeline.signals import exit_on_sigterm
 
@@ -72,21 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vae-pipeline {args.command}: stopped ({exc or 'interrupted'})", file=sys.stderr)
         return 130
     except Exception as exc:
-        if not _is_user_facing(exc):
+        if not is_reported(exc):  # a bug, or a library's own failure: its traceback
             raise
         print(f"vae-pipeline {args.command}: error: {exc}", file=sys.stderr)
         return 1
     return 0
-
-
-def _is_user_facing(exc: Exception) -> bool:
-    """Errors whose message already says what is wrong: print it, no traceback."""
-    known: tuple[type, ...] = (FileNotFoundError, ValueError, RuntimeError)
-    if "mlflow" in sys.modules:
-        from mlflow.exceptions import MlflowException
-
-        known += (MlflowException,)
-    return isinstance(exc, known)
 
 
 def entry() -> int:

@@ -6,6 +6,7 @@ import logging
 
 from vae_pipeline.cli.parser import CHAMPION_URI
 from vae_pipeline.config import Config
+from vae_pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ def cmd_sample(cfg: Config, args) -> None:
     from vae_pipeline.evaluate.estimator import prior_samples
 
     if args.n < 1 or args.temperature <= 0:
-        raise ValueError("--n must be >= 1 and --temperature > 0")
+        raise UserError("--n must be >= 1 and --temperature > 0")
     model, _ = _load(cfg, args.model)
     images = prior_samples(model, args.n, args.seed, _device(cfg), args.temperature)
     args.out.parent.mkdir(parents=True, exist_ok=True)

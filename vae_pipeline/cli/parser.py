@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 from vae_pipeline import __version__
@@ -58,6 +59,25 @@ def add_params_arguments(p: argparse.ArgumentParser) -> None:
         metavar="SECTION.KEY=VALUE",
         help="override one param, e.g. --set train.epochs=1 (repeatable)",
     )
+
+
+def add_error_dir_argument(p: argparse.ArgumentParser) -> None:
+    """--error-dir, for the torchrun workers: where a rank writes its one-line error."""
+    p.add_argument(
+        "--error-dir",
+        type=Path,
+        default=None,
+        help="write a pipeline error to DIR/rank<N>.txt for the launcher to report, instead "
+        "of printing it (vae-pipeline's own launcher sets this)",
+    )
+
+
+def report_error(exc: BaseException, error_dir: Path | None, rank: int) -> None:
+    """A rank's pipeline error: into `error_dir` for the launcher, else one line on stderr."""
+    if error_dir is None:
+        print(f"error: {exc}", file=sys.stderr)
+        return
+    Path(error_dir, f"rank{rank}.txt").write_text(" ".join(str(exc).split("\n")))
 
 
 def _model_arg(p: argparse.ArgumentParser, default_help: str) -> None:

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from vae_pipeline.config import Config
+from vae_pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -93,5 +94,5 @@ def cmd_deploy(cfg: Config, args) -> None:
     print(f"start a worker: prefect worker start --pool {o.work_pool}")
 
 
-class DeployMismatch(RuntimeError):
+class DeployMismatch(UserError):
     """prefect.yaml is stale."""

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from vae_pipeline.config import Config
+from vae_pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +21,7 @@ def cmd_register(cfg: Config, args) -> None:
     weights = model_dir / "model.pt" if model_dir.is_dir() else model_dir
     metrics_path = Path(cfg.evaluate.reports_dir) / "metrics.json"
     if not metrics_path.is_file():
-        raise FileNotFoundError(f"{metrics_path} not found: run `vae-pipeline evaluate` first")
+        raise UserError(f"{metrics_path} not found: run `vae-pipeline evaluate` first")
     metrics = json.loads(metrics_path.read_text())
     meta = load(weights)
     uri = tracking_uri(cfg)

@@ -30,6 +30,7 @@ from vae_pipeline.config.sections import (
     TrainConfig,
     floor_metrics,
 )
+from vae_pipeline.errors import UserError
 
 __all__ = [
     "DEFAULT_PARAMS",
@@ -45,7 +46,7 @@ __all__ = [
 DEFAULT_PARAMS = Path("params.yaml")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A params file or override that cannot be used; the message names the field."""
 
 

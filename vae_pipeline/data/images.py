@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from vae_pipeline.errors import UserError
+
 # Pillow decodes each of these (a GIF's first frame; TIFF's 16-bit modes are scaled to 8 bits)
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default limit (about 0.25 GB for 24-bit RGB)
@@ -30,7 +32,7 @@ _DECODE_ERRORS = (
 )
 
 
-class BadImage(ValueError):
+class BadImage(UserError):
     """An image file that cannot be decoded (corrupt, truncated, empty, too large, not an image)."""
 
 

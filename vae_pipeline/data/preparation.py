@@ -286,6 +286,72 @@ def _require_train_and_test(counts: dict[str, int], raw: Path) -> None:
             )
 
 
+def _require_raw(cfg: Config, raw: Path) -> None:
+    if raw.is_dir():
+        return
+    pointer = raw.with_name(raw.name + ".dvc")
+    how = (
+        f"`dvc pull {cfg.data.raw_dir.rstrip('/')}.dvc` fetches the data version it names"
+        if pointer.is_file()
+        else "`vae-pipeline ingest` snapshots data.source, or `vae-pipeline lineage VERSION "
+        "--restore` then `dvc pull` brings a registered version's data"
+    )
+    raise DataError(f"raw data folder {raw} does not exist: {how}")
+
+
+_Index = dict[str, list[tuple[str, str, int]]]  # split -> (source, sha256, label) per row
+# what staging a snapshot gives: (index, label names, content box, bad images, duplicates)
+_Staged = tuple[_Index, list[str], list[int] | None, list[str], list[dict]]
+
+
+def _stage_idx(cfg: Config, raw: Path, staging: Path, shape: tuple[int, int, int]) -> _Staged:
+    """An IDX snapshot (Fashion-MNIST's or an idx: one): its split images, saved in staging."""
+    from vae_pipeline.data.fixed_sources import IDX_DIR
+
+    if (raw / IDX_DIR).is_dir():
+        rows, label_names, _ = _load_idx(cfg, raw / IDX_DIR)
+    else:
+        rows, label_names, _ = _load_fashion_mnist(cfg, raw)
+    box = content_box(int(read_idx_side(raw)), cfg.data.image_size)
+    rows = {s: r[: cfg.data.limit] for s, r in rows.items()} if cfg.data.limit else rows
+    _require_train_and_test({s: len(r) for s, r in rows.items()}, raw)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for split in SPLITS:
+        items = rows[split]
+        images = np.stack([r[0] for r in items]) if items else np.zeros((0, *shape), np.uint8)
+        np.save(staging / f"{split}_images.npy", images)
+    index = {s: [(src, digest, label) for _, label, src, digest in rows[s]] for s in SPLITS}
+    return index, label_names, box, [], []
+
+
+def _stage_folder(cfg: Config, raw: Path, staging: Path, shape: tuple[int, int, int]) -> _Staged:
+    """A folder snapshot: planned by hash, then decoded into staging (bad images left out)."""
+    plan, label_names, duplicates = _plan_folder(cfg, raw)
+    plan = {s: p[: cfg.data.limit] for s, p in plan.items()} if cfg.data.limit else plan
+    _require_train_and_test({s: len(p) for s, p in plan.items()}, raw)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    kept, box = _decode_into(cfg, plan, staging, shape)
+    kept_rels = {i.rel for items in kept.values() for i in items}
+    bad = [i.rel for s in SPLITS for i in plan[s] if i.rel not in kept_rels]
+    _require_train_and_test({s: len(k) for s, k in kept.items()}, raw)
+    index = {s: [(i.rel, i.digest, i.label) for i in kept[s]] for s in SPLITS}
+    return index, label_names, box, bad, duplicates
+
+
+def _write_index(staging: Path, index: _Index) -> None:
+    """index.csv (one line per image) and the {split}_labels.npy arrays."""
+    with open(staging / "index.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["split", "row", "source", "sha256", "label"])
+        for split in SPLITS:
+            labels = np.asarray([label for _, _, label in index[split]], dtype=np.int64)
+            np.save(staging / f"{split}_labels.npy", labels)
+            for row, (source, digest, label) in enumerate(index[split]):
+                writer.writerow([split, row, source, digest, label])
+
+
 def prepare(cfg: Config, workdir: Path = Path("."), data_version: str = "unversioned") -> dict:
     """Build the prepared splits from the raw snapshot; returns the manifest.
 
@@ -293,64 +359,18 @@ def prepare(cfg: Config, workdir: Path = Path("."), data_version: str = "unversi
     end: a failure (or a bad image under on_bad_image=fail) leaves the previous one as it was.
     """
     raw = (workdir / cfg.data.raw_dir).resolve()
-    if not raw.is_dir():
-        pointer = raw.with_name(raw.name + ".dvc")
-        how = (
-            f"`dvc pull {cfg.data.raw_dir.rstrip('/')}.dvc` fetches the data version it names"
-            if pointer.is_file()
-            else "`vae-pipeline ingest` snapshots data.source, or `vae-pipeline lineage VERSION "
-            "--restore` then `dvc pull` brings a registered version's data"
-        )
-        raise DataError(f"raw data folder {raw} does not exist: {how}")
-    limit = cfg.data.limit
+    _require_raw(cfg, raw)
     out = (workdir / cfg.data.prepared_dir).resolve()
     staging = out.with_name(out.name + ".staging")
     shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
-    bad: list[str] = []
-    duplicates: list[dict] = []
-    index: dict[str, list[tuple[str, str, int]]] = {}  # split -> (source, sha256, label) per row
     try:
         # the layout of the snapshot, not data.source, decides (ingest may have had --source)
         from vae_pipeline.data.fixed_sources import IDX_DIR
 
-        box = None
-        if (raw / "FashionMNIST").is_dir() or (raw / IDX_DIR).is_dir():
-            if (raw / IDX_DIR).is_dir():
-                rows, label_names, _ = _load_idx(cfg, raw / IDX_DIR)
-            else:
-                rows, label_names, _ = _load_fashion_mnist(cfg, raw)
-            side = int(read_idx_side(raw))
-            box = content_box(side, cfg.data.image_size)
-            rows = {s: r[:limit] for s, r in rows.items()} if limit else rows
-            _require_train_and_test({s: len(r) for s, r in rows.items()}, raw)
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-            for split in SPLITS:
-                items = rows[split]
-                images = (
-                    np.stack([r[0] for r in items]) if items else np.zeros((0, *shape), np.uint8)
-                )
-                np.save(staging / f"{split}_images.npy", images)
-                index[split] = [(source, digest, label) for _, label, source, digest in items]
-        else:
-            plan, label_names, duplicates = _plan_folder(cfg, raw)
-            plan = {s: p[:limit] for s, p in plan.items()} if limit else plan
-            _require_train_and_test({s: len(p) for s, p in plan.items()}, raw)
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-            kept, box = _decode_into(cfg, plan, staging, shape)
-            kept_rels = {i.rel for items in kept.values() for i in items}
-            bad = [i.rel for s in SPLITS for i in plan[s] if i.rel not in kept_rels]
-            _require_train_and_test({s: len(k) for s, k in kept.items()}, raw)
-            index = {s: [(i.rel, i.digest, i.label) for i in kept[s]] for s in SPLITS}
-        with open(staging / "index.csv", "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["split", "row", "source", "sha256", "label"])
-            for split in SPLITS:
-                labels = np.asarray([label for _, _, label in index[split]], dtype=np.int64)
-                np.save(staging / f"{split}_labels.npy", labels)
-                for row, (source, digest, label) in enumerate(index[split]):
-                    writer.writerow([split, row, source, digest, label])
+        is_idx = (raw / "FashionMNIST").is_dir() or (raw / IDX_DIR).is_dir()
+        stage = _stage_idx if is_idx else _stage_folder
+        index, label_names, box, bad, duplicates = stage(cfg, raw, staging, shape)
+        _write_index(staging, index)
         manifest = {
             "data_version": data_version,
             "source": snapshot_source_of(cfg, workdir),

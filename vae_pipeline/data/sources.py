@@ -157,10 +157,11 @@ def _previous_limit(old: Path) -> float:
     return float(value) if isinstance(value, int) else float("inf")
 
 
-def _fill_images(cfg: Config, kind: str, source: str, staging: Path, old: Path) -> IngestReport:
-    """Fetch the source's images into staging/images, reusing unchanged files from `old`."""
-    report = IngestReport(source=source, kind=kind, raw_dir=cfg.data.raw_dir)
-    unsafe: list[dict] = []
+def _source_entries(
+    kind: str, source: str, report: IngestReport, unsafe: list[dict]
+) -> Iterator[Entry]:
+    """The entries of a folder, archive or S3 source (read lazily, as they are fetched);
+    unsafe ones go to `unsafe`, a folder's files that are not images to `report.ignored`."""
     if kind == "folder":
         src = Path(source)
         if not src.is_dir():
@@ -182,8 +183,15 @@ def _fill_images(cfg: Config, kind: str, source: str, staging: Path, old: Path) 
         entries = zip_entries(src, unsafe) if zipped else tar_entries(src, unsafe)
     else:
         entries = s3_entries(source, unsafe)
+    return entries
 
-    images = staging / "images"
+
+def _fetch_entries(
+    entries: Iterator[Entry], kind: str, source: str, images: Path, old: Path, report: IngestReport
+) -> tuple[set[str], list[tuple[str, Path]], list[tuple[str, Path]]]:
+    """Put each entry (the first of a repeated path) in `images`: linked from `old` when
+    unchanged, else fetched (S3 objects several at a time). Returns the paths seen and the
+    (path, file) pairs fetched and reused; counts the reused in `report`."""
     fetched: list[tuple[str, Path]] = []
     reused: list[tuple[str, Path]] = []
     downloads: list[tuple[Entry, Path]] = []
@@ -214,15 +222,14 @@ def _fill_images(cfg: Config, kind: str, source: str, staging: Path, old: Path) 
         for entry, dest in downloads:
             os.utime(dest, (entry.mtime, entry.mtime))
             fetched.append((entry.rel, dest))
+    return seen, fetched, reused
 
-    if not seen:
-        what = "archive" if kind == "archive" else "data source"
-        raise NoImages(
-            f"{what} {source} holds no images (looked for "
-            f"{' '.join(sorted(IMAGE_EXTENSIONS))}, recursively)"
-            + (f"; {len(unsafe)} unsafe entries were refused" if unsafe else "")
-        )
 
+def _bad_images(
+    cfg: Config, fetched: list[tuple[str, Path]], reused: list[tuple[str, Path]], old: Path
+) -> list[dict]:
+    """Every fetched file decoded in full (in worker processes), and the reused ones re-checked
+    when data.max_image_pixels is stricter than the old snapshot's: the unusable, with why."""
     checks = map_in_pool(
         check_worker,
         [(str(dest), cfg.data.max_image_pixels) for _, dest in fetched],
@@ -230,15 +237,21 @@ def _fill_images(cfg: Config, kind: str, source: str, staging: Path, old: Path) 
         "check",
     )
     limit = cfg.data.max_image_pixels
-    report.max_image_pixels = limit
     problems = list(zip(fetched, checks, strict=True))
     if limit < _previous_limit(old):  # carried-over files passed a looser rule: re-check sizes
         problems += [((rel, dest), pixel_check(dest, limit)) for rel, dest in reused]
-    bad = [
+    return [
         {"path": rel, "reason": problem.removeprefix(f"{dest}: ").replace(str(dest), rel)}
         for (rel, dest), problem in problems
         if problem is not None
     ]
+
+
+def _leave_out(
+    cfg: Config, source: str, images: Path, unsafe: list[dict], bad: list[dict]
+) -> list[dict]:
+    """data.on_bad_image: stop before anything is written (fail), or delete the bad files and
+    log each file left out (skip). Returns the skipped (unsafe, then bad)."""
     skipped = unsafe + bad
     if skipped and cfg.data.on_bad_image == "fail":
         listing = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:10])
@@ -252,6 +265,36 @@ def _fill_images(cfg: Config, kind: str, source: str, staging: Path, old: Path) 
         log.warning("skipping %s: %s", item["path"], item["reason"])
     for item in unsafe:
         log.warning("skipping %s: %s", item["path"], item["reason"])
+    return skipped
+
+
+def _removed_count(old: Path, images: Path) -> int:
+    """The old snapshot's images that the new one no longer has (0 without an old one)."""
+    old_images = old / "images"
+    if not old_images.is_dir():
+        return 0
+    return sum(
+        1 for p in list_images(old_images) if not (images / p.relative_to(old_images)).exists()
+    )
+
+
+def _fill_images(cfg: Config, kind: str, source: str, staging: Path, old: Path) -> IngestReport:
+    """Fetch the source's images into staging/images, reusing unchanged files from `old`."""
+    report = IngestReport(source=source, kind=kind, raw_dir=cfg.data.raw_dir)
+    unsafe: list[dict] = []
+    entries = _source_entries(kind, source, report, unsafe)
+    images = staging / "images"
+    seen, fetched, reused = _fetch_entries(entries, kind, source, images, old, report)
+    if not seen:
+        what = "archive" if kind == "archive" else "data source"
+        raise NoImages(
+            f"{what} {source} holds no images (looked for "
+            f"{' '.join(sorted(IMAGE_EXTENSIONS))}, recursively)"
+            + (f"; {len(unsafe)} unsafe entries were refused" if unsafe else "")
+        )
+    report.max_image_pixels = cfg.data.max_image_pixels
+    bad = _bad_images(cfg, fetched, reused, old)
+    skipped = _leave_out(cfg, source, images, unsafe, bad)
     report.skipped = skipped
     bad_reused = {item["path"] for item in bad} & {rel for rel, _ in reused}
     report.reused -= len(bad_reused)
@@ -262,11 +305,7 @@ def _fill_images(cfg: Config, kind: str, source: str, staging: Path, old: Path) 
             f"data source {source} holds no usable images ({len(skipped)} unusable): see the "
             "reasons above"
         )
-    old_images = old / "images"
-    if old_images.is_dir():
-        report.removed = sum(
-            1 for p in list_images(old_images) if not (images / p.relative_to(old_images)).exists()
-        )
+    report.removed = _removed_count(old, images)
     return report
 
 

@@ -12,9 +12,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from vae_pipeline.config.sections import MonitorConfig
+from vae_pipeline.errors import UserError
 
 
-class MonitorError(RuntimeError):
+class MonitorError(UserError):
     """The monitor cannot score: no champion, no reference, or no usable source."""
 
 

@@ -43,9 +43,9 @@ def per_example(
     metric = cfg.promotion.metric
     uses = stored_uses(tags, ukey)
     # A version tagged as trained without another class cannot be compared on the uses: no
-    # re-evaluation for them (versions from before the tag are re-measured to find out).
+    # re-evaluation for them.
     wanted = None if ukey is None else ukey.split("|", 1)[0].removeprefix("holdout=")
-    other_class = "holdout_class" in tags and tags["holdout_class"] != wanted
+    other_class = tags.get("holdout_class") != wanted
     comparable = ukey is None or uses is not None or other_class
     if tags.get("eval_key") == key and mv.run_id and comparable:
         try:

@@ -27,13 +27,14 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from vae_pipeline.config import Config
+from vae_pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 
 LOCK_SUFFIX = "--promotion-lock"
 
 
-class PromotionError(RuntimeError):
+class PromotionError(UserError):
     """A promotion, rollback or lock that cannot proceed; the message says what to do."""
 
 

@@ -24,6 +24,7 @@ from vae_pipeline.registry.versions import (
     current_eval_key,
     current_uses_key,
     default_actor,
+    model_version,
 )
 from vae_pipeline.tracking import client_for
 
@@ -55,60 +56,77 @@ def promote_if_better(
     name = cfg.registry.model_name
     client = client_for(uri)
     actor = actor or default_actor()
-    candidate = client.get_model_version(name, str(version))
-    ctags = candidate.tags or {}
-    if "eval_key" not in ctags:
-        raise PromotionError(
-            f"{name} v{version} carries no evaluation tags (eval_key): it was not registered by "
-            "vae-pipeline; evaluate and register it with `vae-pipeline register`"
-        )
-    # Pair on the evaluation this config would run now, on this workdir's test split; a
-    # candidate evaluated otherwise is re-evaluated too. Without prepared data, its own.
-    key = current_eval_key(cfg, workdir) or ctags["eval_key"]
-    ukey = (
-        (current_uses_key(cfg, workdir) or ctags.get("uses_key")) if cfg.promotion.floors else None
-    )
+    candidate = _evaluated_candidate(client, name, version)
+    key, ukey = _pairing_keys(cfg, workdir, candidate.tags or {})
     cand = per_example(cfg, uri, candidate, workdir, key, ukey)
-    cand_values, cand_active = cand.values, cand.active_units
     for _attempt in range(5):
         incumbent = champion(client, name)
         if incumbent is not None and str(incumbent.version) == str(version):
             return Decision(
-                True, "already champion", float(cand_values.mean()), candidate_version=str(version)
+                True, "already champion", float(cand.values.mean()), candidate_version=str(version)
             )
-        champ, champ_values, source = None, None, None
-        mismatch = incumbent is not None and _likelihood(incumbent) != _likelihood(candidate)
-        if incumbent is not None and not mismatch:
+        champ = None  # the champion's evidence: none to compare with when nats differ
+        if incumbent is not None and not _likelihoods_differ(candidate, incumbent):
             champ = per_example(cfg, uri, incumbent, workdir, key, ukey)
-            champ_values, source = champ.values, champ.source
         with promotion_lock(client, name, cfg, actor) as lock:
             now = champion(client, name)
             if (now and str(now.version)) != (incumbent and str(incumbent.version)):
                 log.info("the champion moved while gathering evidence; gathering it again")
                 continue
-            if mismatch:
-                result = gate.GateResult(
-                    False,
-                    f"likelihoods differ (candidate {_likelihood(candidate)}, champion "
-                    f"v{incumbent.version} {_likelihood(incumbent)}): their nats are not "
-                    "comparable; to switch anyway: vae-pipeline rollback --to "
-                    f"{version} --reason ...",
-                    float(cand_values.mean()),
-                )
-            else:
-                result = gate.decide(cand_values, champ_values, cand_active, cfg.promotion)
-                if result.promoted and champ is not None:
-                    result = _with_floors(cfg, result, cand.uses, champ.uses, champ.active_units)
-            decision = Decision(
-                **asdict(result),
-                candidate_version=str(version),
-                champion_version=None if incumbent is None else str(incumbent.version),
-                champion_evidence=source,
-            )
+            decision = _decide(cfg, version, candidate, incumbent, cand, champ)
             lock.check()  # still ours: not broken as stale while the gate ran
             _apply(client, name, cfg, decision, candidate, incumbent, actor)
             return decision
     raise PromotionError(f"the {name} champion kept moving during promotion of v{version}; retry")
+
+
+def _evaluated_candidate(client, name: str, version: str):
+    """The registered version to gate: one vae-pipeline evaluated (it has an eval_key tag)."""
+    candidate = model_version(client, name, version)
+    if "eval_key" not in (candidate.tags or {}):
+        raise PromotionError(
+            f"{name} v{version} carries no evaluation tags (eval_key): it was not registered by "
+            "vae-pipeline; evaluate and register it with `vae-pipeline register`"
+        )
+    return candidate
+
+
+def _pairing_keys(cfg: Config, workdir: Path, ctags: dict) -> tuple[str, str | None]:
+    """The evaluation (and, with promotion.floors, the uses) both sides are compared on.
+
+    Pair on the evaluation this config would run now, on this workdir's test split; a
+    candidate evaluated otherwise is re-evaluated too. Without prepared data, its own.
+    """
+    key = current_eval_key(cfg, workdir) or ctags["eval_key"]
+    ukey = (
+        (current_uses_key(cfg, workdir) or ctags.get("uses_key")) if cfg.promotion.floors else None
+    )
+    return key, ukey
+
+
+def _decide(cfg: Config, version: str, candidate, incumbent, cand, champ) -> Decision:
+    """The gate (and floors) on the gathered evidence: `champ` is the incumbent's, None when
+    there is no champion or the likelihoods differ. Reads nothing from the registry."""
+    if incumbent is not None and _likelihoods_differ(candidate, incumbent):
+        result = gate.GateResult(
+            False,
+            f"likelihoods differ (candidate {_likelihood(candidate)}, champion "
+            f"v{incumbent.version} {_likelihood(incumbent)}): their nats are not "
+            "comparable; to switch anyway: vae-pipeline rollback --to "
+            f"{version} --reason ...",
+            float(cand.values.mean()),
+        )
+    else:
+        champ_values = None if champ is None else champ.values
+        result = gate.decide(cand.values, champ_values, cand.active_units, cfg.promotion)
+        if result.promoted and champ is not None:
+            result = _with_floors(cfg, result, cand.uses, champ.uses, champ.active_units)
+    return Decision(
+        **asdict(result),
+        candidate_version=str(version),
+        champion_version=None if incumbent is None else str(incumbent.version),
+        champion_evidence=None if champ is None else champ.source,
+    )
 
 
 def _with_floors(
@@ -147,6 +165,11 @@ def _with_floors(
 def _likelihood(mv) -> str:
     """The version's p(x|z); versions registered before the tag existed are Bernoulli."""
     return (mv.tags or {}).get("likelihood", "bernoulli")
+
+
+def _likelihoods_differ(candidate, incumbent) -> bool:
+    """Their nats are not comparable: the gate cannot pair them."""
+    return _likelihood(incumbent) != _likelihood(candidate)
 
 
 def _apply(client, name, cfg: Config, d: Decision, candidate, incumbent, actor: str) -> None:
@@ -208,39 +231,10 @@ def rollback(
     if not reason.strip():
         raise PromotionError("rollback needs a --reason: it is recorded in the history")
     with promotion_lock(client, name, cfg, actor) as lock:
-        current = champion(client, name)
-        if current is None:
-            raise PromotionError(f"{name} has no champion to roll back")
-        if to_version is None:
-            target = alias_version(client, name, PREVIOUS)
-            if target is None:
-                raise PromotionError(
-                    f"{name} has no previous-champion alias; pass --to VERSION to choose one"
-                )
-        else:
-            target = client.get_model_version(name, str(to_version))
-        if str(target.version) == str(current.version):
-            raise PromotionError(f"{name} v{target.version} is already the champion")
-        if to_version is not None:
-            # A chosen version: the champion it replaces is the one to come back to.
-            before = str(current.version)
-        else:
-            # Walking back: what preceded the restored champion, per the history.
-            before = None
-            for event in reversed(history(client, name)):
-                if event.get("action") == "promote" and event.get("version") == str(target.version):
-                    before = event.get("from_champion")
-                    break
+        current, target = _rollback_sides(client, name, to_version)
+        before = _previous_after_rollback(client, name, current, target, to_version)
         lock.check()
-        client.set_registered_model_alias(name, CHAMPION, str(target.version))
-        if before and before != str(target.version):
-            client.set_registered_model_alias(name, PREVIOUS, before)
-        elif alias_version(client, name, PREVIOUS) is not None:
-            client.delete_registered_model_alias(name, PREVIOUS)
-        held = alias_version(client, name, CHALLENGER)
-        if held is not None and str(held.version) == str(target.version):
-            client.delete_registered_model_alias(name, CHALLENGER)
-        client.set_model_version_tag(name, str(current.version), "rolled_back_at", utc_now())
+        _restore(client, name, current, target, before)
         metric = cfg.promotion.metric
         return record_event(
             client,
@@ -257,6 +251,52 @@ def rollback(
                 "champion": event_side(current, metric),
             },
         )
+
+
+def _rollback_sides(client, name: str, to_version: str | None) -> tuple:
+    """(the current champion, the version to restore): previous-champion, or `to_version`."""
+    current = champion(client, name)
+    if current is None:
+        raise PromotionError(f"{name} has no champion to roll back")
+    if to_version is None:
+        target = alias_version(client, name, PREVIOUS)
+        if target is None:
+            raise PromotionError(
+                f"{name} has no previous-champion alias; pass --to VERSION to choose one"
+            )
+    else:
+        target = model_version(client, name, to_version)
+    if str(target.version) == str(current.version):
+        raise PromotionError(f"{name} v{target.version} is already the champion")
+    return current, target
+
+
+def _previous_after_rollback(
+    client, name: str, current, target, to_version: str | None
+) -> str | None:
+    """The version previous-champion names once `target` is restored (None: no alias)."""
+    if to_version is not None:
+        # A chosen version: the champion it replaces is the one to come back to.
+        return str(current.version)
+    # Walking back: what preceded the restored champion, per the history.
+    for event in reversed(history(client, name)):
+        if event.get("action") == "promote" and event.get("version") == str(target.version):
+            return event.get("from_champion")
+    return None
+
+
+def _restore(client, name: str, current, target, before: str | None) -> None:
+    """The rollback's alias moves (champion, previous-champion, a restored challenger's alias)
+    and the rolled_back_at tag on the champion it replaces."""
+    client.set_registered_model_alias(name, CHAMPION, str(target.version))
+    if before and before != str(target.version):
+        client.set_registered_model_alias(name, PREVIOUS, before)
+    elif alias_version(client, name, PREVIOUS) is not None:
+        client.delete_registered_model_alias(name, PREVIOUS)
+    held = alias_version(client, name, CHALLENGER)
+    if held is not None and str(held.version) == str(target.version):
+        client.delete_registered_model_alias(name, CHALLENGER)
+    client.set_model_version_tag(name, str(current.version), "rolled_back_at", utc_now())
 
 
 def decision_dict(decision: Decision) -> dict:

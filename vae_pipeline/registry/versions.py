@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from vae_pipeline.config import Config
 from vae_pipeline.data.dataset import PreparedSplit, resolve_label
 from vae_pipeline.data.errors import DataError
+from vae_pipeline.errors import UserError
 from vae_pipeline.evaluate.downstream import uses_key
 from vae_pipeline.evaluate.estimator import EVAL_PROTOCOL, METRIC_KEYS
 from vae_pipeline.tracking import client_for
@@ -134,6 +135,19 @@ def register(uri: str, name: str, model_uri: str, run_id: str, tags: dict[str, s
         ).version
         log.info("registered %s version %s", name, version)
     return str(version)
+
+
+def model_version(client: MlflowClient, name: str, version: str | int):
+    """Version `version` of `name`; one that does not exist is a UserError naming it."""
+    try:
+        return client.get_model_version(name, str(version))
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise UserError(
+            f"{name} has no version {version}: `vae-pipeline history` lists its alias moves, "
+            "the MLflow UI its versions"
+        ) from None
 
 
 def alias_version(client: MlflowClient, name: str, alias: str):

@@ -8,10 +8,11 @@ from typing import Any
 
 import torch
 
+from vae_pipeline.errors import UserError
 from vae_pipeline.model import ConvVAE
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint or model file that exists but cannot be read; the message names it."""
 
 
@@ -52,7 +53,7 @@ def remove_stale_temp_files(folder: Path) -> list[Path]:
 
 def load(path: Path) -> dict[str, Any]:
     if not Path(path).is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}: train first (vae-pipeline train)")
+        raise CheckpointError(f"no checkpoint at {path}: train first (vae-pipeline train)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated, overwritten, not a torch file: one message for all
@@ -78,7 +79,7 @@ def save_model(model: ConvVAE, path: Path, **metadata: Any) -> None:
     Refuses non-finite weights: such a model must never reach evaluation or the registry."""
     bad = [name for name, t in model.state_dict().items() if not torch.isfinite(t).all()]
     if bad:
-        raise ValueError(
+        raise CheckpointError(
             f"refusing to write {path}: non-finite values in {', '.join(bad[:5])}; "
             "the previous file, if any, is left as it was"
         )

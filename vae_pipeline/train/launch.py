@@ -3,6 +3,12 @@ modules are `vae_pipeline.worker` (training) and `vae_pipeline.eval_worker` (eva
 
 The effective config (params.yaml plus overrides) is written to `<out_dir>/config.yaml` and every
 rank reads that file, so all ranks, and a torchrun restart, train with the same values.
+
+torchrun runs through `vae_pipeline.agent`, which keeps the agent's own log (and its failure
+traceback) in `<out_dir>/torchrun.log`. A rank that stops on one of the pipeline's errors writes
+its message into a folder the launcher gives it; the launcher raises that message, naming the
+log, so the user reads one line. A rank that crashed prints its own traceback, and the launcher
+says so.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ log = logging.getLogger(__name__)
 
 WORKER_MODULE = "vae_pipeline.worker"
 EVAL_WORKER_MODULE = "vae_pipeline.eval_worker"
+AGENT_MODULE = "vae_pipeline.agent"
 
 
 def torchrun_env() -> dict[str, str]:
@@ -66,6 +73,20 @@ def torchrun_command(
         *topology, f"--nproc-per-node={nproc_per_node}",
         "-m", module, "--params", str(config_path), *worker_args,
     ]  # fmt: skip
+
+
+def agent_command(cmd: list[str], log_path: Path) -> list[str]:
+    """A `torchrun_command` run by `vae_pipeline.agent`, its own log in `log_path`."""
+    head = [sys.executable, "-m", "torch.distributed.run"]
+    if cmd[: len(head)] != head:
+        raise ValueError(f"not a torchrun command: {cmd[:3]}")
+    return [sys.executable, "-m", AGENT_MODULE, "--log", str(log_path), "--", *cmd[len(head) :]]
+
+
+def reported_errors(error_dir: Path) -> list[str]:
+    """The messages that ranks wrote into `error_dir` (`rank<N>.txt`), lowest rank first."""
+    files = sorted(Path(error_dir).glob("rank*.txt"), key=lambda f: int(f.stem[4:] or 0))
+    return [f"{f.read_text().strip()} (rank {f.stem[4:]})" for f in files if f.read_text().strip()]
 
 
 def run_torchrun(cmd: list[str], workdir: Path, env: dict | None = None) -> int:
@@ -123,29 +144,45 @@ def launch(
     # One file per node (nodes may share out_dir), written whole before torchrun reads it.
     node = f"-{os.uname().nodename}-{os.getpid()}" if tc.nnodes > 1 else ""
     config_path = save_config(cfg, (workdir / out_dir) / f"config{node}.yaml")
-    cmd = torchrun_command(
-        config_path.resolve(),
-        tc.nproc_per_node,
-        ["--out-dir", str(out_dir), *worker_args],
-        topology=rendezvous_args(tc),
-    )
-    log.info(
-        "launching %d rank(s) on this node of %d: %s",
-        tc.nproc_per_node,
-        tc.nnodes,
-        " ".join(cmd[2:]),
-    )
-    try:
-        returncode = run_torchrun(cmd, workdir, torchrun_env())
-    finally:
-        if node:
-            config_path.unlink(missing_ok=True)
+    log_path = workdir / out_dir / f"torchrun{node}.log"
+    with tempfile.TemporaryDirectory(prefix="vae-rank-errors-") as errors:
+        cmd = torchrun_command(
+            config_path.resolve(),
+            tc.nproc_per_node,
+            ["--out-dir", str(out_dir), "--error-dir", errors, *worker_args],
+            topology=rendezvous_args(tc),
+        )
+        log.info(
+            "launching %d rank(s) on this node of %d: %s",
+            tc.nproc_per_node,
+            tc.nnodes,
+            " ".join(cmd[2:]),
+        )
+        try:
+            returncode = run_torchrun(
+                agent_command(cmd, log_path.resolve()), workdir, torchrun_env()
+            )
+        finally:
+            if node:
+                config_path.unlink(missing_ok=True)
+        reported = reported_errors(Path(errors))
     if returncode != 0:
+        message = failure_message("training", returncode, reported, log_path)
         raise TrainingError(
-            f"training failed (torchrun exit code {returncode}); the rank's error is "
-            f"printed above. {restart_hint(workdir / out_dir)}"
+            message if reported else f"{message}. {restart_hint(workdir / out_dir)}"
         )
     return workdir / out_dir / "model.pt"
+
+
+def failure_message(what: str, returncode: int, reported: list[str], log_path: Path) -> str:
+    """One line: the first rank's own error when one reported it, else that a rank crashed
+    (its traceback is above); with where the agent's log is."""
+    if reported:
+        return f"{reported[0]} (torchrun's log: {log_path})"
+    return (
+        f"{what} failed (torchrun exit code {returncode}): a rank crashed or was stopped; its "
+        f"traceback, if it printed one, is above (torchrun's log: {log_path})"
+    )
 
 
 def restart_hint(out_dir: Path) -> str:
@@ -163,15 +200,19 @@ def restart_hint(out_dir: Path) -> str:
 def launch_evaluation(cfg: Config, model_ref: str, workdir: Path = Path(".")) -> None:
     """Evaluate `model_ref` under torchrun with `evaluate.nproc_per_node` ranks, sharding the
     test examples; rank 0 writes the reports (the same numbers as one process)."""
+    log_path = workdir / cfg.evaluate.reports_dir / "torchrun.log"
     with tempfile.TemporaryDirectory(prefix="vae-eval-") as tmp:
         config_path = save_config(cfg, Path(tmp) / "config.yaml")
+        errors = Path(tmp, "errors")
+        errors.mkdir()
         cmd = torchrun_command(
-            config_path, cfg.evaluate.nproc_per_node, ["--model", model_ref], EVAL_WORKER_MODULE
+            config_path,
+            cfg.evaluate.nproc_per_node,
+            ["--model", model_ref, "--error-dir", str(errors)],
+            EVAL_WORKER_MODULE,
         )
         log.info("launching %d evaluation rank(s)", cfg.evaluate.nproc_per_node)
-        returncode = run_torchrun(cmd, workdir)
+        returncode = run_torchrun(agent_command(cmd, log_path.resolve()), workdir)
+        reported = reported_errors(errors)
     if returncode != 0:
-        raise RuntimeError(
-            f"evaluation failed (torchrun exit code {returncode}); the rank's error is "
-            "printed above"
-        )
+        raise TrainingError(failure_message("evaluation", returncode, reported, log_path))

@@ -3,7 +3,8 @@
 A checkpoint (at each epoch's end, and every `train.checkpoint_every` steps) holds the weights,
 Adam's state, the epoch and the step within it, the noise generator's state, the global RNG
 states (as tensors and plain values: it loads with `torch.load(weights_only=True)`) and the
-epoch's partial sums, with a fingerprint of the settings a resumed run must share.
+epoch's partial sums, with a fingerprint of the settings a resumed run must share. The
+Trainer's `Checkpointer` writes and loads it, and the final model.pt and history.json.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import random
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +21,9 @@ import numpy as np
 import torch
 
 from vae_pipeline.config import Config
-from vae_pipeline.config.sections import TrainConfig
 from vae_pipeline.train import checkpoint
-from vae_pipeline.train.distributed import barrier
-from vae_pipeline.train.step import TrainingError
+from vae_pipeline.train.distributed import DistEnv, all_reduce_sum, barrier
+from vae_pipeline.train.step import StepPlan, TrainingError
 from vae_pipeline.versioning import git_commit
 
 log = logging.getLogger(__name__)
@@ -49,8 +51,8 @@ def set_rng_states(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
-# Settings that change the trajectory, added after checkpoints already existed: part of the
-# fingerprint only when not at their default, so an older checkpoint still resumes.
+# Settings that change the trajectory besides the batch size, the learning rate, the seed and
+# the KL warm-up: a checkpoint resumes only under the same values.
 TRAJECTORY_SETTINGS = ("binarize", "objective", "iw_samples", "lr_schedule", "lr_min")
 
 
@@ -59,11 +61,8 @@ def resume_fingerprint(cfg: Config) -> dict:
     a cosine schedule spans them; the world size may change: the batches, the noise and the
     binarization do not depend on it)."""
     train = cfg.train.model_dump(
-        mode="json", include={"batch_size", "lr", "seed", "kl_warmup_steps"}
+        mode="json", include={"batch_size", "lr", "seed", "kl_warmup_steps", *TRAJECTORY_SETTINGS}
     )
-    for name in TRAJECTORY_SETTINGS:
-        if getattr(cfg.train, name) != TrainConfig.model_fields[name].default:
-            train[name] = getattr(cfg.train, name)
     if cfg.train.lr_schedule != "constant":
         train["epochs"] = cfg.train.epochs
     return {
@@ -82,27 +81,129 @@ def describe_checkpoint(state: dict) -> str:
     return f"epoch {state['epoch']}"
 
 
-class CheckpointMixin:
-    """The Trainer's files: the checkpoint (written and loaded) and, at the end, model.pt and
-    history.json (its attributes: cfg, env, model, optimizer, epoch, global_step, bad_steps,
-    history, data_version, plan, out_dir, workdir, holdout, train_set, iw_samples, device)."""
+@dataclass
+class Progress:
+    """How far a training is: what a checkpoint holds besides the weights, Adam's state and
+    the RNG states. The Trainer advances it; its Checkpointer saves and restores it."""
 
-    @property
-    def checkpoint_path(self) -> Path:
-        return self.out_dir / "checkpoint.pt"
+    epoch: int = 0  # completed epochs
+    global_step: int = 0  # optimizer steps taken (or skipped) so far, for the KL warm-up
+    bad_steps: int = 0  # skipped non-finite steps so far (train.max_bad_steps)
+    history: list[dict] = field(default_factory=list)  # one record per completed epoch
 
-    def _save_checkpoint(self, position: dict | None = None) -> None:
+
+@dataclass
+class EpochProgress:
+    """One epoch's running state on this rank. A mid-epoch checkpoint stores its `position`
+    (with the RNG states at the epoch's start), and a restart continues from that."""
+
+    rng: dict[str, Any]  # the global RNG states at the epoch's start
+    noise: torch.Generator  # the reparameterisation noise's generator
+    sums: torch.Tensor  # per-example sums (-ELBO, recon, KL, -objective), on the device
+    count: torch.Tensor  # images in the sums
+    skipped: int  # non-finite steps skipped in this epoch
+    t0: float  # when the epoch started (earlier by a resumed epoch's seconds so far)
+    seen: int = 0  # images this process trained on (for the rate it logs)
+    first_bad: torch.Tensor | None = None  # this rank's first non-finite step (stop mode)
+
+    @classmethod
+    def begin(
+        cls,
+        rng: dict[str, Any],
+        noise: torch.Generator,
+        device: torch.device,
+        resume: dict | None,
+        is_main: bool,
+    ) -> EpochProgress:
+        """A fresh epoch, or the rest of the one a mid-epoch checkpoint's `resume` left."""
+        sums = torch.zeros(4, dtype=torch.float64, device=device)
+        count = torch.zeros(1, dtype=torch.float64, device=device)
+        run = cls(rng, noise, sums, count, 0, time.perf_counter())
+        if resume:
+            noise.set_state(resume["noise"])
+            run.skipped = resume["skipped"]
+            run.t0 -= resume["seconds"]
+            if is_main:  # the partial sums are global: rank 0 carries them
+                sums += resume["sums"].to(device)
+                count += resume["count"]
+        run.first_bad = torch.tensor(-1, device=device)
+        return run
+
+    def add(self, batch_sums: torch.Tensor, images: int) -> None:
+        self.sums += batch_sums
+        self.count += images
+        self.seen += images
+
+    def note(self, step: int, finite: torch.Tensor) -> None:
+        """Stop mode: keep this rank's first non-finite step, on the device (no host sync)."""
+        first = self.first_bad
+        self.first_bad = torch.where(
+            (~finite) & (first < 0), torch.tensor(step, device=first.device), first
+        )
+
+    def position(self, step: int) -> dict:
+        """A mid-epoch checkpoint's position after `step` steps of the epoch, with the partial
+        sums over every rank (two all-reduces: every rank calls this)."""
+        return {
+            "step": step,
+            "noise": self.noise.get_state(),
+            "sums": all_reduce_sum(self.sums.clone()).cpu(),
+            "count": all_reduce_sum(self.count.clone()).item(),
+            "skipped": self.skipped,
+            "seconds": time.perf_counter() - self.t0,
+            "rng": self.rng,
+        }
+
+
+class Checkpointer:
+    """A training's files in `out_dir`: the checkpoint (written and loaded) and, at the end,
+    model.pt and history.json. The model, the optimizer and the progress are the trainer's
+    own objects: `load` restores them in place."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        env: DistEnv,
+        out_dir: Path,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        progress: Progress,
+        *,
+        plan: StepPlan,
+        data_version: str,
+        iw_samples: int,
+        holdout_class: str | None,
+        workdir: Path,
+        device: torch.device,
+    ):
+        self.cfg, self.env, self.out_dir = cfg, env, Path(out_dir)
+        self.model, self.optimizer, self.progress = model, optimizer, progress
+        self.plan, self.data_version, self.iw_samples = plan, data_version, iw_samples
+        # The class the model never saw (label name), or None: evaluation checks it.
+        self.holdout_class = holdout_class
+        self.workdir, self.device = Path(workdir), device
+        self.path = self.file(self.out_dir)
+        self.last = "none yet"  # what a restart would resume from, in words
+        if env.is_main and self.out_dir.is_dir():
+            for tmp in checkpoint.remove_stale_temp_files(self.out_dir):
+                log.info("removed %s, left by a write that died", tmp)
+
+    @staticmethod
+    def file(out_dir: Path) -> Path:
+        """The checkpoint of a training into `out_dir`."""
+        return Path(out_dir) / "checkpoint.pt"
+
+    def save(self, position: dict | None = None) -> None:
         """Rank 0 writes (atomically: a crash mid-write leaves the last one loadable); every
         rank waits for it, so a rank killed after this point resumes from here.
 
-        `position` marks a mid-epoch checkpoint: the step within epoch `self.epoch + 1`, the
-        noise generator's state, the RNG states at the epoch's start and the partial sums."""
+        `position` marks a mid-epoch checkpoint: the step within epoch `epoch + 1`, the noise
+        generator's state, the RNG states at the epoch's start and the partial sums."""
+        epoch = self.progress.epoch
         if self.env.is_main:
             if not all(torch.isfinite(p).all() for p in self.model.parameters()):
                 where = (
-                    f"epoch {self.epoch + 1}, step {position['step']}"
-                    if position
-                    else (f"epoch {self.epoch}")
+                    f"epoch {epoch + 1}, step {position['step']}" if position else f"epoch {epoch}"
                 )
                 raise TrainingError(
                     f"non-finite weights after {where}; no checkpoint written (the last one is "
@@ -112,55 +213,58 @@ class CheckpointMixin:
                 {
                     "model": self.model.state_dict(),
                     "optimizer": self.optimizer.state_dict(),
-                    "epoch": self.epoch,
-                    "global_step": self.global_step,
-                    "bad_steps": self.bad_steps,
+                    "epoch": epoch,
+                    "global_step": self.progress.global_step,
+                    "bad_steps": self.progress.bad_steps,
                     "position": position,
                     "rng": rng_states() if position is None else position.pop("rng"),
-                    "history": self.history,
+                    "history": self.progress.history,
                     "fingerprint": resume_fingerprint(self.cfg),
                     "data_version": self.data_version,
                     "step_plan": self.plan.as_dict(),
                 },
-                self.checkpoint_path,
+                self.path,
             )
         barrier()
         # every rank knows what a restart would resume from (for its error messages)
-        self.last_checkpoint = describe_checkpoint({"epoch": self.epoch, "position": position})
+        self.last = describe_checkpoint({"epoch": epoch, "position": position})
 
-    def _load_checkpoint(self) -> bool:
-        if not self.checkpoint_path.is_file():
-            return False
+    def load(self) -> dict | None:
+        """Resume from the checkpoint, if there is one: the weights, Adam's state, the progress
+        and the RNG states are restored in place. Returns a mid-epoch checkpoint's position
+        (where in epoch `progress.epoch + 1` to go on), else None."""
+        if not self.path.is_file():
+            return None
         try:
-            state = checkpoint.load(self.checkpoint_path)
+            state = checkpoint.load(self.path)
         except checkpoint.CheckpointError as exc:
             raise TrainingError(str(exc)) from None
         if state["fingerprint"] != resume_fingerprint(self.cfg):
             raise TrainingError(
-                f"checkpoint {self.checkpoint_path} was made with other data/model/train params; "
+                f"checkpoint {self.path} was made with other data/model/train params; "
                 "delete it or train into another out dir (--out-dir)"
             )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.epoch, self.history = state["epoch"], state["history"]
-        self.global_step = state.get("global_step", 0)
-        self.bad_steps = state.get("bad_steps", 0)
-        if state.get("rng"):
-            set_rng_states(state["rng"])
-        self._resume = state.get("position")
-        self.last_checkpoint = describe_checkpoint(state)
-        if self._resume:
+        progress = self.progress
+        progress.epoch, progress.history = state["epoch"], state["history"]
+        progress.global_step, progress.bad_steps = state["global_step"], state["bad_steps"]
+        set_rng_states(state["rng"])
+        position = state["position"]
+        self.last = describe_checkpoint(state)
+        if position:
             log.info(
                 "resumed from %s at epoch %d, step %d",
-                self.checkpoint_path,
-                self.epoch + 1,
-                self._resume["step"],
+                self.path,
+                progress.epoch + 1,
+                position["step"],
             )
         else:
-            log.info("resumed from %s after epoch %d", self.checkpoint_path, self.epoch)
-        return True
+            log.info("resumed from %s after epoch %d", self.path, progress.epoch)
+        return position
 
-    def _write_outputs(self) -> None:
+    def write_outputs(self) -> None:
+        """Rank 0 writes the final model.pt (with its lineage) and history.json."""
         if not self.env.is_main:
             return
         checkpoint.save_model(
@@ -169,14 +273,11 @@ class CheckpointMixin:
             data_version=self.data_version,
             params_hash=self.cfg.params_hash(),
             git_commit=git_commit(self.workdir),
-            epochs=self.epoch,
+            epochs=self.progress.epoch,
             train_binarize=self.cfg.train.binarize,
             objective=self.cfg.train.objective,
             iw_samples=self.iw_samples,
-            # The class the model never saw (label name), or None: evaluation checks it.
-            holdout_class=None
-            if self.holdout is None
-            else self.train_set.manifest["label_names"][self.holdout],
+            holdout_class=self.holdout_class,
         )
         self.model.to(self.device)
-        (self.out_dir / "history.json").write_text(json.dumps(self.history, indent=2))
+        (self.out_dir / "history.json").write_text(json.dumps(self.progress.history, indent=2))

@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from vae_pipeline.config import Config
 from vae_pipeline.config.sections import TrainConfig
 from vae_pipeline.elbo import iwae_terms, terms_from_outputs
+from vae_pipeline.errors import UserError
 from vae_pipeline.model import ConvVAE
 from vae_pipeline.train.distributed import DistEnv
 
@@ -59,7 +60,7 @@ class StepPlan:
         return cls(**{k: v for k, v in data.items() if k in fields}, how=how, detail=detail)
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError):
     """Training cannot go on (bad batch size, non-finite loss, incompatible checkpoint)."""
 
 

@@ -31,29 +31,18 @@ import torch
 from vae_pipeline.binarize import VALIDATION_STREAM, binarize
 from vae_pipeline.config import Config
 from vae_pipeline.data.dataset import PreparedSplit, to_unit_float
-from vae_pipeline.train import autotune, checkpoint
-from vae_pipeline.train.data import (
-    holdout_label,
-    training_data,
-)
+from vae_pipeline.train import autotune
+from vae_pipeline.train.data import holdout_label, training_data
 from vae_pipeline.train.distributed import DistEnv, all_reduce_sum, barrier
-from vae_pipeline.train.resume import (
-    CheckpointMixin,
-    rng_states,
-)
-from vae_pipeline.train.step import (
-    ElboPath,
-    TrainingError,
-    build_network,
-    learning_rate,
-)
+from vae_pipeline.train.resume import Checkpointer, EpochProgress, Progress, rng_states
+from vae_pipeline.train.step import ElboPath, TrainingError, build_network, learning_rate
 
 log = logging.getLogger(__name__)
 
 EpochCallback = Callable[[dict], None]
 
 
-class Trainer(CheckpointMixin):
+class Trainer:
     def __init__(
         self,
         cfg: Config,
@@ -64,8 +53,7 @@ class Trainer(CheckpointMixin):
         callbacks: tuple[EpochCallback, ...] = (),
     ):
         self.cfg, self.env, self.device = cfg, env, device
-        self.out_dir, self.workdir = Path(out_dir), Path(workdir)
-        self.callbacks = callbacks
+        self.out_dir, self.workdir, self.callbacks = Path(out_dir), Path(workdir), callbacks
         tc = cfg.train
         if tc.batch_size % (env.world_size * tc.grad_accum_steps):
             raise TrainingError(
@@ -79,15 +67,13 @@ class Trainer(CheckpointMixin):
         self.holdout = holdout_label(cfg, prepared)
         self.train_set = PreparedSplit(prepared, "train", self.holdout)
         self.val_set = PreparedSplit(prepared, "val", self.holdout)
-        self.data_version = self.train_set.manifest.get("data_version", "unversioned")
         if len(self.train_set) < tc.batch_size:
             raise TrainingError(
                 f"training split has {len(self.train_set)} images, fewer than "
                 f"train.batch_size={tc.batch_size}: lower the batch size or add data"
             )
-
         self.plan = autotune.plan_for_rank(
-            cfg, device, env, self.local_batch // tc.grad_accum_steps, self.checkpoint_path
+            cfg, device, env, self.local_batch // tc.grad_accum_steps, Checkpointer.file(out_dir)
         )
         torch.manual_seed(tc.seed)  # identical initial weights on every rank
         net = build_network(cfg, self.plan, device, env, self.train_set.manifest.get("content_box"))
@@ -96,18 +82,27 @@ class Trainer(CheckpointMixin):
         data = training_data(cfg, env, device, self.train_set, self.val_set)
         self.sampler, self.batches, self.val_data = data.sampler, data.batches, data.val_data
         self.data_reason = data.reason
-        self.epoch = 0  # completed epochs
-        self.global_step = 0  # optimizer steps taken (or skipped) so far, for the KL warm-up
-        self.bad_steps = 0  # skipped non-finite steps so far (train.max_bad_steps)
-        self.history: list[dict] = []
+        self.progress = Progress()  # epochs, steps and bad steps so far, the epochs' records
         self._resume: dict | None = None  # a mid-epoch checkpoint's position, until used
-        self.last_checkpoint = "none yet"  # what a restart would resume from, in words
-        if env.is_main and self.out_dir.is_dir():
-            for tmp in checkpoint.remove_stale_temp_files(self.out_dir):
-                log.info("removed %s, left by a write that died", tmp)
         self.steps_per_epoch = len(self.train_set) // tc.batch_size
         # K posterior samples per image for the iwae objective (1 = the plain ELBO)
         self.iw_samples = tc.iw_samples if tc.objective == "iwae" else 1
+        self.skip_mode = tc.max_bad_steps > 0  # skip non-finite steps, else stop at the first
+        labels = self.train_set.manifest.get("label_names")
+        self.checkpointer = Checkpointer(
+            cfg,
+            env,
+            self.out_dir,
+            self.model,
+            self.optimizer,
+            self.progress,
+            plan=self.plan,
+            data_version=self.train_set.manifest.get("data_version", "unversioned"),
+            iw_samples=self.iw_samples,
+            holdout_class=None if self.holdout is None else labels[self.holdout],
+            workdir=self.workdir,
+            device=device,
+        )
 
     # --- one step, one epoch ---------------------------------------------------------------
     @property
@@ -130,7 +125,7 @@ class Trainer(CheckpointMixin):
     def kl_weight(self) -> float:
         """beta for the next step: rises linearly from 0 to 1 over train.kl_warmup_steps."""
         warmup = self.cfg.train.kl_warmup_steps
-        return 1.0 if warmup == 0 else min(1.0, self.global_step / warmup)
+        return 1.0 if warmup == 0 else min(1.0, self.progress.global_step / warmup)
 
     def _run_batch(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over train.grad_accum_steps micro-batches; returns the
@@ -140,7 +135,7 @@ class Trainer(CheckpointMixin):
         `eps` is (batch, latent) for the ELBO, (K, batch, latent) for the iwae objective."""
         accum = self.cfg.train.grad_accum_steps
         beta = self.kl_weight()
-        lr = learning_rate(self.cfg.train, self.global_step, self.total_steps)
+        lr = learning_rate(self.cfg.train, self.progress.global_step, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
@@ -188,15 +183,11 @@ class Trainer(CheckpointMixin):
         # Per-example sums stay on the device: no host sync until a logging point.
         return sums.detach(), finite
 
-    def _batch_indices(self, step: int) -> list[int]:
-        """The training-set indices this rank drew at `step` of the current epoch."""
-        local = self.local_batch
-        return self.sampler.order()[step * local : (step + 1) * local]
-
     def _non_finite(self, epoch: int, step: int, what: str) -> TrainingError:
-        batch = self._batch_indices(step)
+        local = self.local_batch  # the batch: this rank's training-set indices at `step`
+        batch = self.sampler.order()[step * local : (step + 1) * local]
         shown = ", ".join(map(str, batch[:8])) + (", ..." if len(batch) > 8 else "")
-        last = self.last_checkpoint
+        last = self.checkpointer.last
         return TrainingError(
             f"{what} at epoch {epoch + 1}, step {step + 1} (batch of training images "
             f"[{shown}] on rank {self.env.rank}); no checkpoint written after it (the last is "
@@ -219,7 +210,6 @@ class Trainer(CheckpointMixin):
 
     def _run_epoch(self, epoch: int) -> dict:
         self.net.train()
-        tc = self.cfg.train
         resume, self._resume = self._resume, None
         start = resume["step"] if resume else 0  # steps a mid-epoch checkpoint already took
         self.sampler.set_epoch(epoch)
@@ -230,103 +220,91 @@ class Trainer(CheckpointMixin):
         # this rank's training-set positions for the epoch: the batches, and the keys of the
         # dynamic binarization
         order = torch.tensor(self.sampler.order(), dtype=torch.int64)
-        sums = torch.zeros(4, dtype=torch.float64, device=self.device)
-        count = torch.zeros(1, dtype=torch.float64, device=self.device)
-        seen, skipped, t0 = 0, 0, time.perf_counter()
-        if resume:
-            noise.set_state(resume["noise"])
-            skipped = resume["skipped"]
-            t0 -= resume["seconds"]
-            if self.env.is_main:  # the partial sums are global: rank 0 carries them
-                partial = resume["sums"].to(self.device)
-                if partial.numel() == 3:  # a checkpoint from before the objective's sum
-                    partial = torch.cat([partial, partial[:1]])
-                sums += partial
-                count += resume["count"]
-        local = self.local_batch
-        steps = len(order) // local
-        skip_mode = tc.max_bad_steps > 0
-        first_bad = torch.tensor(-1, device=self.device)  # this rank's first non-finite step
-        for step, images, positions in self.batches.epoch(order, local, start):
+        run = EpochProgress.begin(epoch_rng, noise, self.device, resume, self.env.is_main)
+        steps = len(order) // self.local_batch
+        tc = self.cfg.train
+        for step, images, positions in self.batches.epoch(order, self.local_batch, start):
             x = to_unit_float(images)
             if tc.binarize != "none":
                 x = binarize(x, tc.binarize, tc.seed, epoch, positions)
             x = x.contiguous(memory_format=self.memory_format)
             eps = self._step_noise(noise)
             batch_sums, finite = self._run_batch(x, eps)
-            self.global_step += 1
-            if skip_mode:
-                if not bool(finite):  # synced in _run_batch already
-                    skipped += 1
-                    self.bad_steps += 1
-                    log.warning(
-                        "%s", self._non_finite(epoch, step, "skipped a non-finite step").args[0]
-                    )
-                    if self.bad_steps > tc.max_bad_steps:
-                        raise self._non_finite(
-                            epoch,
-                            step,
-                            f"more than train.max_bad_steps={tc.max_bad_steps} "
-                            "non-finite steps; the last",
-                        )
-                    batch_sums = None
-            else:
-                first_bad = torch.where(
-                    (~finite) & (first_bad < 0), torch.tensor(step, device=self.device), first_bad
-                )
+            self.progress.global_step += 1
+            if not self.skip_mode:
+                run.note(step, finite)
+            elif self._skipped(epoch, step, finite, run):
+                batch_sums = None
             if batch_sums is not None:
-                sums += batch_sums
-                count += x.shape[0]
-                seen += x.shape[0]
-            if (step + 1) % tc.log_every == 0 and not skip_mode:
-                self._check_finite(epoch, first_bad)
-            if self.env.is_main and (step + 1) % tc.log_every == 0 and seen:
-                rate = seen * self.env.world_size / (time.perf_counter() - t0)
-                # .item() is a host sync: only at logging points
-                log.info(
-                    "epoch %d step %d/%d  -elbo %.2f  %.0f img/s",
-                    epoch + 1,
-                    step + 1,
-                    steps,
-                    sums[0].item() / count.item(),
-                    rate,
-                )
-            every = tc.checkpoint_every
-            if every and self.global_step % every == 0 and step + 1 < steps:
-                if not skip_mode:
-                    self._check_finite(epoch, first_bad)  # never checkpoint after a bad step
-                self._save_checkpoint(
-                    {
-                        "step": step + 1,
-                        "noise": noise.get_state(),
-                        "sums": all_reduce_sum(sums.clone()).cpu(),
-                        "count": all_reduce_sum(count.clone()).item(),
-                        "skipped": skipped,
-                        "seconds": time.perf_counter() - t0,
-                        "rng": epoch_rng,
-                    }
-                )
-        if not skip_mode:
-            self._check_finite(epoch, first_bad)
-        all_reduce_sum(sums)
-        all_reduce_sum(count)
-        seconds = time.perf_counter() - t0
-        n = count.item()
+                run.add(batch_sums, x.shape[0])
+            self._at_log_point(epoch, step, steps, run)
+            self._mid_epoch_checkpoint(epoch, step, steps, run)
+        return self._epoch_record(epoch, run)
+
+    def _skipped(self, epoch: int, step: int, finite: torch.Tensor, run: EpochProgress) -> bool:
+        """Skip mode: whether this non-finite step was skipped (raises past the limit)."""
+        if bool(finite):  # synced in _run_batch already
+            return False
+        run.skipped += 1
+        self.progress.bad_steps += 1
+        log.warning("%s", self._non_finite(epoch, step, "skipped a non-finite step").args[0])
+        limit = self.cfg.train.max_bad_steps
+        if self.progress.bad_steps > limit:
+            raise self._non_finite(
+                epoch, step, f"more than train.max_bad_steps={limit} non-finite steps; the last"
+            )
+        return True
+
+    def _at_log_point(self, epoch: int, step: int, steps: int, run: EpochProgress) -> None:
+        """Every train.log_every steps: stop mode's non-finite check, rank 0's progress line."""
+        if (step + 1) % self.cfg.train.log_every:
+            return
+        if not self.skip_mode:
+            self._check_finite(epoch, run.first_bad)
+        if self.env.is_main and run.seen:
+            rate = run.seen * self.env.world_size / (time.perf_counter() - run.t0)
+            # .item() is a host sync: only at logging points
+            log.info(
+                "epoch %d step %d/%d  -elbo %.2f  %.0f img/s",
+                epoch + 1,
+                step + 1,
+                steps,
+                run.sums[0].item() / run.count.item(),
+                rate,
+            )
+
+    def _mid_epoch_checkpoint(self, epoch: int, step: int, steps: int, run: EpochProgress) -> None:
+        """Every train.checkpoint_every steps, but the epoch's last: a mid-epoch checkpoint."""
+        every = self.cfg.train.checkpoint_every
+        if every and self.progress.global_step % every == 0 and step + 1 < steps:
+            if not self.skip_mode:
+                self._check_finite(epoch, run.first_bad)  # never checkpoint after a bad step
+            self.checkpointer.save(run.position(step + 1))
+
+    def _epoch_record(self, epoch: int, run: EpochProgress) -> dict:
+        """The epoch's end: the last non-finite check, the sums over every rank, the record."""
+        if not self.skip_mode:
+            self._check_finite(epoch, run.first_bad)
+        all_reduce_sum(run.sums)
+        all_reduce_sum(run.count)
+        seconds = time.perf_counter() - run.t0
+        n = run.count.item()
         if n == 0:
             raise TrainingError(
                 f"every step of epoch {epoch + 1} was non-finite and skipped; no checkpoint "
                 "written: lower train.lr or check the data"
             )
-        loss, recon, kl, objective = (sums / n).tolist()
+        loss, recon, kl, objective = (run.sums / n).tolist()
+        step = max(0, self.progress.global_step - 1)  # the epoch's last step, for its lr
         record = {
             "train_loss": loss,
             "train_recon": recon,
             "train_kl": kl,
             "kl_weight": self.kl_weight(),
-            "skipped_steps": skipped,
+            "skipped_steps": run.skipped,
             "images_per_s": n / seconds,
             "epoch_seconds": seconds,
-            "lr": learning_rate(tc, max(0, self.global_step - 1), self.total_steps),
+            "lr": learning_rate(self.cfg.train, step, self.total_steps),
         }
         if self.iw_samples > 1:  # the optimised bound, -IWAE (K samples), beside -ELBO
             record["train_iwae_loss"] = objective
@@ -363,14 +341,14 @@ class Trainer(CheckpointMixin):
     # --- the loop --------------------------------------------------------------------------
     def fit(self) -> list[dict]:
         """Train to `train.epochs`, resuming from `checkpoint.pt` in the out dir if present."""
-        self._load_checkpoint()
-        total = self.cfg.train.epochs
+        self._resume = self.checkpointer.load()
+        progress, total = self.progress, self.cfg.train.epochs
         if self.env.is_main:
             tc = self.cfg.train
             log.info(
                 "training %d -> %d epochs on %s, world size %d, %d images/epoch; step %s; "
                 "objective %s, binarize %s, lr %s; data %s: %s",
-                self.epoch,
+                progress.epoch,
                 total,
                 self.device,
                 self.env.world_size,
@@ -384,16 +362,17 @@ class Trainer(CheckpointMixin):
                 self.batches.describe(),
                 self.data_reason,
             )
-        while self.epoch < total:
-            record = {"epoch": self.epoch + 1, **self._run_epoch(self.epoch), **self._validate()}
+        while progress.epoch < total:
+            epoch = progress.epoch
+            record = {"epoch": epoch + 1, **self._run_epoch(epoch), **self._validate()}
             if not all(math.isfinite(v) for v in record.values()):
                 raise TrainingError(
                     f"non-finite loss in epoch {record['epoch']} ({record}); no checkpoint written: "
                     "lower train.lr"
                 )
-            self.epoch += 1
-            self.history.append(record)
-            self._save_checkpoint()
+            progress.epoch += 1
+            progress.history.append(record)
+            self.checkpointer.save()
             if self.env.is_main:
                 log.info(
                     "epoch %d/%d  train -elbo %.2f (recon %.2f, kl %.2f)  val -elbo %.2f  "
@@ -409,6 +388,6 @@ class Trainer(CheckpointMixin):
                 )
                 for callback in self.callbacks:
                     callback(record)
-        self._write_outputs()
+        self.checkpointer.write_outputs()
         barrier()
-        return self.history
+        return progress.history
