@@ -7,7 +7,8 @@ test images (an MMD permutation test). When a check fires, or when the schedule 
 `always`, it starts `retrain`: through the `retrain_deployment` (on a work pool, not waiting
 for it) when given, else as a subflow here. With monitor.retrain_on = monitored (the default)
 that retrain ingests the monitored source as its data (a new data version holding the new
-images). A Markdown artifact `drift-report` records the numbers and the decision.
+images). `retrain=False` (`--no-retrain`) measures and reports the decision without starting
+one. A Markdown artifact `drift-report` records the numbers and the decision.
 
     vae-pipeline monitor --source incoming/
 """
@@ -26,6 +27,7 @@ from vae_pipeline.config.environment import tracking_uri
 from vae_pipeline.monitor import check as monitor_check
 
 DRIFT_ARTIFACT = "drift-report"
+NOT_STARTED = "{why}: a retrain would start; not started (--no-retrain)"
 
 
 @task(name="check-drift", cache_policy=NO_CACHE)
@@ -41,6 +43,7 @@ def monitor(
     source: str | None = None,
     always: bool | None = None,
     retrain_deployment: str | None = None,
+    retrain: bool = True,
 ) -> dict:
     """Score new data with the champion; start a retrain when it has shifted.
 
@@ -52,6 +55,8 @@ def monitor(
         always: retrain whatever the shift (monitor.always_retrain otherwise).
         retrain_deployment: start the retrain as this deployment ("retrain/retrain") instead
             of a subflow in this process.
+        retrain: False measures only: the decision is reported ("a retrain would start"),
+            no retrain is started (`vae-pipeline monitor --no-retrain`).
     """
     root = Path(workdir).resolve()
     cfg = load_config(root / params, overrides or [])
@@ -60,7 +65,14 @@ def monitor(
     )
     report = check(cfg, root, source, always)
     logger = get_run_logger()
-    report["started"] = _start_retrain(cfg, report, params, overrides, workdir, retrain_deployment)
+    report["not_started"] = (
+        NOT_STARTED.format(why=_why(report)) if report["retrain"] and not retrain else None
+    )
+    report["started"] = (
+        None
+        if report["not_started"]
+        else _start_retrain(cfg, report, params, overrides, workdir, retrain_deployment)
+    )
     create_markdown_artifact(
         key=DRIFT_ARTIFACT, markdown=drift_markdown(cfg, report), description=report["reason"]
     )
@@ -122,9 +134,13 @@ def unchanged_note(cfg, summary: dict, source: str) -> str | None:
     )
 
 
-def _action(cfg, started: dict | None) -> str:
+def _why(report: dict) -> str:
+    return "drift" if report["drift"] else "always_retrain"
+
+
+def _action(cfg, started: dict | None, not_started: str | None = None) -> str:
     if started is None:
-        return "no retrain"
+        return not_started or "no retrain"
     if "deployment" in started:
         action = (
             f"retrain started on `{started['source']}`: deployment `{started['deployment']}`, "
@@ -145,8 +161,14 @@ def drift_markdown(cfg, r: dict) -> str:
         f"- **Champion:** {cfg.registry.model_name} v{r['champion_version']} (test data "
         f"`{r['champion_test_data_version']}`)",
         f"- **Decision:** {r['reason']}",
-        f"- **Action:** {_action(cfg, r['started'])}\n",
+        f"- **Action:** {_action(cfg, r['started'], r.get('not_started'))}\n",
     ]
+    if r.get("latent_reference"):
+        lines.insert(3, f"- **Latent reference:** {r['latent_reference']}")
+    if r.get("fitting"):
+        lines.insert(2, f"- **Fitting:** {r['fitting']}")
+    if r.get("already_known"):
+        lines[1] += f" ({_known(r)})"
     if r["checks"]:
         lines += ["| check | fired | what it measured |", "|---|---|---|"]
         lines += [
@@ -160,12 +182,20 @@ def drift_markdown(cfg, r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _known(r: dict) -> str:
+    return f"{r['already_known']} more already known: the pixels of prepared images"
+
+
 def format_report(r: dict) -> str:
+    known = f" ({_known(r)})" if r.get("already_known") else ""
     lines = [
-        f"monitor: {r['new_images']} new of {r['snapshot_images']} images in {r['source']}; "
-        f"champion v{r['champion_version']}'s test set: {r['reference_n']} images",
+        f"monitor: {r['new_images']} new of {r['snapshot_images']} images in {r['source']}"
+        f"{known}; champion v{r['champion_version']}'s test set: {r['reference_n']} images",
+        *([f"  fitted {r['fitting']}"] if r["checks"] and r.get("fitting") else []),
         *(f"  {c['line']}" for c in r["checks"]),
+        *([f"  latent reference: {r['latent_reference']}"] if r.get("latent_reference") else []),
         f"  {r['reason']}",
+        *([f"  {r['not_started']}"] if r.get("not_started") else []),
     ]
     started = r["started"]
     if started is not None:

@@ -41,7 +41,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 
-from flows.summary import format_summary, summary_artifact
+from flows.summary import format_summary, summary_artifact, workspace_note
 from vae_pipeline import pipeline, tracking, versioning
 from vae_pipeline.config import Config, load_config
 from vae_pipeline.config.environment import tracking_uri
@@ -321,6 +321,7 @@ def retrain(
             k: metrics[k] for k in ("elbo", "recon", "kl", "iw_nll", "bits_per_dim", "active_units")
         },
         "decision": decision,
+        "workspace_note": workspace_note(cfg, uri, data_version, decision),
         "steps": [{"step": s, "seconds": round(t, 3), "state": n} for s, t, n in steps.timings],
         "links": tracking.ui_links(uri, run_id, cfg.registry.model_name, version),
     }

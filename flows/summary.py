@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from vae_pipeline.config import Config
 from vae_pipeline.evaluate.report import uses_markdown
+from vae_pipeline.registry.versions import champion
+from vae_pipeline.tracking import client_for
 
 
 def summary_artifact(cfg: Config, summary: dict) -> str:
@@ -13,7 +15,7 @@ def summary_artifact(cfg: Config, summary: dict) -> str:
     if d is None:
         gate = "promotion disabled: the champion alias was not touched"
     else:
-        verdict = "**promoted to champion**" if d["promoted"] else "kept as challenger"
+        verdict = _verdict(d, "**promoted to champion**")
         gate = f"{verdict}: {d['reason']}"
     rows = "\n".join(
         f"| {s['step']} | {s['seconds']:.1f} | {s['state']} |" for s in summary["steps"]
@@ -24,7 +26,13 @@ def summary_artifact(cfg: Config, summary: dict) -> str:
         f"- **MLflow run:** [{summary['run_id']}]({links['run']})\n"
         f"- **Model version:** [{cfg.registry.model_name} v{summary['model_version']}]"
         f"({links['model_version']})\n"
-        f"- **Gate:** {gate}\n\n"
+        f"- **Gate:** {gate}\n"
+        + (
+            f"- **Workspace:** {summary['workspace_note']}\n"
+            if summary.get("workspace_note")
+            else ""
+        )
+        + "\n"
         f"| metric (test) | value |\n|---|---|\n"
         f"| ELBO | {m['elbo']:.2f} |\n| reconstruction | {m['recon']:.2f} |\n"
         f"| KL | {m['kl']:.2f} |\n| IW NLL | {m['iw_nll']:.2f} |\n"
@@ -58,9 +66,36 @@ def format_summary(cfg: Config, summary: dict) -> str:
     if d is None:
         lines.append("  promotion disabled: champion alias untouched")
     else:
-        verdict = "promoted to champion" if d["promoted"] else "kept as challenger"
+        verdict = _verdict(d, "promoted to champion")
         lines.append(f"  gate: {verdict}: {d['reason']}")
+    if summary.get("workspace_note"):
+        lines.append(f"  NOTE: {summary['workspace_note']}")
     cached = [s["step"] for s in summary["steps"] if s["state"] == "Cached"]
     if cached:
         lines.append(f"  reused from an earlier run of the same inputs: {', '.join(cached)}")
     return "\n".join(lines)
+
+
+def _verdict(d: dict, promoted: str) -> str:
+    if d.get("unchanged"):
+        return "already champion"
+    return promoted if d["promoted"] else "kept as challenger"
+
+
+def workspace_note(cfg: Config, uri: str, data_version: str, decision: dict | None) -> str | None:
+    """When the champion stays and the workspace now holds other data than it was tested on
+    (a retrain on new data that the gate rejected), what the workspace holds and how to go
+    back; None otherwise. The drift monitor does not depend on it (it compares with the
+    champion's own test split), but `dvc repro` and a plain `vae-pipeline evaluate` would."""
+    if decision is None or decision["promoted"]:
+        return None
+    mv = champion(client_for(uri), cfg.registry.model_name)
+    tested_on = None if mv is None else (mv.tags or {}).get("test_data_version")
+    if mv is None or tested_on in (None, data_version):
+        return None
+    return (
+        f"data/raw.dvc and {cfg.data.prepared_dir} now hold data version {data_version}; the "
+        f"champion v{mv.version} was tested on {tested_on}. To work on the champion's data "
+        f"again: `vae-pipeline lineage {mv.version} --restore`, `dvc pull data/raw.dvc`, "
+        "`vae-pipeline prepare`"
+    )

@@ -56,3 +56,13 @@ def save_pngs(images: np.ndarray, folder: Path, size: int | None = None) -> Path
             img = np.pad(img, ((pad // 2, pad - pad // 2), (pad // 2, pad - pad // 2)))
         Image.fromarray(img).save(folder / f"img{i:05d}.png")
     return folder
+
+
+def save_jpegs(images: np.ndarray, folder: Path, size: int = 64, quality: int = 95) -> Path:
+    """Each 28x28 image upscaled to size x size (bicubic), as an RGB JPEG in `folder`: the
+    same images as a source that stores larger colour files would hold them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images):
+        big = Image.fromarray(img).resize((size, size), Image.Resampling.BICUBIC).convert("RGB")
+        big.save(folder / f"img{i:05d}.jpg", quality=quality)
+    return folder

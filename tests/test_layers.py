@@ -149,9 +149,23 @@ def test_the_check_sees_an_upward_import(tmp_path):
 
 
 def import_graph(root: Path = REPO) -> dict[str, set[str]]:
-    """module -> the project modules it imports (function-level and TYPE_CHECKING imports too)."""
+    """module -> the project modules it imports (function-level and TYPE_CHECKING imports
+    too). Importing `a.b.c` runs the packages `a` and `a.b` first: from outside a package,
+    that is an edge to its `__init__` as well."""
     sources = sorted([*(root / "vae_pipeline").rglob("*.py"), *(root / "flows").rglob("*.py")])
-    return {module_name(p, root): {m for _, m in imports_of(p, root)} for p in sources}
+    packages = {module_name(p, root) for p in sources if p.name == "__init__.py"}
+    graph: dict[str, set[str]] = {}
+    for path in sources:
+        me = module_name(path, root)
+        targets = {m for _, m in imports_of(path, root)}
+        for target in list(targets):
+            parts = target.split(".")
+            for i in range(1, len(parts)):
+                package = ".".join(parts[:i])
+                if package in packages and not (me == package or me.startswith(package + ".")):
+                    targets.add(package)
+        graph[me] = targets - {me}
+    return graph
 
 
 def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -205,3 +219,17 @@ def test_the_circle_check_sees_a_circle(tmp_path):
     (tmp_path / "vae_pipeline" / "d.py").write_text("import vae_pipeline.a\n")
     cycles = import_cycles(import_graph(tmp_path))
     assert cycles == [["flows.c", "vae_pipeline.a", "vae_pipeline.b"]]
+
+
+def test_the_circle_check_sees_a_circle_through_a_package_init(tmp_path):
+    """`import p.m` runs p/__init__.py first: an __init__ that imports a module which imports
+    back into the importer is a circle, though no module names the package itself."""
+    (tmp_path / "flows").mkdir()
+    package = tmp_path / "vae_pipeline" / "p"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("from vae_pipeline.p.heavy import f\n")
+    (package / "heavy.py").write_text("from vae_pipeline.user import g\n")
+    (package / "light.py").write_text("")
+    (tmp_path / "vae_pipeline" / "user.py").write_text("from vae_pipeline.p.light import h\n")
+    cycles = import_cycles(import_graph(tmp_path))
+    assert cycles == [["vae_pipeline.p", "vae_pipeline.p.heavy", "vae_pipeline.user"]]

@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -90,6 +91,38 @@ def test_mmd_statistic_matches_plain_loops_and_its_bandwidth_is_the_median_dista
     assert 1 / 51 <= p <= 1
 
 
+def _mmd_p_by_loops(x, y, permutations, seed, h):
+    """The permutation p-value by a plain loop over the same draws as mmd_test (one
+    `rng.permutation` of the pooled labels, x's first, per permutation): the observed sample
+    counts as one of the permutations, so p = (1 + #{null >= observed}) / (1 + permutations)."""
+    pool, n = np.vstack([x, y]).tolist(), len(x)
+    observed = _mmd2_by_loops(pool[:n], pool[n:], h)
+    rng = np.random.default_rng(seed)
+    labels = np.zeros(len(pool), bool)
+    labels[:n] = True
+    reached = 0
+    for _ in range(permutations):
+        in_x = rng.permutation(labels)
+        xs = [pool[i] for i in range(len(pool)) if in_x[i]]
+        ys = [pool[i] for i in range(len(pool)) if not in_x[i]]
+        reached += _mmd2_by_loops(xs, ys, h) >= observed
+    return (1 + reached) / (1 + permutations)
+
+
+def test_mmd_p_value_counts_the_observed_sample_among_the_permutations():
+    rng = np.random.default_rng(5)
+    x, y = rng.normal(0, 1, (6, 2)), rng.normal(0.6, 1, (8, 2))  # overlapping: 0 < count < P
+    _, p, h = mmd_test(x, y, permutations=150, seed=2)
+    expected = _mmd_p_by_loops(x, y, 150, 2, h)
+    assert 1 / 151 < expected < 1 and p == pytest.approx(expected, abs=1e-12)
+    # well separated: no permutation reaches the observed value, yet p is 1/(P+1), never 0
+    far = mmd_test(rng.normal(0, 1, (20, 3)), rng.normal(50, 1, (20, 3)), 99, 0)[1]
+    assert far == pytest.approx(1 / 100, abs=1e-15)
+    # identical pools: every permutation reaches the observed value, p = 1
+    same = np.ones((5, 2))
+    assert mmd_test(same, same, 40, 0)[1] == 1.0
+
+
 def test_mmd_permutation_test_is_calibrated_and_sees_a_shift():
     """p-values of same-distribution samples are uniform (about 5% at or below 0.05); a shift of
     half a standard deviation in 4 of 8 dimensions is found at n = 100."""
@@ -139,6 +172,107 @@ def test_fashion_mnist_is_not_snapshotted_for_the_monitor(tmp_path):
     assert not (tmp_path / cfg.monitor.snapshot_dir).exists()
 
 
+def test_an_image_larger_than_the_content_box_is_fitted_into_it(tmp_path):
+    """The champion's training data (28x28 padded into 32x32) has content box [2, 2, 28, 28]:
+    64x64 and 56x56 RGB JPEGs of the same images are resized into the box inside a black
+    frame, close to the training tensors; the square rule alone fills the frame (far off).
+    A 28x28 file, or no box, keeps prepare's own rule exactly."""
+    import torch
+    from PIL import Image
+
+    from tests.drift_images import save_jpegs
+    from vae_pipeline.data.images import describe_fitting, fit_image, fit_into_box, load_image
+    from vae_pipeline.data.preparation import fit_fashion_mnist
+
+    images = fashion_test_images(0, 50)
+    prepared = fit_fashion_mnist(torch.from_numpy(images), 32, 1).astype(int)
+    box = [2, 2, 28, 28]
+    for size in (64, 56):
+        files = sorted(save_jpegs(images, tmp_path / f"jpg{size}", size=size).glob("*.jpg"))
+        boxed = np.stack([fit_into_box(load_image(f, 1), 32, box) for f in files])
+        filled = np.stack([fit_into_box(load_image(f, 1), 32, None) for f in files])
+        frame = np.ones((32, 32), bool)
+        frame[2:30, 2:30] = False
+        assert boxed[:, :, frame].max() == 0  # black outside the box, as in training
+        assert np.abs(boxed - prepared).mean() < 8  # the same images, resampled twice
+        assert np.abs(filled - prepared).mean() > 20  # the old rule: scaled over the border
+    native = sorted(save_pngs(images, tmp_path / "native").glob("*.png"))
+    got = np.stack([fit_into_box(load_image(f, 1), 32, box) for f in native])
+    np.testing.assert_array_equal(got, prepared)
+    assert describe_fitting(32, box).startswith("into content box [2, 2, 28, 28]")
+
+    img = Image.fromarray(np.full((20, 40, 3), 200, np.uint8))  # 40 wide, 20 high
+    assert np.array_equal(fit_into_box(img, 32, None), fit_image(img, 32))
+    out = fit_into_box(img, 32, [1, 4, 30, 24])  # a box that is not square
+    assert out.shape == (3, 32, 32) and out[:, 1:31, 4:28].min() == 200
+    out[:, 1:31, 4:28] = 0
+    assert out.max() == 0
+
+
+def test_re_encoded_images_of_the_prepared_data_are_not_new(tmp_path):
+    """`known_hashes` holds file-byte hashes (folder sources) or raw-pixel hashes (IDX): a
+    PNG saved again at another compression level, or a 28x28 PNG of an image the IDX data
+    holds, passes that filter; its fitted pixels equal a prepared image's, so it is dropped."""
+    from PIL import Image
+
+    from vae_pipeline.config import build_config
+    from vae_pipeline.data.preparation import content_hash, prepare
+    from vae_pipeline.data.sources import snapshot_source
+    from vae_pipeline.monitor.check import drop_known_pixels, prepared_pixel_hashes
+
+    from .conftest import tiny_params
+
+    # a folder source of 28x28 PNGs, re-saved uncompressed
+    source = save_pngs(fashion_test_images(0, 80), tmp_path / "src")
+    cfg = build_config(tiny_params(data={"source": str(source), "limit": None}))
+    snapshot_source(cfg, tmp_path / "folder")
+    prepare(cfg, tmp_path / "folder")
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    for path in sorted(source.glob("*.png"))[:10]:
+        Image.open(path).save(landing / path.name, compress_level=0)
+        assert content_hash((landing / path.name).read_bytes()) != content_hash(path.read_bytes())
+    save_pngs(fashion_test_images(9000, 5), tmp_path / "unseen")
+    for path in (tmp_path / "unseen").glob("*.png"):
+        path.rename(landing / f"new{path.name}")
+    fresh = new_images(landing, known_hashes(cfg, tmp_path / "folder"))
+    assert len(fresh) == 15  # the bytes differ
+    pixels = prepared_pixel_hashes(cfg, tmp_path / "folder")
+    assert len(pixels) == 80
+    kept, known = drop_known_pixels(cfg, fresh, pixels, [2, 2, 28, 28])
+    assert known == 10 and sorted(p.name for p in kept) == [f"newimg0000{i}.png" for i in range(5)]
+
+    # the IDX source: its index holds hashes of raw pixels, never a PNG's bytes
+    idx_cfg = build_config(tiny_params(data={"limit": 300}))
+    snapshot_source(idx_cfg, tmp_path / "idx")
+    prepare(idx_cfg, tmp_path / "idx")  # its test split: t10k[0..300)
+    pngs = save_pngs(fashion_test_images(0, 10), tmp_path / "t10k")
+    save_pngs(fashion_test_images(9000, 3), tmp_path / "t10k-new")
+    for path in (tmp_path / "t10k-new").glob("*.png"):
+        path.rename(pngs / f"new{path.name}")
+    fresh = new_images(pngs, known_hashes(idx_cfg, tmp_path / "idx"))
+    assert len(fresh) == 13
+    pixels = prepared_pixel_hashes(idx_cfg, tmp_path / "idx")
+    kept, known = drop_known_pixels(idx_cfg, fresh, pixels)
+    assert known == 10 and [p.name for p in kept] == [f"newimg0000{i}.png" for i in range(3)]
+
+
+def test_monitor_no_retrain_reaches_the_flow(tmp_path, monkeypatch):
+    """`vae-pipeline monitor --no-retrain` runs the flow with retrain=False (the flow's own
+    behaviour is checked on the champion below)."""
+    import flows.monitor
+    from vae_pipeline.cli import main
+
+    calls = []
+    monkeypatch.setattr(flows.monitor, "monitor", lambda **kw: calls.append(kw))
+    ws = make_workspace(tmp_path / "ws")
+    (ws / "landing").mkdir()
+    monkeypatch.chdir(ws)
+    assert main(["monitor", "--source", "landing", "--no-retrain"]) == 0
+    assert main(["monitor", "--source", "landing"]) == 0
+    assert [c["retrain"] for c in calls] == [False, True]
+
+
 @pytest.fixture(scope="module")
 def champion_ws(tmp_path_factory):
     """A champion trained (retrain flow) on 1,000 Fashion-MNIST images in a folder source."""
@@ -186,6 +320,88 @@ def test_the_operator_cases_get_the_right_answer(champion_ws, tmp_path):
     assert padded["lower_bound"] <= 5.0 <= padded["upper_bound"] or abs(padded["shift"]) < 5
     assert reports["inverted"]["lower_bound"] > 5.0  # far less likely
     assert reports["digits"]["mmd_p"] <= 0.025  # other codes, whatever the likelihood says
+
+
+@pytest.mark.slow
+def test_larger_jpegs_of_the_same_images_are_fitted_into_the_content_box(champion_ws, tmp_path):
+    """Clothing the champion never saw, stored as 64x64 RGB JPEGs (quality 95): fitted into
+    the training data's content box, no drift; the square rule alone (the monitor before)
+    scales them over the black border and the likelihood check fires on preprocessing."""
+    from tests.drift_images import save_jpegs
+    from vae_pipeline.monitor.check import champion_reference, check_drift, load_images, score
+    from vae_pipeline.tracking import download_weights
+    from vae_pipeline.train.checkpoint import load_model
+
+    cfg = load_config(champion_ws / "params.yaml")
+    uri = tracking_uri(cfg, champion_ws)
+    jpegs = save_jpegs(fashion_test_images(5000, 300), tmp_path / "jpegs", size=64)
+    r = check_drift(cfg, uri, champion_ws, str(jpegs))
+    lines = [c["line"] for c in r["checks"]]
+    assert not r["drift"] and not r["retrain"], (r["reason"], lines)
+    assert r["new_images"] == r["new_n"] == 300 and len(r["checks"]) == 2, lines
+    assert r["fitting"].startswith("into content box [2, 2, 28, 28] (top, left, height, width)")
+
+    mv, reference = champion_reference(cfg, uri)
+    model, _ = load_model(download_weights(uri, f"models:/{mv.name}/{mv.version}"))
+    _, filled = load_images(cfg, jpegs, sorted(jpegs.glob("*.jpg")), 300, 0)  # no box
+    scores, _ = score(cfg, model, filled, "none", cfg.monitor.seed)
+    assert drift_decision(scores, reference, cfg.monitor).lower_bound > 5.0
+
+
+@pytest.mark.slow
+def test_re_encodings_of_prepared_images_are_dropped_as_already_known(champion_ws, tmp_path):
+    """100 of the source's own PNGs saved again uncompressed (other bytes, the same pixels)
+    beside 100 unseen images: 100 new, 100 already known; re-encodings alone: nothing new."""
+    from PIL import Image
+
+    from flows.monitor import format_report
+    from vae_pipeline.monitor.check import check_drift
+
+    cfg = load_config(champion_ws / "params.yaml")
+    uri = tracking_uri(cfg, champion_ws)
+    again = tmp_path / "again"
+    again.mkdir()
+    for path in sorted((champion_ws / "incoming").glob("*/*.png"))[:100]:
+        Image.open(path).save(again / path.name, compress_level=0)
+    mixed = save_pngs(fashion_test_images(6000, 100), tmp_path / "mixed")
+    for path in again.glob("*.png"):
+        (mixed / f"again-{path.name}").write_bytes(path.read_bytes())
+    r = check_drift(cfg, uri, champion_ws, str(mixed))
+    assert (r["new_images"], r["already_known"], r["new_n"]) == (100, 100, 100), r["reason"]
+    assert not r["drift"], r["reason"]
+    first = format_report({**r, "started": None}).splitlines()[0]
+    assert first.startswith("monitor: 100 new of 200 images in ")
+    assert "(100 more already known: the pixels of prepared images)" in first
+
+    r = check_drift(cfg, uri, champion_ws, str(again))
+    assert (r["new_images"], r["already_known"]) == (0, 100) and not r["retrain"]
+    assert "(100 more with the pixels of prepared images)" in r["reason"]
+
+
+@pytest.mark.slow
+def test_monitor_without_retrain_reports_the_decision_and_starts_nothing(
+    champion_ws, tmp_path, capsys
+):
+    from mlflow.tracking import MlflowClient
+
+    from flows.monitor import monitor
+
+    cfg = load_config(champion_ws / "params.yaml")
+    uri = tracking_uri(cfg, champion_ws)
+    client = MlflowClient(uri, registry_uri=uri)
+    versions = len(client.search_model_versions("name='conv-vae'"))
+    inverted = save_pngs(255 - fashion_test_images(7000, 200), tmp_path / "inverted")
+    report = monitor(workdir=str(champion_ws), source=str(inverted), retrain=False)
+    assert report["drift"] and report["retrain"] and report["started"] is None
+    assert report["not_started"] == "drift: a retrain would start; not started (--no-retrain)"
+    assert len(client.search_model_versions("name='conv-vae'")) == versions
+    assert "  drift: a retrain would start; not started (--no-retrain)" in capsys.readouterr().out
+    clothes = save_pngs(fashion_test_images(7500, 200), tmp_path / "clothes")
+    forced = monitor(workdir=str(champion_ws), source=str(clothes), always=True, retrain=False)
+    why = "drift" if forced["drift"] else "always_retrain"  # no drift but 5% of the time
+    assert forced["retrain"] and forced["started"] is None
+    assert forced["not_started"] == f"{why}: a retrain would start; not started (--no-retrain)"
+    assert len(client.search_model_versions("name='conv-vae'")) == versions
 
 
 @pytest.mark.slow
@@ -373,3 +589,83 @@ def test_a_drift_retrain_learns_from_the_monitored_images(champion_ws, tmp_path)
     prepared = known_hashes(cfg, ws)
     digits = {content_hash(p.read_bytes()) for p in landing.glob("*.png")}
     assert digits <= prepared and len(prepared) == 400  # the monitored images, as its data
+
+
+@pytest.mark.slow
+def test_the_latent_reference_is_the_champions_test_data_whatever_the_workspace_holds(
+    champion_ws, tmp_path
+):
+    """A retrain on other data (rejected or not) leaves data/prepared holding that data. The
+    latent check still compares with the champion's own test split: the encoder means its
+    evaluation stored with its run. Without them, a prepared split of another data version is
+    refused by name rather than used."""
+    import shutil
+    from urllib.parse import urlparse
+
+    from mlflow.tracking import MlflowClient
+
+    from vae_pipeline.evaluate import LATENT_MEANS
+    from vae_pipeline.monitor.check import check_drift
+    from vae_pipeline.registry.versions import champion
+
+    cfg = load_config(champion_ws / "params.yaml")
+    uri = tracking_uri(cfg, champion_ws)
+    mv = champion(MlflowClient(uri, registry_uri=uri), "conv-vae")
+    prepared = champion_ws / "data/prepared"
+    backup = tmp_path / "prepared"
+    shutil.copytree(prepared, backup)
+    try:
+        # the workspace's test split becomes drawn digits of another data version
+        digits = np.zeros((400, 1, 32, 32), np.uint8)
+        digits[:, 0, 2:30, 2:30] = drawn_digits(400, 3)
+        np.save(prepared / "test_images.npy", digits)
+        manifest = json.loads((prepared / "manifest.json").read_text())
+        (prepared / "manifest.json").write_text(json.dumps({**manifest, "data_version": "other"}))
+        clothes = save_pngs(fashion_test_images(4000, 300), tmp_path / "clothes", size=32)
+        r = check_drift(cfg, uri, champion_ws, str(clothes))
+        assert not r["drift"], r["reason"]
+        assert r["latent_reference"].startswith(f"v{mv.version}'s test split")
+        assert [c["name"] for c in r["checks"]] == ["likelihood", "latent"]
+
+        client = MlflowClient(uri, registry_uri=uri)
+        artifacts = urlparse(client.get_run(mv.run_id).info.artifact_uri).path  # a local store
+        (Path(artifacts) / "reports" / LATENT_MEANS).unlink()
+        r = check_drift(cfg, uri, champion_ws, str(clothes))
+        assert [c["name"] for c in r["checks"]] == ["likelihood"], r["reason"]
+        assert f"tested on data version {mv.tags['test_data_version']}" in r["reason"]
+        assert "the prepared test split here is data version other" in r["reason"]
+    finally:
+        shutil.rmtree(prepared)
+        shutil.copytree(backup, prepared)
+
+
+@pytest.mark.slow
+def test_a_retrain_on_other_data_is_judged_on_the_champions_test_data_too(champion_ws, tmp_path):
+    """A retrain on 400 drawn digits is evaluated on their own small test split, where it may
+    well beat the clothing champion; the gate also compares both on the champion's test data
+    (rebuilt from DVC: data/prepared holds the digits now) and keeps the champion; both
+    comparisons are reported, and the summary says what the workspace now holds."""
+    from mlflow.tracking import MlflowClient
+
+    from flows.retrain import retrain
+    from vae_pipeline.registry.history import history
+    from vae_pipeline.registry.versions import champion
+
+    cfg = load_config(champion_ws / "params.yaml")
+    uri = tracking_uri(cfg, champion_ws)
+    client = MlflowClient(uri, registry_uri=uri)
+    before = champion(client, "conv-vae")
+    digits = save_pngs(drawn_digits(400, 7), tmp_path / "digits" / "digit")
+    summary = retrain(workdir=str(champion_ws), source=str(tmp_path / "digits"))
+    decision = summary["decision"]
+    pinned = decision["pinned"]
+    assert not decision["promoted"] and not pinned["promoted"], decision["reason"]
+    assert pinned["data_version"] == before.tags["test_data_version"]
+    assert pinned["examples"] == int(float(before.tags["n_examples"]))
+    where = f"v{before.version}'s test data (data version {pinned['data_version']}"
+    assert where in decision["reason"]
+    assert "the new data's test split (" in decision["reason"]
+    assert str(champion(client, "conv-vae").version) == str(before.version)
+    assert history(client, "conv-vae")[-1]["pinned"]["data_version"] == pinned["data_version"]
+    assert summary["data_version"] in summary["workspace_note"]
+    assert len(list(digits.glob("*.png"))) == 400

@@ -9,7 +9,13 @@ import torch
 
 from vae_pipeline.lineage import version_lineage
 from vae_pipeline.registry.history import history
-from vae_pipeline.registry.lock import LOCK_SUFFIX, PromotionError, lock_entries, promotion_lock
+from vae_pipeline.registry.lock import (
+    LOCK_SUFFIX,
+    PromotionError,
+    break_stale,
+    lock_entries,
+    promotion_lock,
+)
 from vae_pipeline.registry.promotion import promote_if_better, rollback
 from vae_pipeline.registry.versions import alias_version, register
 from vae_pipeline.tracking import client_for
@@ -84,6 +90,38 @@ def test_promote_reject_rollback_and_the_history(store, tmp_path):
     assert events[1]["upper_bound"] == pytest.approx(second.upper_bound)
 
 
+def test_previous_champion_is_derived_from_every_alias_move(store, tmp_path):
+    """champion v1 -> rollback (v2) -> rollback --to v4 -> promote v1 -> rollback: back on v4,
+    the champion before it is v2 (the rollback that last put v4 there replaced v2), not v3 (the
+    promotion that first did)."""
+    uri, client = store
+    cfg = registry_cfg(uri)
+    v1 = add_version(client, evidence(1, shift=-3.0))
+    v2 = add_version(client, evidence(2, shift=-2.0))
+    v3 = add_version(client, evidence(3))
+    v4 = add_version(client, evidence(4, shift=-1.0))
+    for version in (v3, v4, v2, v1):  # each better than the last
+        assert promote_if_better(cfg, uri, version, tmp_path).promoted
+    assert (_alias(client, "champion"), _alias(client, "previous-champion")) == (v1, v2)
+    rollback(cfg, uri, "v1 breaks a consumer")
+    assert (_alias(client, "champion"), _alias(client, "previous-champion")) == (v2, v4)
+    rollback(cfg, uri, "try v4", to_version=v4)
+    assert (_alias(client, "champion"), _alias(client, "previous-champion")) == (v4, v2)
+    assert promote_if_better(cfg, uri, v1, tmp_path).promoted
+    assert (_alias(client, "champion"), _alias(client, "previous-champion")) == (v1, v4)
+    rollback(cfg, uri, "v1 again")
+    assert (_alias(client, "champion"), _alias(client, "previous-champion")) == (v4, v2)
+
+
+def test_promoting_the_champion_again_says_nothing_moved(store, tmp_path):
+    uri, client = store
+    v1 = add_version(client, evidence(1))
+    assert promote_if_better(registry_cfg(uri), uri, v1, tmp_path).promoted
+    again = promote_if_better(registry_cfg(uri), uri, v1, tmp_path)
+    assert not again.promoted and again.unchanged and again.reason.startswith("already champion")
+    assert _alias(client, "champion") == v1 and len(history(client, NAME)) == 1
+
+
 def test_promoting_a_former_challenger_clears_that_alias(store, tmp_path):
     uri, client = store
     v1 = add_version(client, evidence(1))
@@ -122,11 +160,15 @@ def test_the_lock_excludes_a_second_promoter_then_times_out(store):
     with promotion_lock(client, NAME, cfg, "first"):
         started = time.monotonic()
         with (
-            pytest.raises(PromotionError, match=r"\(by first\) holds the lock 'conv-vae--promo"),
+            pytest.raises(
+                PromotionError, match=r"\(by first\) has held the lock 'conv-vae--pro"
+            ) as err,
             promotion_lock(client, NAME, cfg, "second"),
         ):
             pass
         assert time.monotonic() - started >= 0.5
+        # the holding time is the holder's, the waiting time the setting's
+        assert "waited promotion.lock_timeout_s=0.5 s for it" in str(err.value)
     with promotion_lock(client, NAME, cfg, "second"):  # released: free again
         pass
     assert lock_entries(client, NAME) == []  # released: nothing left in the registry
@@ -163,6 +205,20 @@ def test_an_abandoned_lock_is_broken_after_lock_stale_s(store):
         held = lock_entries(client, NAME)
         assert [(m.name, m.tags["owner"]) for m in held] == [(lock.entry, "new owner")]
         lock.check()
+    assert lock_entries(client, NAME) == []
+
+
+def test_a_stale_lock_is_reported_broken_once_however_many_meet_it(store, caplog):
+    uri, client = store
+    dead = NAME + LOCK_SUFFIX + "--deadbeef"
+    client.create_registered_model(dead, tags={"owner": "a dead process"})
+    entry = lock_entries(client, NAME)[0]
+    with caplog.at_level("WARNING", logger="vae_pipeline.registry.lock"):
+        # two promoters that listed the same stale entry: only the one that removed it says so
+        assert break_stale(client, entry, 99.0) is True
+        assert break_stale(client_for(uri), entry, 99.0) is False
+    broken = [r for r in caplog.records if "breaking a promotion lock" in r.getMessage()]
+    assert len(broken) == 1 and "a dead process" in broken[0].getMessage()
     assert lock_entries(client, NAME) == []
 
 

@@ -18,13 +18,14 @@ import requests
 import torch
 from moto.server import ThreadedMotoServer
 
-from vae_pipeline import pipeline, registry, tracking
+from vae_pipeline import pipeline, tracking
 from vae_pipeline.config import build_config
 from vae_pipeline.data.dataset import PreparedSplit, to_unit_float
 from vae_pipeline.data.sources import snapshot_source
 from vae_pipeline.elbo import elbo_terms
 from vae_pipeline.evaluate import evaluate
 from vae_pipeline.model import ConvVAE
+from vae_pipeline.registry.history import history
 from vae_pipeline.registry.lock import lock_entries
 from vae_pipeline.registry.promotion import promote_if_better, rollback
 from vae_pipeline.train.checkpoint import save_model
@@ -169,7 +170,7 @@ def test_register_gate_promote_rollback_over_http(registered, server, s3):
     assert str(client.get_model_version_by_alias("conv-vae", "champion").version) == v2
     rollback(cfg, server, "drill", actor="ci")
     assert str(client.get_model_version_by_alias("conv-vae", "champion").version) == v1
-    assert [e["action"] for e in registry.history(client, "conv-vae")] == [
+    assert [e["action"] for e in history(client, "conv-vae")] == [
         "promote",
         "promote",
         "rollback",
@@ -241,7 +242,7 @@ def test_mlflow_models_serve_answers_a_real_request(registered, server, tmp_path
 
 RACER = """
 import json, sys
-from vae_pipeline import registry
+from vae_pipeline.registry.promotion import promote_if_better
 from tests.registry_helpers import registry_cfg
 uri, version, go, workdir = sys.argv[1:5]
 import pathlib, time
@@ -277,7 +278,7 @@ def test_two_racing_promotions_are_serialised(server, tmp_path):
     outputs = [racer.communicate(timeout=300) for racer in racers]
     for racer, (_, err) in zip(racers, outputs, strict=True):
         assert racer.returncode == 0, err
-    events = registry.history(client, name)
+    events = history(client, name)
     assert len(events) == 3
     # Serialised: each decision was made against the champion the previous one left.
     champion_after = v1

@@ -150,7 +150,7 @@ def record(
     }
 
 
-def _download(client: MlflowClient, run_id: str) -> Path | None:
+def download_lineage(client: MlflowClient, run_id: str) -> Path | None:
     try:
         return Path(
             mlflow.artifacts.download_artifacts(
@@ -188,7 +188,7 @@ def reproduce(client: MlflowClient, name: str, version: str, tags: dict, run_id:
         lines = [f"git checkout {commit.removesuffix('-dirty')}"]
         if commit.endswith("-dirty"):
             lines.append("# trained with uncommitted changes: the checkout may differ")
-    folder = _download(client, run_id)
+    folder = download_lineage(client, run_id)
     remote = json.loads((folder / REMOTE_FILE).read_text()) if folder else None
     data = tags.get("data_version", "?")
     if remote is None or not (folder / POINTER_FILE).is_file():
@@ -228,7 +228,7 @@ def restore(
     """Write the version's params file and data pointer back from its run; returns what was
     written, and a warning when this checkout's code is not the code that trained it."""
     mv = model_version(client, name, version)
-    folder = _download(client, mv.run_id)
+    folder = download_lineage(client, mv.run_id)
     if folder is None or not (folder / POINTER_FILE).is_file():
         why = (
             "no lineage was recorded with it"

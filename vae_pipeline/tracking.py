@@ -182,7 +182,13 @@ def log_evaluation(uri: str, run_id: str, metrics: dict, reports_dir: Path) -> N
         metrics=[Metric(f"test_{k}", v, now, 0) for k, v in numeric.items()],
         tags=tags,
     )
-    for pattern in ("metrics.json", "summary.md", "*.png", "per_example_*.npy"):
+    for pattern in (
+        "metrics.json",
+        "summary.md",
+        "*.png",
+        "per_example_*.npy",
+        "test_latent_*.npy",
+    ):
         for path in sorted(reports_dir.glob(pattern)):
             client.log_artifact(run_id, str(path), artifact_path="reports")
 

@@ -183,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FLOW/DEPLOYMENT",
         help="start the retrain through this deployment (e.g. retrain/retrain) instead of here",
     )
+    p.add_argument(
+        "--no-retrain",
+        action="store_true",
+        help="measure only: report whether a retrain would start, start none",
+    )
     p = add(
         "deploy",
         "Render prefect.yaml from params (orchestration.*, monitor.*) and create the retrain "

@@ -61,6 +61,7 @@ def cmd_monitor(cfg: Config, args) -> None:
         source=args.source,
         always=True if args.always else None,
         retrain_deployment=args.retrain_deployment,
+        retrain=not args.no_retrain,
     )
 
 

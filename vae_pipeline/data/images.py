@@ -222,6 +222,47 @@ def fit_image(img: Image.Image, image_size: int) -> np.ndarray:
     return fit_array(_chw(img), image_size)
 
 
+def fit_into_box(img: Image.Image, image_size: int, box: list[int] | None) -> np.ndarray:
+    """Fit a decoded image the way a padded training set was fitted: (C, H, W) uint8.
+
+    `box` is that data's content box ([top, left, height, width] of its real pixels inside the
+    image_size square, as manifest.json and the model's hparams record it). An image larger
+    than the box (either side) is resized into it by `fit_image`'s rule (shorter side to the
+    box, centre crop) and placed at the box inside a black frame, so a 64x64 or 56x56 copy of
+    a 28x28 training image gives (nearly) the tensor prepare made of it. Anything else, or no
+    box, is `fit_image` itself (a 28x28 image is padded exactly as prepare padded it)."""
+    width, height = img.size
+    if box is None:
+        return fit_image(img, image_size)
+    top, left, box_h, box_w = (int(v) for v in box)
+    if width <= box_w and height <= box_h:
+        return fit_image(img, image_size)
+    if box_h == box_w:
+        inner = resize_and_crop(img, box_h)
+    else:  # cover the box (the shorter side's rule, per axis), then crop its centre
+        scale = max(box_h / height, box_w / width)
+        size = (max(box_w, int(width * scale)), max(box_h, int(height * scale)))
+        img = img.resize(size, Image.Resampling.BILINEAR) if size != img.size else img
+        x0, y0 = int(round((size[0] - box_w) / 2.0)), int(round((size[1] - box_h) / 2.0))
+        inner = _chw(img.crop((x0, y0, x0 + box_w, y0 + box_h)))
+    out = np.zeros((inner.shape[0], image_size, image_size), np.uint8)
+    out[:, top : top + box_h, left : left + box_w] = inner
+    return out
+
+
+def describe_fitting(image_size: int, box: list[int] | None) -> str:
+    """How `fit_into_box` fits images for `box`, in words (for reports)."""
+    if box is None:
+        return (
+            f"to {image_size}x{image_size}: padded when no side is larger, else resized and "
+            "centre-cropped (no content box)"
+        )
+    return (
+        f"into content box {list(box)} (top, left, height, width) of {image_size}x{image_size}: "
+        f"an image larger than {box[2]}x{box[3]} is resized and cropped into it, black around"
+    )
+
+
 def decode_image(
     path: Path, image_size: int, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> np.ndarray:

@@ -42,7 +42,9 @@ from vae_pipeline.model import ConvVAE
 
 log = logging.getLogger(__name__)
 
-__all__ = ["evaluate"]
+__all__ = ["LATENT_MEANS", "evaluate"]
+
+LATENT_MEANS = "test_latent_means.npy"
 
 
 def _is_main() -> bool:
@@ -83,6 +85,9 @@ def evaluate(
     (reports / "metrics.json").write_text(json.dumps(metrics, indent=2))
     for key, values in per_example_metrics(terms).items():
         np.save(reports / f"per_example_{key}.npy", values)
+    # the encoder means of the test split: the drift monitor's latent reference, so it
+    # compares new images with the data this model was tested on, whatever the workspace holds
+    np.save(reports / LATENT_MEANS, np.asarray(terms["mu"], dtype=np.float32))
     save_grids(model, images, cfg.evaluate, reports, device)
     kl_dims = np.asarray(metrics["kl_per_dim"])
     save_latent_pictures(model, images, kl_dims, reports, device)

@@ -25,7 +25,21 @@ The numbers are gathered in `check` (snapshot, new images, scores, the check); t
 on them are in `drift` (the likelihood and latent checks, the decision).
 """
 
-from vae_pipeline.monitor.check import check_drift
-from vae_pipeline.monitor.drift import DriftDecision, MonitorError, drift_decision
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "DriftDecision": "vae_pipeline.monitor.drift",
+    "MonitorError": "vae_pipeline.monitor.drift",
+    "check_drift": "vae_pipeline.monitor.check",
+    "drift_decision": "vae_pipeline.monitor.drift",
+}
 
 __all__ = ["DriftDecision", "MonitorError", "check_drift", "drift_decision"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,19 +18,27 @@ together cannot both win or leave the aliases inconsistent, whether on SQLite or
 One module per job: `versions` (registration, tags, aliases), `gate` (the promotion rule),
 `lock` (the lock for alias moves), `evidence` (per-example values for the gate), `history`,
 `promotion` (the gate under the lock, floors, rollback); lineage is `vae_pipeline.lineage`.
-The names below are the registry's API for scripts; the package's own code imports each name
-from its module.
+The names below are the registry's API for scripts, imported on first use (PEP 562, as in
+`vae_pipeline.data`); the package's own code imports each name from its module.
 """
 
-from vae_pipeline.registry.lock import PromotionError
-from vae_pipeline.registry.promotion import Decision, promote_if_better, rollback
-from vae_pipeline.registry.versions import champion, register
+from __future__ import annotations
 
-__all__ = [
-    "Decision",
-    "PromotionError",
-    "champion",
-    "promote_if_better",
-    "register",
-    "rollback",
-]
+import importlib
+
+_EXPORTS = {
+    "Decision": "vae_pipeline.registry.promotion",
+    "PromotionError": "vae_pipeline.registry.lock",
+    "champion": "vae_pipeline.registry.versions",
+    "promote_if_better": "vae_pipeline.registry.promotion",
+    "register": "vae_pipeline.registry.versions",
+    "rollback": "vae_pipeline.registry.promotion",
+}
+
+__all__ = ["Decision", "PromotionError", "champion", "promote_if_better", "register", "rollback"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

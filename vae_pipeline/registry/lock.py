@@ -52,9 +52,28 @@ def lock_entries(client: MlflowClient, name: str) -> list:
     return sorted(entries, key=lambda m: (m.creation_timestamp, m.name))
 
 
-def _delete(client: MlflowClient, entry: str) -> None:
-    with contextlib.suppress(MlflowException):  # already gone: released or broken by another
+def _delete(client: MlflowClient, entry: str) -> bool:
+    """Delete a lock entry; False when it was gone already (released or broken by another)."""
+    try:
         client.delete_registered_model(entry)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        return False
+    return True
+
+
+def break_stale(client: MlflowClient, entry, age_s: float) -> bool:
+    """Remove a stale lock entry (its holder died). Only the promoter whose delete removed it
+    says so, however many met it at once; returns whether this one did."""
+    broke = _delete(client, entry.name)
+    if broke:
+        log.warning(
+            "breaking a promotion lock held by %s for %.0f s (> promotion.lock_stale_s)",
+            (entry.tags or {}).get("owner"),
+            age_s,
+        )
+    return broke
 
 
 @dataclass
@@ -93,26 +112,29 @@ def promotion_lock(client: MlflowClient, name: str, cfg: Config, actor: str) -> 
                 continue
             age_s = time.time() - other.creation_timestamp / 1000.0
             if age_s > cfg.promotion.lock_stale_s:
-                log.warning(
-                    "breaking a promotion lock held by %s for %.0f s (> promotion.lock_stale_s)",
-                    (other.tags or {}).get("owner"),
-                    age_s,
-                )
-                _delete(client, other.name)
+                break_stale(client, other, age_s)
             else:
                 live.append(other)
         if not live:
             break
         _delete(client, entry)
         if time.monotonic() > deadline:
-            owner = (live[0].tags or {}).get("owner", "?")
-            raise PromotionError(
-                f"another promotion of {name} (by {owner}) holds the lock {live[0].name!r} for "
-                f"more than promotion.lock_timeout_s={cfg.promotion.lock_timeout_s:g}s; if that "
-                f"process is gone, delete the registered model {live[0].name!r} and retry"
-            )
+            raise PromotionError(_timeout_message(name, live[0], cfg))
         time.sleep(0.05 + random.random() * 0.45)
     try:
         yield HeldLock(client, entry)
     finally:
         _delete(client, entry)
+
+
+def _timeout_message(name: str, holder, cfg: Config) -> str:
+    """Who holds the lock and for how long, and how long this promoter waited for it."""
+    owner = (holder.tags or {}).get("owner", "?")
+    held_s = time.time() - holder.creation_timestamp / 1000.0
+    return (
+        f"another promotion of {name} (by {owner}) has held the lock {holder.name!r} for "
+        f"{held_s:.0f} s; waited promotion.lock_timeout_s={cfg.promotion.lock_timeout_s:g} s "
+        f"for it. If that process is gone, delete the registered model {holder.name!r} (or "
+        f"wait until it is older than promotion.lock_stale_s={cfg.promotion.lock_stale_s:g} s) "
+        "and retry"
+    )

@@ -9,12 +9,13 @@ from pathlib import Path
 
 from vae_pipeline.config import Config
 from vae_pipeline.registry import gate
-from vae_pipeline.registry.evidence import per_example
+from vae_pipeline.registry.evidence import Evidence, per_example
 from vae_pipeline.registry.history import event_side, history, record_event, utc_now
 from vae_pipeline.registry.lock import (
     PromotionError,
     promotion_lock,
 )
+from vae_pipeline.registry.pinned import pinned_config, tested_on
 from vae_pipeline.registry.versions import (
     CHALLENGER,
     CHAMPION,
@@ -30,6 +31,9 @@ from vae_pipeline.tracking import client_for
 
 log = logging.getLogger(__name__)
 
+# The history's actions that move the champion alias ("reject" moves challenger).
+CHAMPION_MOVES = ("promote", "rollback")
+
 
 @dataclass(frozen=True)
 class Decision(gate.GateResult):
@@ -38,6 +42,9 @@ class Decision(gate.GateResult):
     candidate_version: str = ""
     champion_version: str | None = None
     champion_evidence: str | None = None  # "stored" or "re-evaluated"
+    unchanged: bool = False  # the candidate was the champion already: nothing was moved
+    # the gate on the champion's own test data, for a candidate tested on other data
+    pinned: dict | None = None
 
 
 def promote_if_better(
@@ -63,21 +70,79 @@ def promote_if_better(
         incumbent = champion(client, name)
         if incumbent is not None and str(incumbent.version) == str(version):
             return Decision(
-                True, "already champion", float(cand.values.mean()), candidate_version=str(version)
+                False,
+                "already champion: no alias moved",
+                float(cand.values.mean()),
+                candidate_version=str(version),
+                champion_version=str(version),
+                unchanged=True,
             )
-        champ = None  # the champion's evidence: none to compare with when nats differ
+        champ = pinned = None  # the champion's evidence: none to compare with when nats differ
         if incumbent is not None and not _likelihoods_differ(candidate, incumbent):
             champ = per_example(cfg, uri, incumbent, workdir, key, ukey)
+            pinned = _pinned_evidence(cfg, uri, client, workdir, candidate, incumbent)
         with promotion_lock(client, name, cfg, actor) as lock:
             now = champion(client, name)
             if (now and str(now.version)) != (incumbent and str(incumbent.version)):
                 log.info("the champion moved while gathering evidence; gathering it again")
                 continue
             decision = _decide(cfg, version, candidate, incumbent, cand, champ)
+            if pinned is not None:
+                decision = _with_pinned(cfg, decision, cand, pinned)
             lock.check()  # still ours: not broken as stale while the gate ran
             _apply(client, name, cfg, decision, candidate, incumbent, actor)
             return decision
     raise PromotionError(f"the {name} champion kept moving during promotion of v{version}; retry")
+
+
+@dataclass(frozen=True)
+class Pinned:
+    """Both sides on the champion's test data (`registry.pinned`)."""
+
+    data_version: str
+    candidate: Evidence
+    champion: Evidence
+
+
+def _pinned_evidence(cfg: Config, uri: str, client, workdir: Path, candidate, incumbent):
+    """For a candidate tested on other data than the champion (a retrain on new data): both
+    on the champion's test data version, rebuilt from DVC when the workspace holds other
+    data; None when both were tested on the same data, or the workspace's test split is the
+    champion's (the pairing on it is then the whole comparison)."""
+    if tested_on(candidate) == tested_on(incumbent):
+        return None
+    pinned_cfg = pinned_config(cfg, client, incumbent, workdir)
+    if pinned_cfg is None:
+        return None
+    key = current_eval_key(pinned_cfg, workdir)
+    champ = per_example(pinned_cfg, uri, incumbent, workdir, key)
+    cand = per_example(pinned_cfg, uri, candidate, workdir, key)
+    return Pinned(tested_on(incumbent), cand, champ)
+
+
+def _with_pinned(cfg: Config, decision: Decision, cand: Evidence, pinned: Pinned) -> Decision:
+    """The rule for a candidate tested on other data: promoted only when the gate passes on
+    the new data's test split (`decision`) and on the champion's test data; both reported."""
+    on_pinned = gate.decide(
+        pinned.candidate.values, pinned.champion.values, cand.active_units, cfg.promotion
+    )
+    new = f"the new data's test split ({len(cand.values)} images)"
+    old = (
+        f"v{decision.champion_version}'s test data (data version {pinned.data_version}, "
+        f"{len(pinned.champion.values)} images)"
+    )
+    if decision.promoted and not on_pinned.promoted:
+        reason = f"not better on {old}: {on_pinned.reason} (on {new}: {decision.reason})"
+    else:
+        reason = f"on {new}: {decision.reason}; on {old}: {on_pinned.reason}"
+    record = {
+        **asdict(on_pinned),
+        "data_version": pinned.data_version,
+        "examples": len(pinned.champion.values),
+        "champion_evidence": pinned.champion.source,
+    }
+    promoted = decision.promoted and on_pinned.promoted
+    return replace(decision, promoted=promoted, reason=reason, pinned=record)
 
 
 def _evaluated_candidate(client, name: str, version: str):
@@ -205,6 +270,7 @@ def _apply(client, name, cfg: Config, d: Decision, candidate, incumbent, actor: 
             "mean_diff": d.mean_diff,
             "upper_bound": d.upper_bound,
             "confidence": cfg.promotion.confidence,
+            **({"pinned": d.pinned} if d.pinned else {}),
         },
     )
     log.info(
@@ -278,9 +344,11 @@ def _previous_after_rollback(
     if to_version is not None:
         # A chosen version: the champion it replaces is the one to come back to.
         return str(current.version)
-    # Walking back: what preceded the restored champion, per the history.
+    # Walking back: what preceded the restored champion, per the history: the champion that
+    # the last move of `champion` onto it (a promotion or a rollback) replaced.
     for event in reversed(history(client, name)):
-        if event.get("action") == "promote" and event.get("version") == str(target.version):
+        moved = event.get("action") in CHAMPION_MOVES and event.get("alias") == CHAMPION
+        if moved and event.get("version") == str(target.version):
             return event.get("from_champion")
     return None
 
