@@ -117,6 +117,24 @@ def test_per_example_values_do_not_depend_on_batching_or_position(prepared):
     assert not np.allclose(shifted["iw_log_px"], whole["iw_log_px"][10:30], rtol=1e-5)
 
 
+def test_bits_per_dim_of_a_padded_model_divides_its_nats_by_the_content_box(prepared):
+    """evaluate() of a model whose real pixels are the 28x28 box of the 32x32 images: D is
+    784 (what its likelihood sums over), not the padded 1024."""
+    ws, cfg, _, _ = prepared
+    boxed_cfg = cfg.model_copy(
+        update={"evaluate": cfg.evaluate.model_copy(update={"reports_dir": "reports-boxed"})}
+    )
+    torch.manual_seed(1)
+    model = ConvVAE(1, 32, cfg.model.latent_dim, content_box=[2, 2, 28, 28]).eval()
+    metrics = evaluate(boxed_cfg, model, ws)
+    stored = np.load(ws / "reports-boxed" / "per_example_iw_nll.npy")
+    nats = sum(stored.tolist()) / len(stored)
+    assert metrics["iw_nll"] == pytest.approx(nats, rel=1e-9)
+    assert metrics["pixels"] == 28 * 28 == model.pixel_count()
+    assert metrics["bits_per_dim"] == pytest.approx(nats / (28 * 28 * math.log(2)), rel=1e-9)
+    assert metrics["bits_per_dim"] != pytest.approx(nats / (32 * 32 * math.log(2)), rel=0.1)
+
+
 @pytest.mark.slow
 def test_sharded_over_two_ranks_equals_one_process(prepared):
     ws, cfg, model, metrics = prepared

@@ -17,7 +17,7 @@ from vae_pipeline.elbo import (
     iw_log_likelihood,
     iwae_terms,
 )
-from vae_pipeline.evaluate.estimator import summarize
+from vae_pipeline.evaluate.estimator import per_example_terms, summarize
 from vae_pipeline.model import ConvVAE
 from vae_pipeline.train.step import learning_rate
 
@@ -128,6 +128,25 @@ def test_bits_per_dim_divides_by_the_real_pixel_count():
     assert metrics["mutual_info_ceiling"] == pytest.approx(math.log(50))
 
 
+def test_bits_per_dim_of_a_padded_model_counts_its_content_box_only():
+    """A 3-channel 16x16 model whose real pixels are a 10x12 box: D = 3 * 10 * 12 = 360, not
+    the padded 3 * 16 * 16 = 768; bits/dim = iw_nll / (D ln 2) from its own nats."""
+    cfg = build_config(tiny_params(evaluate={"iw_samples": 4, "batch_size": 8}))
+    torch.manual_seed(0)
+    model = ConvVAE(3, 16, 4, content_box=[3, 2, 10, 12]).eval()
+    images = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
+    terms = per_example_terms(model, images, cfg.evaluate, torch.device("cpu"))
+    metrics = summarize(terms, cfg.evaluate, model.pixel_count(), model.likelihood)
+    _, _, height, width = model.content_box
+    d = 3 * height * width
+    assert (model.pixel_count(), metrics["pixels"], d) == (360, 360, 360)
+    nats = float(np.mean([-v for v in terms["iw_log_px"].tolist()]))  # positive nats
+    assert nats > 0 and metrics["iw_nll"] == pytest.approx(nats, rel=1e-12)
+    assert metrics["bits_per_dim"] == pytest.approx(nats / (d * math.log(2)), rel=1e-12)
+    padded = nats / (3 * 16 * 16 * math.log(2))
+    assert metrics["bits_per_dim"] != pytest.approx(padded, rel=0.1)
+
+
 def _direct_iw_bound(model, x, eps, beta=1.0):
     """log (1/K) sum_k p(x|z_k) p(z_k)^beta / q(z_k|x)^beta, one example and sample at a time."""
     mu, logvar = model.encode(x)
@@ -215,6 +234,75 @@ def test_effective_sample_size_matches_the_weights():
     w = (lw - lw.max(0).values).exp()
     torch.testing.assert_close(ess, w.sum(0) ** 2 / (w**2).sum(0))
     assert (ess >= 1 - 1e-9).all() and (ess <= 10 + 1e-9).all()
+
+
+def _ess_by_loop(log_w: list[list[float]]) -> list[float]:
+    """Kish's ESS of each example's K log-weights (log_w[k][n]), normalised by the largest:
+    1 / sum_k wn_k^2 with wn = w / sum w."""
+    out = []
+    for n in range(len(log_w[0])):
+        column = [row[n] for row in log_w]
+        top = max(column)
+        w = [math.exp(v - top) for v in column]
+        out.append(1.0 / sum((v / sum(w)) ** 2 for v in w))
+    return out
+
+
+def test_effective_sample_size_of_weights_far_from_one_is_that_of_the_normalised_weights():
+    """log-weights of -500 .. -400 (and shifted by +1000) give the same finite ESS, in [1, K]:
+    exp of them underflows (w^2: exp(-800) is 0 even in float64) and overflows shifted."""
+    k, n = 12, 5
+    gen = torch.Generator().manual_seed(0)
+    log_w = -500.0 + 100.0 * torch.rand(k, n, dtype=torch.float64, generator=gen)
+    log_w[:, 0] = -450.0  # all equal: ESS = K
+    log_w[0, 1] = -400.0  # one weight dominates (the others < e^-40 of it): ESS = 1
+    log_w[1:, 1] = -500.0 + torch.rand(k - 1, dtype=torch.float64, generator=gen)
+    expected = _ess_by_loop(log_w.tolist())
+    for shift in (0.0, 1000.0):
+        shifted = log_w + shift
+        got = effective_sample_size(torch.logsumexp(shifted, 0), torch.logsumexp(2 * shifted, 0))
+        assert torch.isfinite(got).all(), shift
+        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-9)
+    assert expected[0] == pytest.approx(k) and expected[1] == pytest.approx(1.0)
+    assert all(1 - 1e-9 <= e <= k + 1e-9 for e in expected) and max(expected[2:]) > 1.5
+
+    # the evaluation's chunked ESS, with log p(x|z) near -450 nats: the same, by a plain loop
+    latent = 2
+    mu = torch.tensor([[0.3, -0.2], [1.0, 0.5], [-0.7, 0.1]], dtype=torch.float64)
+    logvar = torch.tensor([[-0.5, 0.2], [0.0, -1.0], [0.4, 0.3]], dtype=torch.float64)
+    eps = torch.randn(k, 3, latent, dtype=torch.float64, generator=gen)
+    x = torch.zeros(3, 1, dtype=torch.float64)
+
+    def log_px(offset):
+        return lambda z, x_rep: offset + 1.5 * z.sum(-1)
+
+    def log_normal(v, m, s):
+        return -0.5 * ((v - m) / s) ** 2 - math.log(s) - 0.5 * math.log(2 * math.pi)
+
+    by_loop = [[0.0] * 3 for _ in range(k)]
+    for kk in range(k):
+        for i in range(3):
+            lw = -450.0
+            for j in range(latent):
+                m, s = mu[i, j].item(), math.exp(0.5 * logvar[i, j].item())
+                z = m + eps[kk, i, j].item() * s
+                lw += 1.5 * z + log_normal(z, 0.0, 1.0) - log_normal(z, m, s)
+            by_loop[kk][i] = lw
+    for offset in (-450.0, 550.0):
+        _, ess = iw_log_likelihood(
+            None,
+            x,
+            k,
+            chunk=5,
+            mu_logvar=(mu, logvar),
+            log_likelihood=log_px(offset),
+            decode=lambda z: z,
+            noise=_replay(eps),
+            with_ess=True,
+        )
+        assert torch.isfinite(ess).all(), offset
+        np.testing.assert_allclose(ess.numpy(), _ess_by_loop(by_loop), rtol=1e-9)
+        assert ((ess >= 1 - 1e-9) & (ess <= k + 1e-9)).all()
 
 
 def test_cosine_learning_rate_runs_from_lr_to_lr_min():

@@ -235,6 +235,63 @@ def test_a_holder_whose_lock_was_broken_as_stale_changes_nothing(store, tmp_path
                 slow.check()
 
 
+def _breaking_the_lock_after(monkeypatch, uri, function_name):
+    """Wrap promotion.`function_name` (run under the lock, before any alias moves) so that the
+    holder's lock entry is broken as stale by another promoter before it returns."""
+    from vae_pipeline.registry import promotion
+
+    real = getattr(promotion, function_name)
+    broken = []
+
+    def then_break(*args, **kwargs):
+        result = real(*args, **kwargs)
+        other = client_for(uri)  # the promoter that found the holder's entry stale
+        held = lock_entries(other, NAME)
+        assert len(held) == 1  # the holder's own entry
+        assert break_stale(other, held[0], 99.0)
+        broken.append(held[0].name)
+        return result
+
+    monkeypatch.setattr(promotion, function_name, then_break)
+    return broken
+
+
+def test_a_promotion_whose_lock_was_broken_while_gating_moves_nothing(store, tmp_path, monkeypatch):
+    uri, client = store
+    cfg = registry_cfg(uri)
+    v1 = add_version(client, evidence(1))
+    v2 = add_version(client, evidence(2, shift=-1.0))  # better: the gate would promote it
+    assert promote_if_better(cfg, uri, v1, tmp_path).promoted
+    broken = _breaking_the_lock_after(monkeypatch, uri, "_decide")
+    with pytest.raises(PromotionError, match="was broken while held") as err:
+        promote_if_better(cfg, uri, v2, tmp_path)
+    assert broken and repr(broken[0]) in str(err.value)
+    aliases = [_alias(client, a) for a in ("champion", "previous-champion", "challenger")]
+    assert aliases == [v1, None, None]
+    assert "gate_decision" not in client.get_model_version(NAME, v2).tags
+    assert [(e["action"], e["version"]) for e in history(client, NAME)] == [("promote", v1)]
+    assert lock_entries(client, NAME) == []
+
+
+def test_a_rollback_whose_lock_was_broken_while_reading_the_history_moves_nothing(
+    store, tmp_path, monkeypatch
+):
+    uri, client = store
+    cfg = registry_cfg(uri)
+    v1 = add_version(client, evidence(1))
+    v2 = add_version(client, evidence(2, shift=-1.0))
+    for version in (v1, v2):
+        assert promote_if_better(cfg, uri, version, tmp_path).promoted
+    broken = _breaking_the_lock_after(monkeypatch, uri, "_previous_after_rollback")
+    with pytest.raises(PromotionError, match="was broken while held") as err:
+        rollback(cfg, uri, "v2 breaks a consumer")
+    assert broken and repr(broken[0]) in str(err.value)
+    assert (_alias(client, "champion"), _alias(client, "previous-champion")) == (v2, v1)
+    assert "rolled_back_at" not in client.get_model_version(NAME, v2).tags
+    assert [e["action"] for e in history(client, NAME)] == ["promote", "promote"]
+    assert lock_entries(client, NAME) == []
+
+
 def test_using_a_store_does_not_change_which_store_the_config_resolves(tmp_path, monkeypatch):
     from vae_pipeline.config import build_config
     from vae_pipeline.config.environment import tracking_uri

@@ -227,15 +227,16 @@ def fit_into_box(img: Image.Image, image_size: int, box: list[int] | None) -> np
 
     `box` is that data's content box ([top, left, height, width] of its real pixels inside the
     image_size square, as manifest.json and the model's hparams record it). An image larger
-    than the box (either side) is resized into it by `fit_image`'s rule (shorter side to the
+    than the image_size square (either side) is resized into the box by `fit_image`'s rule (shorter side to the
     box, centre crop) and placed at the box inside a black frame, so a 64x64 or 56x56 copy of
-    a 28x28 training image gives (nearly) the tensor prepare made of it. Anything else, or no
-    box, is `fit_image` itself (a 28x28 image is padded exactly as prepare padded it)."""
+    a 28x28 training image gives (nearly) the tensor prepare made of it. An image that fits the
+    image_size square (a 28x28 one, or one already padded to 32x32), or no box, is `fit_image`
+    itself, exactly as prepare fitted it."""
     width, height = img.size
     if box is None:
         return fit_image(img, image_size)
     top, left, box_h, box_w = (int(v) for v in box)
-    if width <= box_w and height <= box_h:
+    if width <= image_size and height <= image_size:  # within the frame: prepare's rule
         return fit_image(img, image_size)
     if box_h == box_w:
         inner = resize_and_crop(img, box_h)
