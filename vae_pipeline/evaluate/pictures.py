@@ -28,6 +28,13 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: Path) -> None:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 @torch.no_grad()
 def save_grids(
     model: ConvVAE, images: torch.Tensor, ecfg: EvaluateConfig, out_dir: Path, device: torch.device
@@ -101,9 +108,7 @@ def plot_kl_per_dim(kl_dims: np.ndarray, threshold_units: int, path: Path) -> Pa
     ax.set_ylabel("KL (nats per example)")
     ax.set_title(f"KL per latent unit ({threshold_units} active)")
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path)
     return path
 
 
@@ -133,10 +138,7 @@ def plot_loss_curves(history: list[dict], path: Path) -> Path | None:
     ax.set_title("ConvVAE loss")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path)
     return path
 
 
@@ -174,10 +176,7 @@ def plot_latent_pca(
     ax.set_ylabel("PC 2")
     ax.set_title(title)
     ax.legend(markerscale=2.5, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path)
     return path
 
 
@@ -204,9 +203,7 @@ def plot_anomaly_scores(
     ax.set_ylabel("density")
     ax.set_title(title or "anomaly scores")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path)
     return path
 
 
@@ -232,7 +229,5 @@ def plot_probe(
     ax.set_title("few-label probe (logistic regression; mean and std over draws)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path)
     return path
