@@ -118,7 +118,13 @@ class ConvVAE(nn.Module):
         return mu + eps * std
 
     def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.decoder_input(z))
+        """The decoder's output: logits, or a mean and a log scale per pixel. Its last layer
+        (the likelihood head) runs in fp32 inside an autocast region too: `likelihood_head`."""
+        *body, head = self.decoder
+        h = self.decoder_input(z)
+        for layer in body:
+            h = layer(h)
+        return likelihood_head(head, h)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Mean of p(x|z): pixel intensities in [0, 1]."""
@@ -225,6 +231,18 @@ class InferenceDecoder(nn.Module):
         else:
             h = self.head(z)
         return self.rest(h.contiguous(memory_format=torch.channels_last)).contiguous()
+
+
+def likelihood_head(head: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """`head(h)` with autocast off and `h` in the head's own dtype (fp32 under autocast).
+
+    Under bf16 autocast the head's output would be rounded to 8 significant bits: near 1 a
+    discretized logistic's mean has steps of 2^-8, half a bin of 2/255, and a sharp decoder
+    (small log scale) pays for the rounding in nats, tens per image at 1x32x32; a sharp
+    Gaussian's mean alike (tests/test_likelihoods.py measures it). The layers below keep autocast's speed. Outside autocast this is
+    `head(h)` itself, the same numbers bit for bit (`h.to` of its own dtype returns `h`)."""
+    with torch.autocast(h.device.type, enabled=False):
+        return head(h.to(head.weight.dtype))
 
 
 def _side_after(first: nn.ConvTranspose2d, unflatten: nn.Unflatten) -> int:

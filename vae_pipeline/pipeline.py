@@ -15,19 +15,23 @@ import torch
 from vae_pipeline import lineage, tracking, versioning
 from vae_pipeline.config import Config
 from vae_pipeline.config.environment import tracking_uri
-from vae_pipeline.data.dataset import read_manifest, resolve_label
 from vae_pipeline.data.preparation import prepare
 from vae_pipeline.data.sources import snapshot_source
 from vae_pipeline.errors import UserError
-from vae_pipeline.evaluate import evaluate
+from vae_pipeline.evaluate.model_file import (
+    check_holdout,
+    evaluate_model_file,
+    is_tracking_uri,
+    label_names,
+    load_weights,
+    local_weights,
+)
 from vae_pipeline.model import ConvVAE
 from vae_pipeline.registry.promotion import Decision, promote_if_better
 from vae_pipeline.registry.versions import register as register_version
 from vae_pipeline.registry.versions import version_of_run, version_tags
 from vae_pipeline.train.checkpoint import load as load_weights_meta
-from vae_pipeline.train.checkpoint import load_model
 from vae_pipeline.train.data import holdout_label
-from vae_pipeline.train.distributed import pick_device
 from vae_pipeline.train.launch import launch, launch_evaluation
 
 log = logging.getLogger(__name__)
@@ -61,21 +65,20 @@ def train(
     return launch(cfg, out_dir, workdir, ["--mlflow-run-id", run_id] if run_id else [])
 
 
+def model_weights(cfg: Config, ref: str, workdir: Path = Path(".")) -> Path:
+    """The local weights file of a model: a file, a train out dir's model.pt, or an MLflow URI
+    (models:/conv-vae@champion, runs:/...) downloaded here, with its anomaly.json beside it."""
+    if is_tracking_uri(ref):
+        return tracking.download_weights(tracking_uri(cfg, workdir), ref)
+    return local_weights(ref, workdir)
+
+
 def load_model_ref(cfg: Config, ref: str, workdir: Path = Path(".")) -> tuple[ConvVAE, dict]:
     """A model from a local file/dir (model.pt) or an MLflow URI (models:/conv-vae@champion).
 
     A registered model's calibrated anomaly threshold (anomaly.json beside its weights) comes
     back as meta["anomaly"]."""
-    if "://" in ref or ref.startswith("models:/") or ref.startswith("runs:/"):
-        weights = tracking.download_weights(tracking_uri(cfg, workdir), ref)
-    else:
-        path = workdir / ref
-        weights = path / "model.pt" if path.is_dir() else path
-    model, meta = load_model(weights)
-    anomaly = weights.parent / tracking.ANOMALY_FILE
-    if anomaly.is_file():
-        meta["anomaly"] = json.loads(anomaly.read_text())
-    return model, meta
+    return load_weights(model_weights(cfg, ref, workdir))
 
 
 def evaluate_model(
@@ -83,39 +86,19 @@ def evaluate_model(
 ) -> dict:
     """Evaluate a model (file, train dir or MLflow URI) on the prepared test split.
 
-    With `evaluate.nproc_per_node` > 1, and not already inside a torchrun job, this launches
+    An MLflow URI is downloaded here, so the evaluation (in this process or in torchrun's
+    ranks) reads a local file and needs no MLflow: a GPU host may not have it. With
+    `evaluate.nproc_per_node` > 1, and not already inside a torchrun job, this launches
     torchrun and the ranks share the test examples; the metrics come back from metrics.json.
     """
+    local = str(model_weights(cfg, model_ref, workdir)) if is_tracking_uri(model_ref) else model_ref
     if cfg.evaluate.nproc_per_node > 1 and not torch.distributed.is_initialized():
-        launch_evaluation(cfg, model_ref, workdir)
+        # a wrong holdout class fails here, naming the model as given, before any rank starts
+        _, meta = load_weights(local_weights(local, workdir))
+        check_holdout(cfg, meta, model_ref, label_names(cfg, workdir))
+        launch_evaluation(cfg, local, workdir)
         return json.loads((workdir / cfg.evaluate.reports_dir / "metrics.json").read_text())
-    model, meta = load_model_ref(cfg, model_ref, workdir)
-    names = read_manifest(workdir / cfg.data.prepared_dir).get("label_names") or []
-    check_holdout(cfg, meta, model_ref, list(names))
-    history_path = (
-        (workdir / model_ref / "history.json") if (workdir / model_ref).is_dir() else None
-    )
-    history = (
-        json.loads(history_path.read_text()) if history_path and history_path.is_file() else None
-    )
-    if device is None:
-        device = pick_device(cfg.train.device)
-    return evaluate(cfg, model, workdir, history=history, device=device)
-
-
-def check_holdout(cfg: Config, meta: dict, model_ref: str, label_names: list[str]) -> None:
-    """The model must have been trained without anomaly.holdout_class (and only without it):
-    otherwise its AUROC would measure something else. A file saved without the field (a bare
-    `save_model(model, path)`) counts as trained on every class."""
-    held = resolve_label(cfg.anomaly.holdout_class, label_names, "anomaly.holdout_class")
-    wanted = None if held is None else label_names[held]
-    trained = meta.get("holdout_class")
-    if wanted != trained:
-        raise UserError(
-            f"{model_ref} was trained without class {trained!r} but anomaly.holdout_class="
-            f"{cfg.anomaly.holdout_class!r}: evaluate it with --set "
-            f"anomaly.holdout_class={trained or 'null'}"
-        )
+    return evaluate_model_file(cfg, local, workdir, device, name=model_ref)
 
 
 def register(

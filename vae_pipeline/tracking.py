@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 
 MODEL_ARTIFACT = "model"
 TORCH_ARTIFACT = "pytorch"
-WEIGHTS_FILE = "model.pt"
 
 
 def redact(value: Any) -> Any:
@@ -193,7 +192,6 @@ def log_evaluation(uri: str, run_id: str, metrics: dict, reports_dir: Path) -> N
             client.log_artifact(run_id, str(path), artifact_path="reports")
 
 
-ANOMALY_FILE = "anomaly.json"
 # The evaluation's keys that make the anomaly threshold stored with a model.
 ANOMALY_KEYS = {
     "anomaly_score": "score",
@@ -221,6 +219,7 @@ def log_model(uri: str, run_id: str, weights: Path, anomaly: dict | None = None)
 
     client_for(uri)
     from vae_pipeline import pyfunc
+    from vae_pipeline.evaluate.model_file import ANOMALY_FILE
 
     signature, example = _signature(weights)
     artifacts = {"weights": str(weights)}
@@ -343,6 +342,8 @@ def ui_links(uri: str, run_id: str, model_name: str, version: str) -> dict[str, 
 
 def download_weights(uri: str, model_uri: str, dest: Path | None = None) -> Path:
     """Fetch a logged/registered model's weights file (e.g. models:/conv-vae@champion)."""
+    from vae_pipeline.evaluate.model_file import WEIGHTS_FILE
+
     client_for(uri)
     dest = Path(dest or tempfile.mkdtemp(prefix="vae-model-"))
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dest)))
