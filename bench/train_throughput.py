@@ -12,7 +12,9 @@ Side by side in one run, alternating round by round (so a noisy neighbour slows 
 1. `Trainer._run_epoch` (what `vae-pipeline train` runs per rank: its data path, per-step
    finiteness check, device-side sums) against a plain loop written out by hand: the same
    ConvVAE, data (a DataLoader over the memory-mapped uint8 split), batch, Adam and loss,
-   nothing else. One epoch each per round. The trainer runs twice: with its defaults (every
+   nothing else, in each variant the device offers (fp32 / bf16 autocast where it runs at
+   speed x NCHW / channels_last); the trainer's defaults are given against the best of
+   them, round by round. One epoch each per round. The trainer runs twice: with its defaults (every
    `auto`: the step variant its probe picks, the data resident on the device) and like for like
    (fp32, the plain loop's NCHW layout). Then the same one step at a time on one fixed batch
    (no data loading: less noise). The trainer's best epoch is also given as a fraction of the
@@ -27,10 +29,12 @@ machine's fp32 GEMM rate, measured in the same run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import platform
 import socket
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -49,7 +53,7 @@ from vae_pipeline.data.preparation import prepare
 from vae_pipeline.data.sources import snapshot_source
 from vae_pipeline.model import ConvVAE
 from vae_pipeline.train import autotune
-from vae_pipeline.train.step import StepPlan
+from vae_pipeline.train.step import StepPlan, bf16_supported
 from vae_pipeline.train.trainer import Trainer
 
 
@@ -65,14 +69,25 @@ def plain_loss(model: ConvVAE, x: torch.Tensor, eps: torch.Tensor | None = None)
 
 class PlainLoop:
     """The loop written out by hand. It draws the same batches (a DistributedSampler of one
-    replica with the trainer's seed) and the same noise as the trainer, so the two models
-    follow the same trajectory and any weight-dependent speed (denormals) affects both alike."""
+    replica with the trainer's seed) and the same noise as the trainer (drawn on the device,
+    as the trainer does), so the two models follow the same trajectory and any
+    weight-dependent speed (denormals) affects both alike. Variants: fp32 or bf16 autocast,
+    NCHW or channels_last, so the trainer is compared with the best a hand-written loop gets."""
 
-    def __init__(self, cfg, split: PreparedSplit, device: torch.device):
+    def __init__(
+        self,
+        cfg,
+        split: PreparedSplit,
+        device: torch.device,
+        bf16: bool = False,
+        channels_last: bool = False,
+    ):
         self.cfg, self.device = cfg, device
+        self.format = torch.channels_last if channels_last else torch.contiguous_format
+        self.autocast = torch.autocast(device.type, torch.bfloat16, enabled=bf16)
         torch.manual_seed(cfg.train.seed)
         self.model = ConvVAE(cfg.data.channels, cfg.data.image_size, cfg.model.latent_dim)
-        self.model.to(device)
+        self.model.to(device, memory_format=self.format)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr)
         self.sampler = DistributedSampler(
             split, num_replicas=1, rank=0, shuffle=True, seed=cfg.train.seed, drop_last=True
@@ -86,7 +101,8 @@ class PlainLoop:
         )
 
     def step(self, x: torch.Tensor, eps: torch.Tensor | None = None) -> None:
-        loss = plain_loss(self.model, x, eps)
+        with self.autocast:
+            loss = plain_loss(self.model, x, eps)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -95,12 +111,14 @@ class PlainLoop:
         """images/s over one epoch."""
         self.model.train()
         self.sampler.set_epoch(epoch)
-        noise = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + epoch)
+        seed = self.cfg.train.seed * 1_000_003 + epoch
+        noise = torch.Generator(device=self.device).manual_seed(seed)
         n, start = 0, time.perf_counter()
         for images, _ in self.loader:
             x = images.to(self.device, non_blocking=True).float() / 255
-            eps = torch.randn(x.shape[0], self.cfg.model.latent_dim, generator=noise)
-            self.step(x, eps.to(self.device))
+            x = x.contiguous(memory_format=self.format)
+            shape = (x.shape[0], self.cfg.model.latent_dim)
+            self.step(x, torch.randn(shape, generator=noise, device=self.device))
             n += x.shape[0]
         synchronize(self.device)
         return n / (time.perf_counter() - start)
@@ -132,9 +150,10 @@ def training_flops_per_image(cfg, device: torch.device) -> float:
     return counter.get_total_flops() / 8
 
 
-def side_by_side(runs: dict, rounds: int) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """Best images/s of each, and each one's per-round ratio to the last one (the reference).
-    The order alternates round by round, so a noisy neighbour slows all of them alike."""
+def side_by_side(runs: dict, rounds: int, with_rates: bool = False) -> tuple:
+    """Best images/s of each, and each one's per-round ratio to the last one (the reference);
+    with `with_rates`, every round's images/s too. The order alternates round by round, so a
+    noisy neighbour slows all of them alike."""
     names = list(runs)
     for run in runs.values():
         run(0)  # warm-up epoch
@@ -142,9 +161,12 @@ def side_by_side(runs: dict, rounds: int) -> tuple[dict[str, float], dict[str, l
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
             rates[name].append(runs[name](r + 1))
+        shown = ", ".join(f"{rates[n][-1]:.0f}" for n in names)
+        print(f"#   round {r + 1}/{rounds}: images/s {shown}", file=sys.stderr, flush=True)
     ref = rates[names[-1]]
     ratios = {name: [a / b for a, b in zip(v, ref, strict=True)] for name, v in rates.items()}
-    return {name: max(v) for name, v in rates.items()}, ratios
+    best = {name: max(v) for name, v in rates.items()}
+    return (best, ratios, rates) if with_rates else (best, ratios)
 
 
 def spread(ratios: list[float]) -> str:
@@ -152,26 +174,34 @@ def spread(ratios: list[float]) -> str:
 
 
 def step_variants(device: torch.device) -> list[StepPlan]:
-    """The step variants of the headroom rows (those the trainer's probe may pick)."""
-    cuda = device.type == "cuda"
-    precisions = ["fp32", "bf16"] if cuda and torch.cuda.is_bf16_supported() else ["fp32"]
-    plans = [StepPlan(p, cl, "none", cuda) for p in precisions for cl in (False, True)]
-    if cuda:
-        plans += [StepPlan(p, cl, c, True) for p in precisions for cl in (False, True)
-                  for c in ("default", "reduce-overhead")]  # fmt: skip
-    return plans
+    """The eager step variants of the headroom rows (those the trainer's probe may pick)."""
+    precisions = ["fp32", "bf16"] if bf16_supported(device) else ["fp32"]
+    fused = device.type == "cuda"
+    return [StepPlan(p, cl, "none", fused) for p in precisions for cl in (False, True)]
 
 
 def headroom(cfg, device: torch.device, flops: float, rounds: int) -> float:
     """Part 0: the fastest fixed-batch step over the variants (median of `rounds` interleaved
-    rounds of about a second each); prints their table."""
-    rates = autotune.time_candidates(
+    rounds of about a second each); prints their table. On CUDA the fastest eager variant is
+    then timed compiled and with CUDA graphs (two compiles, not eight), as the probe does;
+    Dynamo is reset afterwards, so the trainers' compiles start from a clean cache."""
+    eager = autotune.time_candidates(
         cfg, device, cfg.train.batch_size, step_variants(device), rounds, round_seconds=1.0
     )
+    rates = dict(eager)
+    if device.type == "cuda":
+        best = max(eager, key=eager.get)
+        compiled = [dataclasses.replace(best, compile=c) for c in ("default", "reduce-overhead")]
+        try:
+            rates |= autotune.time_candidates(
+                cfg, device, cfg.train.batch_size, [best, *compiled], rounds, round_seconds=1.0
+            )
+        finally:
+            torch._dynamo.reset()
     print("| fixed-batch step, data already on the device | images/s | TFLOP/s |")
     print("|---|---|---|")
     for plan, rate in sorted(rates.items(), key=lambda item: -item[1]):
-        print(f"| {plan.label()} | {rate:.0f} | {rate * flops / 1e12:.2f} |")
+        print(f"| {plan.label()} | {rate:.0f} | {rate * flops / 1e12:.2f} |", flush=True)
     return max(rates.values())
 
 
@@ -199,7 +229,13 @@ def main() -> None:
     }
     cfg = build_config(params)  # the trainer's defaults (channels_last; bf16 autocast on CUDA)
     # like for like with the plain loop: fp32, NCHW
-    same = {**params["train"], "channels_last": False, "precision": "fp32"}
+    same = {
+        **params["train"],
+        "channels_last": False,
+        "precision": "fp32",
+        "compile": False,
+        "fused_adam": False,
+    }
     plain_cfg = build_config({**params, "train": same})
     with tempfile.TemporaryDirectory(prefix="vae-bench-") as tmp:
         root = Path(tmp)
@@ -230,20 +266,29 @@ def main() -> None:
 
         # 1. Whole epochs: the trainer (defaults, and like for like) against the plain loop.
         default, same_as_plain = trainer(cfg, "default"), trainer(plain_cfg, "like-for-like")
-        plain = PlainLoop(cfg, split, device)
         defaults = (
             f"trainer, defaults ({default.plan.describe()}; data {default.batches.describe()})"
         )
-        best, ratios = side_by_side(
-            {
-                defaults: lambda e: trainer_epoch(default, e),
-                "trainer, fp32 NCHW (as the plain loop)": lambda e: trainer_epoch(same_as_plain, e),
-                "plain loop, fp32 NCHW": lambda e: plain.epoch(e),
-            },
-            args.rounds,
-        )
+        # the plain loop in every variant the device offers (bf16 where it runs at speed)
+        plains = {
+            f"plain loop, {'bf16 autocast' if bf16 else 'fp32'} "
+            f"{'channels_last' if cl else 'NCHW'}": PlainLoop(cfg, split, device, bf16, cl)
+            for bf16 in ([False, True] if bf16_supported(device) else [False])
+            for cl in (True, False)
+        }
+        runs = {
+            defaults: lambda e: trainer_epoch(default, e),
+            "trainer, fp32 NCHW (as the plain loop)": lambda e: trainer_epoch(same_as_plain, e),
+        }
+        runs |= {name: (lambda e, loop=loop: loop.epoch(e)) for name, loop in plains.items()}
+        best, ratios, rates = side_by_side(runs, args.rounds, with_rates=True)
+        # the best plain-loop variant by its median epoch, then paired ratios against it (a
+        # per-round maximum over near-equal variants would be biased upwards by the noise)
+        plain_best = max(plains, key=lambda n: statistics.median(rates[n]))
+        vs_best = [a / b for a, b in zip(rates[defaults], rates[plain_best], strict=True)]
         print(
-            "| loop | images/s (best epoch) | GFLOP/s | of GEMM rate | / plain loop, median (range) |"
+            "| loop | images/s (best epoch) | GFLOP/s | of GEMM rate | "
+            f"/ {list(runs)[-1]}, median (range) |"
         )
         print("|---|---|---|---|---|")
         for name, rate in best.items():
@@ -251,6 +296,10 @@ def main() -> None:
             print(
                 f"| {name} | {rate:.0f} | {gflops:.0f} | {gflops / peak:.0%} | {spread(ratios[name])} |"
             )
+        print(
+            f"# trainer defaults / the best plain-loop variant ({plain_best}, by median): "
+            f"{spread(vs_best)}"
+        )
         print(
             f"# trainer defaults, best epoch: {best[defaults] / fastest:.2f}x the fastest "
             f"fixed-batch step ({fastest:.0f} images/s), {best[defaults] * flops / 1e12:.2f} TFLOP/s"

@@ -22,7 +22,7 @@ def test_params_yaml_loads_with_every_section():
         "monitor",
     }
     assert cfg.data.image_size == 32 and cfg.data.channels == 1
-    assert cfg.train.nproc_per_node == 2
+    assert cfg.train.nproc_per_node == "auto"
     # Every key in params.yaml is spelled out (nothing left to a default silently).
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     for section in ("anomaly", "probe", "generation"):

@@ -39,16 +39,23 @@ def fmix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
+def fmix32_int(h: int) -> int:
+    """`fmix32` on one Python int (the same bits): keys derived from scalars stay on the host,
+    so no tensor is built and copied to the device per step."""
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & MASK32
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & MASK32
+    return h ^ (h >> 16)
+
+
 def uniforms(seed: int, stream: int, indices: torch.Tensor, pixels: int) -> torch.Tensor:
     """Uniforms in [0, 1), shape (len(indices), pixels): row i is a function of (seed, stream,
     indices[i]) alone; 24 bits each (exact in float32)."""
-    device = indices.device
-    key = fmix32(torch.tensor(seed & MASK32, dtype=torch.int64, device=device))
-    key = fmix32(
-        key ^ _mul32(torch.tensor(stream & MASK32, dtype=torch.int64, device=device), 0x9E3779B1)
-    )
+    key = fmix32_int(seed & MASK32)
+    key = fmix32_int(key ^ (((stream & MASK32) * 0x9E3779B1) & MASK32))
     rows = fmix32(key ^ _mul32(indices.to(torch.int64) & MASK32, 0x27D4EB2F))
-    cols = fmix32(torch.arange(pixels, dtype=torch.int64, device=device) ^ 0x165667B1)
+    cols = fmix32(torch.arange(pixels, dtype=torch.int64, device=indices.device) ^ 0x165667B1)
     bits = fmix32(rows.unsqueeze(1) ^ cols.unsqueeze(0))
     return (bits >> 8).to(torch.float32) * (1.0 / 2**24)
 
@@ -71,5 +78,7 @@ def binarize(
         raise ValueError(f"binarize policy must be one of {POLICIES}, got {policy!r}")
     if indices is None:
         indices = torch.arange(x.shape[0], device=x.device)
-    u = uniforms(seed, stream, indices.to(x.device), x[0].numel()).view_as(x)
+    if indices.device != x.device:
+        indices = indices.to(x.device)
+    u = uniforms(seed, stream, indices, x[0].numel()).view_as(x)
     return (u < x).to(x.dtype)

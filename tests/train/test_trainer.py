@@ -9,6 +9,7 @@ import torch
 from vae_pipeline.config import build_config
 from vae_pipeline.data.preparation import prepare
 from vae_pipeline.data.sources import snapshot_source
+from vae_pipeline.train import step
 from vae_pipeline.train.checkpoint import load, load_model
 from vae_pipeline.train.step import TrainingError, autocast_dtype
 from vae_pipeline.train.trainer import Trainer
@@ -311,14 +312,21 @@ def test_a_step_with_each_layout_or_compiled_matches_a_plain_loop(prepared, tmp_
         torch.testing.assert_close(value, trainer.model.state_dict()[name], rtol=0, atol=0)
 
 
-def test_precision_is_fp32_on_cpu_and_bf16_there_is_refused(prepared, tmp_path):
+def test_bf16_is_refused_on_a_cpu_without_bf16_units(prepared, tmp_path, monkeypatch):
+    monkeypatch.setattr(step, "cpu_has_bf16", lambda: False)
     cpu = torch.device("cpu")
     assert autocast_dtype("auto", cpu) is None and autocast_dtype("fp32", cpu) is None
-    with pytest.raises(TrainingError, match="train.precision=bf16 needs a CUDA device"):
+    with pytest.raises(TrainingError, match="train.precision=bf16: this CPU"):
         autocast_dtype("bf16", cpu)
     with pytest.raises(TrainingError, match="train.precision=bf16"):
         Trainer(_cfg(precision="bf16"), tmp_path / "x", workdir=prepared)
     assert not (tmp_path / "x").exists()
+
+
+def test_bf16_is_taken_on_a_cpu_with_bf16_units(monkeypatch):
+    monkeypatch.setattr(step, "cpu_has_bf16", lambda: True)
+    assert autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+    assert autocast_dtype("auto", torch.device("cpu")) is None  # auto: the probe decides
 
 
 def test_grad_accum_must_divide_the_local_batch(prepared, tmp_path):
@@ -468,3 +476,16 @@ def test_resident_data_follows_its_budget(prepared, tmp_path):
     one = resident_decision("auto", 2**30, cpu, local_world_size=1)[0]
     many = resident_decision("auto", 2**30, cpu, local_world_size=1024)[0]
     assert one and not many
+
+
+def test_fused_adam_on_cpu_trains_to_the_default_adams_weights(prepared, tmp_path):
+    base = {"epochs": 1, "channels_last": False, "compile": False}
+    plain = Trainer(_cfg(fused_adam=False, **base), tmp_path / "plain", workdir=prepared)
+    fused = Trainer(_cfg(fused_adam=True, **base), tmp_path / "fused", workdir=prepared)
+    assert fused.plan.fused_adam and fused.optimizer.defaults["fused"]
+    plain.fit()
+    fused.fit()
+    for (name, a), b in zip(
+        plain.model.state_dict().items(), fused.model.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)  # the same maths

@@ -18,7 +18,7 @@ CHAMPION_URI = "models:/{name}@champion"
 # `vae-pipeline train` flags that mirror torchrun's; each is a shorthand for `--set KEY=VALUE`.
 TRAIN_TOPOLOGY_FLAGS = (
     ("--nnodes", "train.nnodes", int),
-    ("--nproc-per-node", "train.nproc_per_node", int),
+    ("--nproc-per-node", "train.nproc_per_node", str),  # a number or auto
     ("--rdzv-endpoint", "train.rdzv_endpoint", str),
     ("--rdzv-id", "train.rdzv_id", str),
     ("--max-restarts", "train.max_restarts", int),

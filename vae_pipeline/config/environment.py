@@ -30,6 +30,7 @@ ENVIRONMENT: dict[str, str] = {
     "AWS_ENDPOINT_URL_S3": "S3 endpoint for S3 only (wins over AWS_ENDPOINT_URL)",
     "MLFLOW_S3_ENDPOINT_URL": "S3 endpoint of the MLflow client's direct artifact access",
     "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "torchrun: a rendezvous store per restart (set by us)",
+    "CUBLAS_WORKSPACE_CONFIG": "cuBLAS workspace; train.deterministic sets :4096:8 when unset",
     "XDG_CACHE_HOME": "where the step-probe cache lives (train.autotune_cache wins)",
 }
 

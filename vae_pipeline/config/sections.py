@@ -80,7 +80,9 @@ class TrainConfig(Section):
     batch_size: int = Field(128, ge=1)
     lr: float = Field(1e-3, gt=0.0, le=1.0)
     seed: int = Field(0, ge=0)
-    nproc_per_node: int = Field(2, ge=1, le=256)
+    nproc_per_node: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = "auto"
+    """torchrun ranks on this node; auto = one per visible GPU when training on CUDA, 2 on
+    CPU (gloo). A rank without a GPU of its own is refused."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: int = Field(100, ge=1)
     num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
@@ -114,9 +116,10 @@ class TrainConfig(Section):
     """Times torchrun restarts the workers after a failure (e.g. a killed rank); each restart
     resumes from the last checkpoint."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """auto = chosen by the step probe on CUDA (bf16 autocast or fp32: bf16 pays at 3x250x250,
-    not at 1x32x32), fp32 on CPU; bf16 = require it (refused on CPU, where bf16 is far slower
-    than fp32). The loss terms stay fp32."""
+    """auto = chosen by the step probe where bf16 runs at speed (CUDA cards with bf16; CPUs with
+    AVX-512 BF16 or AMX): bf16 autocast or fp32, whichever is faster at this shape (bf16 pays
+    at 3x250x250 on an H100, not at 1x32x32); fp32 elsewhere. bf16 = require it (refused where
+    it is emulated, far slower than fp32). The likelihood head and the loss terms stay fp32."""
     channels_last: bool | Literal["auto"] = "auto"
     """Convolutions in NHWC memory layout; auto = chosen by the step probe (timed against NCHW
     on this device, shape and batch); the same numbers up to float rounding."""
@@ -125,8 +128,13 @@ class TrainConfig(Section):
     (for launch-bound small shapes, one rank). auto = probed on CUDA, off on CPU (compiling
     costs a minute and needs a C++ compiler there)."""
     fused_adam: bool | Literal["auto"] = "auto"
-    """Adam's fused CUDA kernel (one launch for every parameter); auto = probed on CUDA, off
-    on CPU (where the default implementation keeps the CPU runs' bits as they were)."""
+    """Adam's fused kernel (one launch for every parameter); auto = probed on CUDA, off on CPU
+    (where the default implementation keeps the CPU runs' bits as they were); true works on
+    CPU too."""
+    deterministic: bool = True
+    """true = bitwise-reproducible kernels on CUDA (cuDNN deterministic, no cuDNN benchmark, no
+    TF32), so resume and rank parity hold bit for bit there as on CPU; false = cuDNN's fastest
+    algorithms and TF32 (faster on a GPU, runs differ in the last bits). No effect on CPU."""
     autotune_cache: str | None = None
     """JSON file of step-probe results, per device, torch version, shape and batch (null =
     ~/.cache/vae-pipeline/step-plans.json, or under $XDG_CACHE_HOME)."""

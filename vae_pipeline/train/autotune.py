@@ -29,14 +29,22 @@ import os
 import platform
 import statistics
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import torch
 
 from vae_pipeline.config import Config
-from vae_pipeline.model import ConvVAE
-from vae_pipeline.train.step import ElboPath, StepPlan, TrainingError, autocast_dtype
+from vae_pipeline.train.distributed import DistEnv, broadcast_object, patient_group
+from vae_pipeline.train.step import (
+    StepPlan,
+    TrainingError,
+    autocast_dtype,
+    bf16_supported,
+    build_network,
+    micro_batches,
+    plan_problems,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,21 +64,29 @@ def _choices(cfg: Config, device: torch.device, world_size: int) -> dict[str, li
     tc = cfg.train
     cuda = device.type == "cuda"
     autocast_dtype(tc.precision, device)  # refuses bf16 where it cannot run, naming the field
-    bf16_ok = cuda and torch.cuda.is_bf16_supported()
-    precision = {"fp32": ["fp32"], "bf16": ["bf16"]}.get(
-        tc.precision, ["fp32", "bf16"] if bf16_ok else ["fp32"]
-    )
+    if tc.precision != "auto":
+        precision = [tc.precision]
+    else:
+        precision = ["fp32", "bf16"] if bf16_supported(device) else ["fp32"]
     layout = [False, True] if tc.channels_last == "auto" else [bool(tc.channels_last)]
     if tc.compile == "auto":
-        compile_ = ["none", "default"] + (["reduce-overhead"] if world_size == 1 else [])
+        # CUDA graphs only where they are safe: one rank, no gradient accumulation
+        graphs = world_size == 1 and tc.grad_accum_steps == 1
+        compile_ = ["none", "default"] + (["reduce-overhead"] if graphs else [])
         compile_ = compile_ if cuda else ["none"]
     elif tc.compile == "reduce-overhead":
         compile_ = ["reduce-overhead"]
     else:
         compile_ = ["default" if tc.compile else "none"]
     fused = ([True, False] if cuda else [False]) if tc.fused_adam == "auto" else [tc.fused_adam]
-    if fused == [True] and not cuda:
-        raise TrainingError("train.fused_adam=true needs a CUDA device here; use auto or false")
+    if tc.compile == "reduce-overhead":
+        graphs = StepPlan(compile="reduce-overhead")
+        problems = plan_problems(graphs, device, world_size, tc.grad_accum_steps)
+        if problems:
+            raise TrainingError(
+                f"train.compile=reduce-overhead: {'; '.join(problems)}; use train.compile=true "
+                "or auto"
+            )
     return {"precision": precision, "channels_last": layout, "compile": compile_, "fused": fused}
 
 
@@ -81,7 +97,7 @@ def cache_key(cfg: Config, device: torch.device, micro_batch: int, choices: dict
     return (
         f"{device_name(device)}|torch {torch.__version__}|{c.channels}x{c.image_size}x"
         f"{c.image_size}|latent {cfg.model.latent_dim}|{cfg.model.likelihood}|K {k}"
-        f"|micro-batch {micro_batch}|{options}"
+        f"|micro-batch {micro_batch}|accum {cfg.train.grad_accum_steps}|{options}"
     )
 
 
@@ -107,39 +123,49 @@ def write_cache(path: Path, key: str, entry: dict) -> None:
 
 
 class _Candidate:
-    """One step variant on a fresh model copy, ready to be timed."""
+    """One step variant on a fresh network built as the trainer builds it (`build_network`:
+    the same graph, padding mask included, so the trainer's compile is the probe's cache
+    entry), running the trainer's optimizer step: `accum` micro-batches, then Adam."""
 
-    def __init__(self, cfg: Config, device: torch.device, plan: StepPlan, batch: tuple):
-        c = cfg.data
-        self.plan = plan
-        self.x, self.eps = batch
-        fmt = torch.channels_last if plan.channels_last else torch.contiguous_format
-        self.x = self.x.contiguous(memory_format=fmt)
-        model = ConvVAE(c.channels, c.image_size, cfg.model.latent_dim, cfg.model.likelihood)
-        self.model = model.to(device, memory_format=fmt)
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-4, fused=plan.fused_adam or None)
-        net = ElboPath(self.model, torch.bfloat16 if plan.precision == "bf16" else None)
-        if plan.compile != "none":
-            mode = None if plan.compile == "default" else plan.compile
-            net = torch.compile(net, mode=mode)
-        self.net = net
-        self.device = device
+    def __init__(
+        self,
+        cfg: Config,
+        device: torch.device,
+        plan: StepPlan,
+        batch: tuple,
+        content_box: list | None = None,
+    ):
+        self.plan, self.device = plan, device
+        self.net = build_network(cfg, plan, device, DistEnv(), content_box)
+        x, eps = batch
+        self.accum = cfg.train.grad_accum_steps
+        # the trainer's micro-batches: chunks of one rank's batch (the same shapes and strides,
+        # so the same compiled graph)
+        self.micro = micro_batches(
+            x.contiguous(memory_format=self.net.memory_format), eps, self.accum
+        )
+        self.beta = torch.ones((), device=device)  # as the trainer passes it (iwae)
 
     def step(self) -> None:
-        self.opt.zero_grad(set_to_none=True)
-        terms = self.net(self.x, self.eps)
-        loss = -(terms["iwae"] if "iwae" in terms else terms["elbo"]).mean()
-        loss.backward()
-        self.opt.step()
+        net = self.net
+        net.optimizer.zero_grad(set_to_none=True)
+        for x, eps in self.micro:
+            if eps.dim() == 3:
+                loss = -net.net(x, eps, self.beta)["iwae"].mean()
+            else:
+                loss = -net.net(x, eps)["elbo"].mean()
+            (loss / self.accum).backward()
+        net.optimizer.step()
 
     def time(self, steps: int) -> float:
-        """Images per second over `steps` steps (synchronised on CUDA)."""
+        """Micro-batch images per second over `steps` optimizer steps (synchronised on CUDA)."""
         _sync(self.device)
         t0 = time.perf_counter()
         for _ in range(steps):
             self.step()
         _sync(self.device)
-        return steps * len(self.x) / (time.perf_counter() - t0)
+        images = sum(len(x) for x, _ in self.micro)
+        return steps * images / (time.perf_counter() - t0)
 
 
 def _sync(device: torch.device) -> None:
@@ -148,13 +174,17 @@ def _sync(device: torch.device) -> None:
 
 
 def _random_batch(cfg: Config, device: torch.device, micro_batch: int) -> tuple:
-    c = cfg.data
+    """A random rank batch of `grad_accum_steps` micro-batches, with its noise."""
+    c, n = cfg.data, micro_batch * cfg.train.grad_accum_steps
     gen = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (micro_batch, c.channels, c.image_size, c.image_size), generator=gen)
+    x = torch.randint(0, 256, (n, c.channels, c.image_size, c.image_size), generator=gen)
     x = (x.float() / 255).to(device)
     k = cfg.train.iw_samples if cfg.train.objective == "iwae" else 1
-    eps = torch.randn(k, micro_batch, cfg.model.latent_dim, generator=gen).to(device)
+    eps = torch.randn(k, n, cfg.model.latent_dim, generator=gen).to(device)
     return x, eps[0] if k == 1 else eps
+
+
+WARMUP_STEPS = 3  # steps before timing: compilation, CUDA graph capture, allocator warm-up
 
 
 def time_candidates(
@@ -164,19 +194,24 @@ def time_candidates(
     plans: list[StepPlan],
     rounds: int = ROUNDS,
     round_seconds: float = ROUND_SECONDS,
+    content_box: list | None = None,
 ) -> dict[StepPlan, float]:
-    """Median images/s of each plan over `rounds` interleaved rounds of ~`round_seconds`."""
+    """Median images/s of each plan over `rounds` interleaved rounds of ~`round_seconds`.
+
+    A round's step count is sized from a step timed after the warm-up (so a compiled
+    candidate's compile time does not shrink its rounds to one step)."""
     batch = _random_batch(cfg, device, micro_batch)
     built = []
     for plan in plans:
         try:
-            cand = _Candidate(cfg, device, plan, batch)
-            t0 = time.perf_counter()
-            for _ in range(3):  # warm-up (and compilation)
+            cand = _Candidate(cfg, device, plan, batch, content_box)
+            for _ in range(WARMUP_STEPS):  # warm-up (and compilation)
                 cand.step()
             _sync(device)
-            per_step = (time.perf_counter() - t0) / 3
-            built.append((cand, per_step))
+            t0 = time.perf_counter()
+            cand.step()
+            _sync(device)
+            built.append((cand, time.perf_counter() - t0))
         except Exception as exc:  # a variant that cannot run here is not a choice
             log.warning("step probe: %s failed (%s); left out", plan.label(), exc)
     steps = {id(c): max(1, int(round_seconds / max(dt, 1e-4))) for c, dt in built}
@@ -200,7 +235,13 @@ def pick_plan(rates: dict[StepPlan, float]) -> tuple[StepPlan, str]:
     return best, f"images/s {shown}"
 
 
-def probe(cfg: Config, device: torch.device, micro_batch: int, world_size: int = 1) -> StepPlan:
+def probe(
+    cfg: Config,
+    device: torch.device,
+    micro_batch: int,
+    world_size: int = 1,
+    content_box: list | None = None,
+) -> StepPlan:
     """Time the candidates (eager first; then compiled and Adam variants of the best) and
     return the fastest, with the measured rates in its detail."""
     choices = _choices(cfg, device, world_size)
@@ -212,7 +253,7 @@ def probe(cfg: Config, device: torch.device, micro_batch: int, world_size: int =
             for p in choices["precision"]
             for cl in choices["channels_last"]
         ]
-        rates = time_candidates(cfg, device, micro_batch, first)
+        rates = time_candidates(cfg, device, micro_batch, first, content_box=content_box)
         best, _ = pick_plan(rates)
         more = [
             dataclasses.replace(best, compile=c) for c in choices["compile"] if c != best.compile
@@ -223,11 +264,26 @@ def probe(cfg: Config, device: torch.device, micro_batch: int, world_size: int =
             if f != best.fused_adam
         ]
         if more:
-            rates.update(time_candidates(cfg, device, micro_batch, [best, *more]))
+            rates.update(
+                time_candidates(cfg, device, micro_batch, [best, *more], content_box=content_box)
+            )
     if not rates:
         raise TrainingError("the step probe could run no variant of the training step")
     best, detail = pick_plan(rates)
     return dataclasses.replace(best, how="probed", detail=detail)
+
+
+def _resumed_plan(
+    resumed: dict, device: torch.device, world_size: int, accum: int
+) -> tuple[StepPlan | None, str]:
+    """A checkpoint's plan if it still fits the device and world size this run has (then the
+    bits continue as they were), else None and why."""
+    plan = StepPlan.from_dict(resumed, "checkpoint", "a resumed run keeps its plan")
+    was_device = resumed.get("device", device.type)
+    problems = plan_problems(plan, device, world_size, accum)
+    if was_device != device.type:
+        problems.insert(0, f"it was chosen for {was_device}, this run is on {device.type}")
+    return (None, "; ".join(problems)) if problems else (plan, "")
 
 
 def choose(
@@ -237,12 +293,22 @@ def choose(
     cache_path: Path,
     world_size: int = 1,
     resumed: dict | None = None,
+    content_box: list | None = None,
 ) -> StepPlan:
-    """The step plan: a resumed checkpoint's, every setting forced, a cached probe, or a new
-    probe (then cached)."""
+    """The step plan: a resumed checkpoint's (when it still fits this device and world size),
+    every setting forced, a cached probe, or a new probe (then cached)."""
     choices = _choices(cfg, device, world_size)
+    accum = cfg.train.grad_accum_steps
     if resumed:
-        return StepPlan.from_dict(resumed, "checkpoint", "a resumed run keeps its plan")
+        plan, why = _resumed_plan(resumed, device, world_size, accum)
+        if plan is not None:
+            return plan
+        log.warning(
+            "the checkpoint's step plan (%s) does not fit this run: %s; choosing anew (the "
+            "numbers from here differ in the last bits from an uninterrupted run)",
+            StepPlan.from_dict(resumed, "checkpoint").label(),
+            why,
+        )
     if all(len(v) == 1 for v in choices.values()):
         only = StepPlan(
             choices["precision"][0],
@@ -260,11 +326,13 @@ def choose(
     entry = read_cache(cache_path).get(key)
     if isinstance(entry, dict) and isinstance(entry.get("plan"), dict):
         try:
-            return StepPlan.from_dict(entry["plan"], "cached", entry.get("detail", ""))
+            cached = StepPlan.from_dict(entry["plan"], "cached", entry.get("detail", ""))
+            if not plan_problems(cached, device, world_size, accum):
+                return cached
         except TypeError:
             pass  # an entry of another version: probe again
     log.info("step probe: timing %s on %s (cached afterwards in %s)", choices, device, cache_path)
-    plan = probe(cfg, device, micro_batch, world_size)
+    plan = probe(cfg, device, micro_batch, world_size, content_box)
     write_cache(
         cache_path,
         key,
@@ -281,19 +349,36 @@ def _auto(cfg: Config, name: str) -> bool:
     return getattr(cfg.train, name) == "auto"
 
 
-def plan_for_rank(cfg: Config, device: torch.device, env, batch: int, checkpoint_path) -> StepPlan:
+# How long the other ranks wait for rank 0's plan: a cold probe on CUDA compiles several
+# variants, which can outlast NCCL's default 10-minute collective timeout.
+PLAN_WAIT = timedelta(minutes=60)
+
+
+def plan_for_rank(
+    cfg: Config,
+    device: torch.device,
+    env: DistEnv,
+    batch: int,
+    checkpoint_path: Path,
+    content_box: list | None = None,
+) -> StepPlan:
     """Precision, layout, compilation and Adam kernel for a training rank: rank 0 decides (a
-    resumed checkpoint's plan, the forced settings, a cached or a new probe), every rank follows."""
+    resumed checkpoint's plan, the forced settings, a cached or a new probe), every rank follows.
+
+    The others wait for it on a gloo group of their own with a timeout that covers a cold
+    probe (`PLAN_WAIT`), created before rank 0 starts probing."""
     from vae_pipeline.config.environment import autotune_cache_path
     from vae_pipeline.train import checkpoint
-    from vae_pipeline.train.distributed import broadcast_object
 
-    plan = None
-    if env.is_main or not env.distributed:  # no group: each process decides
-        resumed = None
-        if checkpoint_path.is_file():
-            resumed = checkpoint.peek(checkpoint_path, "step_plan")
-        plan = choose(cfg, device, batch, autotune_cache_path(cfg), env.world_size, resumed)
-    else:
-        autocast_dtype(cfg.train.precision, device)  # the same refusal on every rank
-    return broadcast_object(plan)
+    with patient_group(PLAN_WAIT) as group:
+        plan = None
+        if env.is_main or not env.distributed:  # no group: each process decides
+            resumed = None
+            if checkpoint_path.is_file():
+                resumed = checkpoint.peek(checkpoint_path, "step_plan")
+            plan = choose(
+                cfg, device, batch, autotune_cache_path(cfg), env.world_size, resumed, content_box
+            )
+        else:
+            autocast_dtype(cfg.train.precision, device)  # the same refusal on every rank
+        return broadcast_object(plan, group)

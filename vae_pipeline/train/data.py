@@ -58,7 +58,9 @@ class DeviceSplit:
         return len(self.images)
 
     def batch(self, positions: torch.Tensor) -> torch.Tensor:
-        return self.images.index_select(0, positions.to(self.device))
+        if positions.device != self.device:  # the resident path's are there already
+            positions = positions.to(self.device)
+        return self.images.index_select(0, positions)
 
 
 class _OrderedBatches(Dataset):

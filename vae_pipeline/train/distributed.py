@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from vae_pipeline.errors import UserError
+
+# `train.nproc_per_node: auto` on CPU: two ranks (gloo), the choice measured for the demo on
+# 2-core machines; on CUDA one rank per visible GPU.
+CPU_RANKS = 2
 
 
 @dataclass(frozen=True)
@@ -35,13 +44,31 @@ def read_env() -> DistEnv:
     )
 
 
+def ranks_per_node(nproc_per_node: int | str, preference: str = "auto") -> int:
+    """`train.nproc_per_node` as a number: auto = one rank per visible GPU when training on
+    CUDA (`train.device`), else CPU_RANKS."""
+    if nproc_per_node != "auto":
+        return int(nproc_per_node)
+    cuda = preference == "cuda" or (preference == "auto" and torch.cuda.is_available())
+    if cuda and torch.cuda.is_available():
+        return torch.cuda.device_count()
+    return CPU_RANKS
+
+
 def pick_device(preference: str, local_rank: int = 0) -> torch.device:
     """The device for `train.device` (auto | cuda | cpu): the process's GPU on CUDA (set as
     the current device), else the CPU. Training, evaluation, the monitor and the model commands
-    all choose here."""
+    all choose here. A local rank without a GPU of its own is refused, naming the setting."""
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but no CUDA device is visible: use auto or cpu")
+            raise UserError("train.device=cuda but no CUDA device is visible: use auto or cpu")
+        visible = torch.cuda.device_count()
+        if local_rank >= visible:
+            raise UserError(
+                f"local rank {local_rank} has no GPU: this node has {visible} visible; set "
+                f"train.nproc_per_node to at most {visible} (or auto: one rank per GPU), or "
+                "train.device=cpu"
+            )
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
@@ -75,10 +102,26 @@ def barrier() -> None:
         dist.barrier()
 
 
-def broadcast_object(obj):
-    """Rank 0's `obj` on every rank (itself when there is no process group)."""
+@contextlib.contextmanager
+def patient_group(timeout: timedelta) -> Iterator[dist.ProcessGroup | None]:
+    """A gloo group of every rank whose collectives wait up to `timeout` (the default group
+    may time out sooner: NCCL's default is 10 minutes), destroyed afterwards; None when there
+    is no process group. Every rank must enter it (its creation is collective)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        yield None
+        return
+    group = dist.new_group(backend="gloo", timeout=timeout)
+    try:
+        yield group
+    finally:
+        dist.destroy_process_group(group)
+
+
+def broadcast_object(obj, group: dist.ProcessGroup | None = None):
+    """Rank 0's `obj` on every rank (itself when there is no process group), over `group`
+    (default: the default group)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         holder = [obj]
-        dist.broadcast_object_list(holder, src=0)
+        dist.broadcast_object_list(holder, src=0, group=group)
         return holder[0]
     return obj

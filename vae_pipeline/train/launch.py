@@ -26,6 +26,7 @@ from vae_pipeline.config import Config, save_config
 from vae_pipeline.config.sections import TrainConfig
 from vae_pipeline.signals import with_parent
 from vae_pipeline.train import checkpoint
+from vae_pipeline.train.distributed import ranks_per_node
 from vae_pipeline.train.resume import describe_checkpoint
 from vae_pipeline.train.step import TrainingError
 
@@ -141,6 +142,7 @@ def launch(
     """
     out_dir = Path(out_dir)
     tc = cfg.train
+    nproc = ranks_per_node(tc.nproc_per_node, tc.device)
     # One file per node (nodes may share out_dir), written whole before torchrun reads it.
     node = f"-{os.uname().nodename}-{os.getpid()}" if tc.nnodes > 1 else ""
     config_path = save_config(cfg, (workdir / out_dir) / f"config{node}.yaml")
@@ -148,13 +150,13 @@ def launch(
     with tempfile.TemporaryDirectory(prefix="vae-rank-errors-") as errors:
         cmd = torchrun_command(
             config_path.resolve(),
-            tc.nproc_per_node,
+            nproc,
             ["--out-dir", str(out_dir), "--error-dir", errors, *worker_args],
             topology=rendezvous_args(tc),
         )
         log.info(
             "launching %d rank(s) on this node of %d: %s",
-            tc.nproc_per_node,
+            nproc,
             tc.nnodes,
             " ".join(cmd[2:]),
         )

@@ -42,9 +42,20 @@ def rng_states() -> dict[str, Any]:
 
 
 def set_rng_states(state: dict[str, Any]) -> None:
+    """Restore `rng_states()`. CUDA states only for the GPUs this host has (a checkpoint
+    written on a host with more keeps the rest unused; with none, the CUDA states are unused)."""
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state["cuda"] if torch.cuda.is_available() else []
+    visible = torch.cuda.device_count() if cuda else 0
+    for index, cuda_state in enumerate(cuda[:visible]):
+        torch.cuda.set_rng_state(cuda_state, index)
+    if len(cuda) > visible:
+        log.warning(
+            "the checkpoint holds CUDA RNG states of %d GPUs, this host has %d: the rest are "
+            "not restored",
+            len(cuda),
+            visible,
+        )
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     version, internal, gauss_next = state["python"]
@@ -120,13 +131,22 @@ class EpochProgress:
         count = torch.zeros(1, dtype=torch.float64, device=device)
         run = cls(rng, noise, sums, count, 0, time.perf_counter())
         if resume:
-            noise.set_state(resume["noise"])
+            written_on = resume.get("noise_device", "cpu")
+            if written_on == noise.device.type:
+                noise.set_state(resume["noise"])
+            else:  # CPU and CUDA generators cannot take each other's state
+                log.warning(
+                    "the checkpoint's noise generator was on %s, this run's is on %s: the rest "
+                    "of the epoch draws other noise than the uninterrupted run would",
+                    written_on,
+                    noise.device.type,
+                )
             run.skipped = resume["skipped"]
             run.t0 -= resume["seconds"]
             if is_main:  # the partial sums are global: rank 0 carries them
                 sums += resume["sums"].to(device)
                 count += resume["count"]
-        run.first_bad = torch.tensor(-1, device=device)
+        run.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
         return run
 
     def add(self, batch_sums: torch.Tensor, images: int) -> None:
@@ -136,10 +156,8 @@ class EpochProgress:
 
     def note(self, step: int, finite: torch.Tensor) -> None:
         """Stop mode: keep this rank's first non-finite step, on the device (no host sync)."""
-        first = self.first_bad
-        self.first_bad = torch.where(
-            (~finite) & (first < 0), torch.tensor(step, device=first.device), first
-        )
+        # the step is a kernel argument, not a tensor built on the host and copied
+        self.first_bad.masked_fill_((~finite) & (self.first_bad < 0), step)
 
     def position(self, step: int) -> dict:
         """A mid-epoch checkpoint's position after `step` steps of the epoch, with the partial
@@ -147,6 +165,7 @@ class EpochProgress:
         return {
             "step": step,
             "noise": self.noise.get_state(),
+            "noise_device": self.noise.device.type,
             "sums": all_reduce_sum(self.sums.clone()).cpu(),
             "count": all_reduce_sum(self.count.clone()).item(),
             "skipped": self.skipped,
@@ -221,7 +240,13 @@ class Checkpointer:
                     "history": self.progress.history,
                     "fingerprint": resume_fingerprint(self.cfg),
                     "data_version": self.data_version,
-                    "step_plan": self.plan.as_dict(),
+                    # the plan, with the device and world size it was chosen for (a resumed
+                    # run re-validates it against its own)
+                    "step_plan": {
+                        **self.plan.as_dict(),
+                        "device": self.device.type,
+                        "world_size": self.env.world_size,
+                    },
                 },
                 self.path,
             )

@@ -8,7 +8,10 @@ trainer runs.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 import math
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -21,6 +24,8 @@ from vae_pipeline.elbo import iwae_terms, terms_from_outputs
 from vae_pipeline.errors import UserError
 from vae_pipeline.model import ConvVAE
 from vae_pipeline.train.distributed import DistEnv
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -64,29 +69,90 @@ class TrainingError(UserError):
     """Training cannot go on (bad batch size, non-finite loss, incompatible checkpoint)."""
 
 
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Whether this processor has bf16 matrix instructions (AVX-512 BF16 or AMX): where it does,
+    bf16 autocast can beat fp32 on CPU (1.47x measured on such a machine), so the probe times
+    it; where it does not, bf16 convolutions are emulated and far slower, and it is left out."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """bf16 autocast runs at speed here: a CUDA card with bf16, or a CPU with bf16 units."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return cpu_has_bf16()
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The training autocast dtype for `train.precision` on `device` (None = plain fp32).
 
-    bf16 only on CUDA: on CPUs without bf16 matrix units (like the one this project is tested
-    on) a bf16 convolution is orders of magnitude slower than fp32, so `auto` is fp32 there and
-    `bf16` is refused rather than silently slow."""
+    bf16 where the device runs it at speed (`bf16_supported`); `bf16` is refused elsewhere
+    rather than silently slow, and `auto` may pick it only where it is supported (the probe
+    decides)."""
     if precision == "fp32":
         return None
-    if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        if precision == "bf16":
-            raise TrainingError(
-                f"train.precision=bf16: {torch.cuda.get_device_name(device)} has no bf16 "
-                "support; use train.precision=auto or fp32"
-            )
-        return None
+    if bf16_supported(device):
+        return torch.bfloat16 if precision == "bf16" else None
     if precision == "bf16":
+        what = (
+            torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else "this CPU (no AVX-512 BF16 or AMX)"
+        )
         raise TrainingError(
-            f"train.precision=bf16 needs a CUDA device, and this run is on {device.type}: bf16 "
-            "on CPU is far slower than fp32; use train.precision=auto (fp32 here) or fp32"
+            f"train.precision=bf16: {what} has no fast bf16; use train.precision=auto or fp32"
         )
     return None
+
+
+def plan_problems(
+    plan: StepPlan, device: torch.device, world_size: int, grad_accum_steps: int
+) -> list[str]:
+    """Why `plan` cannot run here (empty when it can): bf16 where the device has none, CUDA
+    graphs off CUDA, under DDP (several ranks) or with gradient accumulation (accumulating
+    `.grad` across graph replays is a known upstream failure), fused Adam where torch has no
+    fused kernel for the device."""
+    problems = []
+    if plan.precision == "bf16" and not bf16_supported(device):
+        problems.append(f"bf16 autocast is not supported at speed on {device.type}")
+    if plan.compile == "reduce-overhead":
+        if device.type != "cuda":
+            problems.append("CUDA graphs (compile: reduce-overhead) need a CUDA device")
+        if world_size > 1:
+            problems.append(f"CUDA graphs need one rank, not {world_size} (DDP)")
+        if grad_accum_steps > 1:
+            problems.append(
+                f"CUDA graphs cannot accumulate gradients (train.grad_accum_steps="
+                f"{grad_accum_steps})"
+            )
+    if plan.fused_adam and device.type not in ("cuda", "cpu"):
+        problems.append(f"fused Adam has no kernel for {device.type}")
+    return problems
+
+
+def apply_determinism(deterministic: bool, device: torch.device) -> None:
+    """`train.deterministic`: true = bitwise-reproducible kernels (cuDNN's deterministic
+    algorithms, no benchmark autotuning, no TF32; deterministic algorithms where torch has
+    them), so resume and rank parity hold bit for bit on CUDA as on CPU; false = cuDNN picks
+    its fastest algorithms and matmuls/convolutions may use TF32 (faster on a GPU; runs differ
+    in the last bits). CPU kernels are deterministic either way."""
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+    # the flags torch.export and MLflow's model logging set too: mixing them with the newer
+    # fp32_precision API in one process is refused by torch
+    torch.backends.cudnn.allow_tf32 = not deterministic
+    torch.backends.cuda.matmul.allow_tf32 = not deterministic
+    if deterministic:  # cuBLAS needs a fixed workspace for reproducible GEMMs
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
 class ElboPath(torch.nn.Module):
@@ -94,7 +160,9 @@ class ElboPath(torch.nn.Module):
     parameter, the Gaussian decoder's log sigma included, is used inside forward).
 
     `eps` of shape (batch, latent) gives the one-sample ELBO terms; (K, batch, latent) the
-    importance-weighted bound too (`iwae`, with the KL weight `beta` inside each weight).
+    importance-weighted bound too (`iwae`, with the KL weight `beta` inside each weight; the
+    trainer passes it as a 0-d tensor on the device, updated in place, so a compiled step
+    neither recompiles nor takes a CPU scalar when it changes).
     With `dtype` (bf16 on CUDA) the network runs under autocast; the likelihood and KL are
     computed in fp32 from its outputs either way."""
 
@@ -107,7 +175,7 @@ class ElboPath(torch.nn.Module):
         return nullcontext() if self.dtype is None else torch.autocast(x.device.type, self.dtype)
 
     def forward(
-        self, x: torch.Tensor, eps: torch.Tensor, beta: float = 1.0
+        self, x: torch.Tensor, eps: torch.Tensor, beta: float | torch.Tensor = 1.0
     ) -> dict[str, torch.Tensor]:
         if eps.dim() == 3:
             with self._autocast(x):
@@ -125,6 +193,15 @@ class ElboPath(torch.nn.Module):
         return terms_from_outputs(
             logits.float(), mu.float(), logvar.float(), x, self.vae.log_likelihood
         )
+
+
+def micro_batches(
+    x: torch.Tensor, eps: torch.Tensor, accum: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A rank's batch and its noise as `accum` micro-batches (views: no copy). `eps` is
+    (batch, latent), or (K, batch, latent) for iwae (split along the batch)."""
+    eps_chunks = eps.chunk(accum, dim=1) if eps.dim() == 3 else eps.chunk(accum)
+    return list(zip(x.chunk(accum), eps_chunks, strict=True))
 
 
 def learning_rate(tc: TrainConfig, step: int, total_steps: int) -> float:
@@ -190,3 +267,74 @@ def build_network(
     if plan.compile != "none":
         net = torch.compile(net, mode=None if plan.compile == "default" else plan.compile)
     return Network(model, optimizer, ddp, net, memory_format, autocast)
+
+
+class CompileWatch:
+    """Counts the graphs torch.compile builds once the compiled step has run, so a recompile,
+    or Dynamo's recompile limit (after which the step silently runs eager), is logged as a
+    warning naming the plan: never silent. `graphs_since_first` is the count a test asserts."""
+
+    def __init__(self, plan: StepPlan):
+        self.plan, self.active = plan, plan.compile != "none"
+        self.first: int | None = None
+        self.reported = 0
+        if self.active:
+            _LimitHandler.install()
+        self.limits_seen = len(_LimitHandler.hits)
+
+    @staticmethod
+    def graphs() -> int:
+        """Graphs Dynamo has compiled in this process so far."""
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"]["unique_graphs"])
+
+    def first_step_done(self) -> None:
+        if self.active and self.first is None:
+            self.first = self.graphs()
+
+    @property
+    def graphs_since_first(self) -> int:
+        return 0 if self.first is None else self.graphs() - self.first
+
+    def check(self, where: str) -> None:
+        """Warn about graphs compiled since the first step (recompiles) and a hit limit."""
+        if not self.active or self.first is None:
+            return
+        more = self.graphs_since_first
+        if more > self.reported:
+            log.warning(
+                "the compiled training step (%s) recompiled: %d more graph(s) since its first "
+                "step, by %s; each costs a compilation, and past torch._dynamo.config."
+                "recompile_limit the step runs eager",
+                self.plan.label(),
+                more,
+                where,
+            )
+            self.reported = more
+        for hit in _LimitHandler.hits[self.limits_seen :]:
+            log.warning(
+                "torch.compile hit its recompile limit by %s: the training step now runs "
+                "EAGER although the plan says %s (%s)",
+                where,
+                self.plan.label(),
+                hit,
+            )
+        self.limits_seen = len(_LimitHandler.hits)
+
+
+class _LimitHandler(logging.Handler):
+    """Catches Dynamo's own "hit config.recompile_limit" warning (one handler per process)."""
+
+    hits: list[str] = []
+    _installed = False
+
+    @classmethod
+    def install(cls) -> None:
+        if not cls._installed:
+            logging.getLogger("torch._dynamo").addHandler(cls(logging.WARNING))
+            cls._installed = True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if isinstance(record.msg, str) and "hit config." in record.msg:
+            self.hits.append(record.getMessage().splitlines()[0])

@@ -28,14 +28,22 @@ from pathlib import Path
 
 import torch
 
-from vae_pipeline.binarize import VALIDATION_STREAM, binarize
+from vae_pipeline.binarize import binarize
 from vae_pipeline.config import Config
 from vae_pipeline.data.dataset import PreparedSplit, to_unit_float
 from vae_pipeline.train import autotune
 from vae_pipeline.train.data import holdout_label, training_data
 from vae_pipeline.train.distributed import DistEnv, all_reduce_sum, barrier
 from vae_pipeline.train.resume import Checkpointer, EpochProgress, Progress, rng_states
-from vae_pipeline.train.step import ElboPath, TrainingError, build_network, learning_rate
+from vae_pipeline.train.step import (
+    CompileWatch,
+    TrainingError,
+    apply_determinism,
+    build_network,
+    learning_rate,
+    micro_batches,
+)
+from vae_pipeline.train.validation import validate
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +80,19 @@ class Trainer:
                 f"training split has {len(self.train_set)} images, fewer than "
                 f"train.batch_size={tc.batch_size}: lower the batch size or add data"
             )
+        apply_determinism(tc.deterministic, device)
+        box = self.train_set.manifest.get("content_box")
         self.plan = autotune.plan_for_rank(
-            cfg, device, env, self.local_batch // tc.grad_accum_steps, Checkpointer.file(out_dir)
+            cfg,
+            device,
+            env,
+            self.local_batch // tc.grad_accum_steps,
+            Checkpointer.file(out_dir),
+            box,
         )
         torch.manual_seed(tc.seed)  # identical initial weights on every rank
-        net = build_network(cfg, self.plan, device, env, self.train_set.manifest.get("content_box"))
+        net = build_network(cfg, self.plan, device, env, box)
+        self.compile_watch = CompileWatch(self.plan)
         self.model, self.optimizer, self.ddp, self.net = net.model, net.optimizer, net.ddp, net.net
         self.memory_format, self.autocast = net.memory_format, net.autocast
         data = training_data(cfg, env, device, self.train_set, self.val_set)
@@ -87,6 +103,9 @@ class Trainer:
         self.steps_per_epoch = len(self.train_set) // tc.batch_size
         # K posterior samples per image for the iwae objective (1 = the plain ELBO)
         self.iw_samples = tc.iw_samples if tc.objective == "iwae" else 1
+        # the KL weight as the iwae step takes it: a 0-d device tensor, updated in place (a
+        # compiled step neither recompiles for a new value nor reads a CPU scalar)
+        self.beta = torch.ones((), device=device)
         self.skip_mode = tc.max_bad_steps > 0  # skip non-finite steps, else stop at the first
         labels = self.train_set.manifest.get("label_names")
         self.checkpointer = Checkpointer(
@@ -111,15 +130,20 @@ class Trainer:
         return self.cfg.train.epochs * self.steps_per_epoch
 
     def _epoch_noise(self, epoch: int) -> torch.Generator:
-        return torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + epoch)
+        """The epoch's noise generator, on the device: the noise is drawn where it is used (no
+        host-to-device copy per step). CPU and CUDA generators differ, so the noise (and the
+        trajectory) differs between the two; for one device type it is the same for any world
+        size and across a resume."""
+        seed = self.cfg.train.seed * 1_000_003 + epoch
+        return torch.Generator(device=self.device).manual_seed(seed)
 
     def _step_noise(self, noise: torch.Generator) -> torch.Tensor:
         """This rank's reparameterisation noise for one step: drawn for the whole global batch
         (K samples each for iwae) and sliced rank::world, so it is the same for any world size.
         (batch, latent) for the ELBO; (K, batch, latent) for iwae with K > 1."""
         shape = (self.iw_samples, self.cfg.train.batch_size, self.cfg.model.latent_dim)
-        eps = torch.randn(shape, generator=noise)[:, self.env.rank :: self.env.world_size]
-        eps = eps.to(self.device)
+        eps = torch.randn(shape, generator=noise, device=self.device)
+        eps = eps[:, self.env.rank :: self.env.world_size]
         return eps[0] if self.iw_samples == 1 else eps
 
     def kl_weight(self) -> float:
@@ -135,6 +159,8 @@ class Trainer:
         `eps` is (batch, latent) for the ELBO, (K, batch, latent) for the iwae objective."""
         accum = self.cfg.train.grad_accum_steps
         beta = self.kl_weight()
+        if self.cfg.train.kl_warmup_steps:
+            self.beta.fill_(beta)  # a kernel with the value as its argument: no copy, no sync
         lr = learning_rate(self.cfg.train, self.progress.global_step, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -142,14 +168,12 @@ class Trainer:
         sums = torch.zeros(4, dtype=torch.float64, device=x.device)
         finite = torch.ones((), dtype=torch.bool, device=x.device)
         iwae = eps.dim() == 3
-        eps_chunks = eps.chunk(accum, dim=1) if iwae else eps.chunk(accum)
-        for i, (xm, em) in enumerate(zip(x.chunk(accum), eps_chunks, strict=True)):
+        for i, (xm, em) in enumerate(micro_batches(x, eps, accum)):
             # DDP all-reduces the gradients on the last micro-batch only
             last = i == accum - 1 or self.ddp is None
             with nullcontext() if last else self.ddp.no_sync():
                 if iwae:
-                    # a Python float: no tensor built (and copied to the device) per step
-                    terms = self.net(xm, em, beta)
+                    terms = self.net(xm, em, self.beta)
                     objective = terms["iwae"]
                     loss = -objective.mean()
                 else:
@@ -222,24 +246,36 @@ class Trainer:
         order = torch.tensor(self.sampler.order(), dtype=torch.int64)
         run = EpochProgress.begin(epoch_rng, noise, self.device, resume, self.env.is_main)
         steps = len(order) // self.local_batch
-        tc = self.cfg.train
         for step, images, positions in self.batches.epoch(order, self.local_batch, start):
-            x = to_unit_float(images)
-            if tc.binarize != "none":
-                x = binarize(x, tc.binarize, tc.seed, epoch, positions)
-            x = x.contiguous(memory_format=self.memory_format)
-            eps = self._step_noise(noise)
-            batch_sums, finite = self._run_batch(x, eps)
-            self.progress.global_step += 1
-            if not self.skip_mode:
-                run.note(step, finite)
-            elif self._skipped(epoch, step, finite, run):
-                batch_sums = None
-            if batch_sums is not None:
-                run.add(batch_sums, x.shape[0])
+            self._train_step(epoch, step, images, positions, run)
             self._at_log_point(epoch, step, steps, run)
             self._mid_epoch_checkpoint(epoch, step, steps, run)
         return self._epoch_record(epoch, run)
+
+    def _train_step(
+        self,
+        epoch: int,
+        step: int,
+        images: torch.Tensor,
+        positions: torch.Tensor,
+        run: EpochProgress,
+    ) -> None:
+        """One step of the loop, from the batch's uint8 images on the device. Default (stop)
+        mode: no host-device copy and no host sync here (tests/train/test_sync_free.py)."""
+        tc = self.cfg.train
+        x = to_unit_float(images)
+        if tc.binarize != "none":
+            x = binarize(x, tc.binarize, tc.seed, epoch, positions)
+        x = x.contiguous(memory_format=self.memory_format)
+        eps = self._step_noise(run.noise)
+        batch_sums, finite = self._run_batch(x, eps)
+        self.progress.global_step += 1
+        self.compile_watch.first_step_done()
+        if not self.skip_mode:
+            run.note(step, finite)
+        elif self._skipped(epoch, step, finite, run):
+            return
+        run.add(batch_sums, x.shape[0])
 
     def _skipped(self, epoch: int, step: int, finite: torch.Tensor, run: EpochProgress) -> bool:
         """Skip mode: whether this non-finite step was skipped (raises past the limit)."""
@@ -259,6 +295,7 @@ class Trainer:
         """Every train.log_every steps: stop mode's non-finite check, rank 0's progress line."""
         if (step + 1) % self.cfg.train.log_every:
             return
+        self.compile_watch.check(f"epoch {epoch + 1}, step {step + 1}")
         if not self.skip_mode:
             self._check_finite(epoch, run.first_bad)
         if self.env.is_main and run.seen:
@@ -285,6 +322,7 @@ class Trainer:
         """The epoch's end: the last non-finite check, the sums over every rank, the record."""
         if not self.skip_mode:
             self._check_finite(epoch, run.first_bad)
+        self.compile_watch.check(f"the end of epoch {epoch + 1}")
         all_reduce_sum(run.sums)
         all_reduce_sum(run.count)
         seconds = time.perf_counter() - run.t0
@@ -310,33 +348,8 @@ class Trainer:
             record["train_iwae_loss"] = objective
         return record
 
-    @torch.no_grad()
     def _validate(self) -> dict:
-        """Negative ELBO on the validation split, sharded rank::world and summed across ranks."""
-        self.model.eval()
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
-        # Noise per validation image, not per rank: the same numbers for any world size.
-        gen = torch.Generator().manual_seed(self.cfg.train.seed + 7)
-        noise = torch.randn(len(self.val_set), self.cfg.model.latent_dim, generator=gen)
-        idx = torch.arange(self.env.rank, len(self.val_set), self.env.world_size)
-        tc = self.cfg.train
-        for start in range(0, len(idx), 1024):
-            rows = idx[start : start + 1024]
-            if self.val_data is not None:
-                x = to_unit_float(self.val_data.batch(rows))
-            else:
-                x = to_unit_float(self.val_set.take(rows.numpy()).to(self.device))
-            x = binarize(x, tc.binarize, tc.seed, VALIDATION_STREAM, rows.to(self.device))
-            eps = noise[rows].to(self.device)
-            terms = ElboPath(self.model)(x, eps)
-            sums += torch.stack([-terms["elbo"].sum(), terms["recon"].sum(), terms["kl"].sum()])
-        count = torch.tensor([float(len(idx))], dtype=torch.float64, device=self.device)
-        all_reduce_sum(sums)
-        all_reduce_sum(count)
-        if count.item() == 0:
-            return {}
-        loss, recon, kl = (sums / count.item()).tolist()
-        return {"val_loss": loss, "val_recon": recon, "val_kl": kl}
+        return validate(self.model, self.cfg, self.env, self.device, self.val_set, self.val_data)
 
     # --- the loop --------------------------------------------------------------------------
     def fit(self) -> list[dict]:
