@@ -7,17 +7,21 @@ on a 2-core CPU channels_last ran 1.09-1.17x NCHW at 1x32x32. A rule cannot cove
 device and shape; a short probe can.
 
 The probe runs once per (device, torch version, image shape, latent size, likelihood,
-objective, micro-batch) and its result is cached (`config.autotune_cache_path`), so a training
-pays it once: about a second on CPU at the demo's shape, plus the compilations on CUDA.
-Candidates, each trained for a few steps on a random batch from a fresh copy of the model
-(the trainer's model and RNG states are untouched), timed in interleaved rounds:
-- CPU: NCHW vs channels_last, fp32 eager (compile and fused Adam stay off: see config).
+objective, micro-batch, accumulation) and its result is cached (`config.autotune_cache_path`),
+so a training pays it once: about a second on CPU at the demo's shape, plus the compilations
+on CUDA. Candidates, each built as the trainer builds its network (`build_network`: the same
+graph, so the winner's compile is the trainer's cache entry) and running the trainer's
+optimizer step on a random batch (the trainer's model and RNG states are untouched), timed
+after a warm-up in interleaved rounds:
+- CPU: NCHW vs channels_last, fp32 eager, and bf16 autocast where the processor has bf16 units
+  (compile and fused Adam stay off unless forced: see config).
 - CUDA: {fp32, bf16} x {NCHW, channels_last} eager with fused Adam; then the fastest of those
-  compiled (and with CUDA graphs, "reduce-overhead", when there is one rank), and with the
-  default Adam.
+  compiled (and with CUDA graphs, "reduce-overhead", for one rank without gradient
+  accumulation), and with the default Adam.
 The fastest wins unless the plain variant (fp32, NCHW, eager) is within TIE of it: a choice
 must pay for its complexity. Rank 0 decides and every rank takes its choice (they must run the
-same graph); a resumed run keeps the plan of its checkpoint, so its bits stay reproducible.
+same graph); a resumed run keeps the plan of its checkpoint, so its bits stay reproducible,
+when it still fits the device and world size it now runs on (else it is chosen anew).
 """
 
 from __future__ import annotations

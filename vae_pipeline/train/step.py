@@ -163,8 +163,9 @@ class ElboPath(torch.nn.Module):
     importance-weighted bound too (`iwae`, with the KL weight `beta` inside each weight; the
     trainer passes it as a 0-d tensor on the device, updated in place, so a compiled step
     neither recompiles nor takes a CPU scalar when it changes).
-    With `dtype` (bf16 on CUDA) the network runs under autocast; the likelihood and KL are
-    computed in fp32 from its outputs either way."""
+    With `dtype` (bf16) the network runs under autocast, but for the decoder's last layer (the
+    likelihood head, `model.likelihood_head`, in fp32); the likelihood and KL are computed in
+    fp32 from its outputs either way."""
 
     def __init__(self, vae: ConvVAE, dtype: torch.dtype | None = None):
         super().__init__()
