@@ -44,13 +44,17 @@ def read_env() -> DistEnv:
     )
 
 
+def wants_cuda(preference: str) -> bool:
+    """Whether `train.device` (auto | cuda | cpu) asks for CUDA here."""
+    return preference == "cuda" or (preference == "auto" and torch.cuda.is_available())
+
+
 def ranks_per_node(nproc_per_node: int | str, preference: str = "auto") -> int:
     """`train.nproc_per_node` as a number: auto = one rank per visible GPU when training on
     CUDA (`train.device`), else CPU_RANKS."""
     if nproc_per_node != "auto":
         return int(nproc_per_node)
-    cuda = preference == "cuda" or (preference == "auto" and torch.cuda.is_available())
-    if cuda and torch.cuda.is_available():
+    if wants_cuda(preference) and torch.cuda.is_available():
         return torch.cuda.device_count()
     return CPU_RANKS
 
@@ -59,7 +63,7 @@ def pick_device(preference: str, local_rank: int = 0) -> torch.device:
     """The device for `train.device` (auto | cuda | cpu): the process's GPU on CUDA (set as
     the current device), else the CPU. Training, evaluation, the monitor and the model commands
     all choose here. A local rank without a GPU of its own is refused, naming the setting."""
-    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+    if wants_cuda(preference):
         if not torch.cuda.is_available():
             raise UserError("train.device=cuda but no CUDA device is visible: use auto or cpu")
         visible = torch.cuda.device_count()

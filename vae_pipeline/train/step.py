@@ -116,8 +116,8 @@ def plan_problems(
 ) -> list[str]:
     """Why `plan` cannot run here (empty when it can): bf16 where the device has none, CUDA
     graphs off CUDA, under DDP (several ranks) or with gradient accumulation (accumulating
-    `.grad` across graph replays is a known upstream failure), fused Adam where torch has no
-    fused kernel for the device."""
+    `.grad` across graph replays is a known upstream failure). Fused Adam runs on CUDA and CPU
+    alike."""
     problems = []
     if plan.precision == "bf16" and not bf16_supported(device):
         problems.append(f"bf16 autocast is not supported at speed on {device.type}")
@@ -131,8 +131,6 @@ def plan_problems(
                 f"CUDA graphs cannot accumulate gradients (train.grad_accum_steps="
                 f"{grad_accum_steps})"
             )
-    if plan.fused_adam and device.type not in ("cuda", "cpu"):
-        problems.append(f"fused Adam has no kernel for {device.type}")
     return problems
 
 
