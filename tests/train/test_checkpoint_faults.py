@@ -117,3 +117,20 @@ def test_temporary_files_of_dead_writers_are_removed_at_the_next_start(prepared,
         path.write_bytes(b"partial")
     Trainer(_cfg(epochs=1), out, workdir=prepared)
     assert not any(p.exists() for p in stale) and live.exists()
+
+
+def test_non_finite_weights_in_a_finished_checkpoint_are_the_damaged_case(prepared, tmp_path):
+    out = tmp_path / "run"
+    Trainer(_cfg(epochs=1), out, workdir=prepared).fit()
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    state["model"]["fc_mu.weight"][0, 0] = float("nan")  # planted after training
+    torch.save(state, out / "checkpoint.pt")
+    model_before = (out / "model.pt").read_bytes()
+    for epochs in (1, 2):  # finished, and asked for more
+        with pytest.raises(TrainingError) as err:
+            Trainer(_cfg(epochs=epochs), out, workdir=prepared).fit()
+        message = str(err.value)
+        assert "\n" not in message and str(out / "checkpoint.pt") in message
+        assert "non-finite values (model.fc_mu.weight)" in message and "Move it aside" in message
+    assert "non-finite" in restart_hint(out) and "resumes" not in restart_hint(out)
+    assert (out / "model.pt").read_bytes() == model_before  # the finished model is untouched

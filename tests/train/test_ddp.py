@@ -199,16 +199,26 @@ def test_a_rank_error_reaches_the_user_as_one_line_without_tracebacks(prepared):
     first = subprocess.run(cli, cwd=root, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
     path = root / "faulty" / "checkpoint.pt"
+    good = torch.load(path, weights_only=True)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    again = subprocess.run(
-        [*cli, "--set", "train.epochs=2"], cwd=root, capture_output=True, text=True, timeout=300
-    )
+    errors = _one_error_line([*cli, "--set", "train.epochs=2"], root)
+    assert str(Path("faulty") / "checkpoint.pt") in errors and "cannot be read" in errors
+    assert "torchrun's log: faulty/torchrun.log" in errors
+    assert "Root Cause" in (root / "faulty" / "torchrun.log").read_text()
+    good["model"]["decoder_input.bias"][3] = float("inf")  # a finished run's weights, planted
+    torch.save(good, path)
+    errors = _one_error_line(cli, root)
+    assert str(Path("faulty") / "checkpoint.pt") in errors and "non-finite values" in errors
+    assert "Move it aside" in errors
+
+
+def _one_error_line(cli: list[str], root: Path) -> str:
+    """Run the CLI; it must fail with exactly one error line and no traceback: that line."""
+    again = subprocess.run(cli, cwd=root, capture_output=True, text=True, timeout=300)
     output = again.stdout + again.stderr
     assert again.returncode == 1, output[-3000:]
     assert "Traceback" not in output and "ChildFailedError" not in output, output[-3000:]
     errors = [line for line in again.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1, output[-3000:]
     assert errors[0].startswith("vae-pipeline train: error: ")
-    assert str(Path("faulty") / "checkpoint.pt") in errors[0] and "cannot be read" in errors[0]
-    assert "torchrun's log: faulty/torchrun.log" in errors[0]
-    assert "Root Cause" in (root / "faulty" / "torchrun.log").read_text()
+    return errors[0]

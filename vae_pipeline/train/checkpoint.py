@@ -52,17 +52,50 @@ def remove_stale_temp_files(folder: Path) -> list[Path]:
 
 
 def load(path: Path) -> dict[str, Any]:
+    """A checkpoint or model file's contents. A training checkpoint whose weights or Adam
+    state hold a NaN or an infinity is refused like a damaged file: training never writes one
+    (`Checkpointer.save` refuses), and a resume would only go on from those values."""
     if not Path(path).is_file():
         raise CheckpointError(f"no checkpoint at {path}: train first (vae-pipeline train)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated, overwritten, not a torch file: one message for all
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"{path} cannot be read ({reason[:160]}): it is damaged or not a checkpoint. Move "
-            f"it aside (mv {path} {path}.damaged) to start this training over, or put a good "
-            "copy back to resume from it"
-        ) from None
+        what = f"cannot be read ({reason[:160]}): it is damaged or not a checkpoint"
+        raise damaged(path, what) from None
+    bad = non_finite_entries({k: state[k] for k in ("model", "optimizer") if k in state})
+    if bad:
+        what = f"holds non-finite values ({', '.join(bad[:3])}): a resume would go on from them"
+        raise damaged(path, what)
+    return state
+
+
+def damaged(path: Path, what: str) -> CheckpointError:
+    """The error of a checkpoint that must not be resumed from, with the ways out."""
+    return CheckpointError(
+        f"{path} {what}. Move it aside (mv {path} {path}.damaged) to start this training "
+        "over, or put a good copy back to resume from it"
+    )
+
+
+def non_finite_entries(tensors: dict[str, Any]) -> list[str]:
+    """The names of the floating-point tensors in `tensors` (nested dicts and lists too, as in
+    an optimizer's state) that hold a NaN or an infinity."""
+    bad: list[str] = []
+
+    def walk(name: str, value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                bad.append(name)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{name}.{key}" if name else str(key), item)
+        elif isinstance(value, list | tuple):
+            for i, item in enumerate(value):
+                walk(f"{name}[{i}]", item)
+
+    walk("", tensors)
+    return bad
 
 
 def peek(path: Path, key: str) -> Any:
