@@ -315,6 +315,22 @@ def test_cosine_learning_rate_runs_from_lr_to_lr_min():
     assert learning_rate(constant, 77, 101) == constant.lr
 
 
+def test_a_learning_rate_above_the_warm_up_start_rises_to_it_linearly():
+    cfg = build_config(tiny_params(train={"lr": 1e-2, "lr_warmup_steps": 100}))
+    tc = cfg.train
+    assert tc.lr_warmup_start == 1e-3
+    assert learning_rate(tc, 0, 1000) == pytest.approx(1e-3)  # Adam's first step, at the start
+    assert learning_rate(tc, 50, 1000) == pytest.approx(1e-3 + 0.5 * 9e-3)
+    assert learning_rate(tc, 100, 1000) == learning_rate(tc, 900, 1000) == 1e-2
+    default = build_config(tiny_params()).train  # lr 1e-3: no warm-up, step 0 included
+    assert [learning_rate(default, s, 1000) for s in (0, 1, 99)] == [1e-3] * 3
+    cosine = build_config(
+        tiny_params(train={"lr": 1e-2, "lr_schedule": "cosine", "lr_warmup_steps": 10})
+    ).train
+    target = cosine.lr_min + 0.5 * (1e-2 - cosine.lr_min) * (1 + math.cos(math.pi * 5 / 99))
+    assert learning_rate(cosine, 5, 100) == pytest.approx(1e-3 + (target - 1e-3) * 0.5)
+
+
 def test_active_units_count_the_variance_of_the_posterior_means_across_examples():
     # Burda et al. 2016: unit u is active when Cov_x(E_q[z_u]) > 0.01. A unit whose mean is
     # large but the same for every image carries nothing; one that varies does.

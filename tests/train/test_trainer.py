@@ -489,3 +489,23 @@ def test_fused_adam_on_cpu_trains_to_the_default_adams_weights(prepared, tmp_pat
         plain.model.state_dict().items(), fused.model.state_dict().values(), strict=True
     ):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)  # the same maths
+
+
+@pytest.mark.slow
+def test_lr_1e_2_trains_with_the_default_warm_up_and_blows_up_without_it(tmp_path):
+    """Adam's first step moves every weight by about lr: at 1e-2 the encoder's log-variance
+    overflows exp at step 2. The default warm-up (from train.lr_warmup_start) trains through a
+    few hundred steps without a non-finite one; with the warm-up off the same run stops."""
+    params = tiny_params(data={"limit": 3400})  # about 210 steps of 16 images
+    params["train"].update(batch_size=16, nproc_per_node=1, lr=1e-2)
+    cfg = build_config(params)
+    snapshot_source(cfg, tmp_path)
+    prepare(cfg, tmp_path)
+    trainer = Trainer(cfg, tmp_path / "warm", workdir=tmp_path)
+    history = trainer.fit()
+    assert trainer.progress.global_step >= 200 and trainer.progress.bad_steps == 0
+    assert math.isfinite(history[-1]["train_loss"]) and math.isfinite(history[-1]["val_loss"])
+    assert history[-1]["train_loss"] < 400  # it learned: the first steps score about 540
+    cold = cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr_warmup_steps": 0})})
+    with pytest.raises(TrainingError, match="non-finite loss or gradient"):
+        Trainer(cold, tmp_path / "cold", workdir=tmp_path).fit()

@@ -155,6 +155,14 @@ class TrainConfig(Section):
     (train.epochs x steps per epoch); a function of the step, so a resume is exact."""
     lr_min: float = Field(0.0, ge=0.0)
     """Learning rate at the end of a cosine schedule."""
+    lr_warmup_steps: int = Field(100, ge=0)
+    """A learning rate above train.lr_warmup_start starts there and rises linearly to its
+    schedule's value over this many optimizer steps (0 = none). Adam's first step moves every
+    weight by about lr whatever the gradient's size; at lr 1e-2 that blew the encoder's
+    log-variance up to exp overflow at step 2 (docs/training.md)."""
+    lr_warmup_start: float = Field(1e-3, gt=0.0)
+    """Where a larger learning rate's warm-up starts: the largest rate measured to take the
+    first Adam step safely (the default lr). Rates up to it are used as they are from step 0."""
 
     @field_validator("rdzv_endpoint")
     @classmethod

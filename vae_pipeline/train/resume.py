@@ -76,6 +76,9 @@ def resume_fingerprint(cfg: Config) -> dict:
     )
     if cfg.train.lr_schedule != "constant":
         train["epochs"] = cfg.train.epochs
+    if cfg.train.lr_warmup_steps and cfg.train.lr > cfg.train.lr_warmup_start:
+        # only where it acts: a checkpoint at lr <= the start resumes as before it existed
+        train["lr_warmup"] = [cfg.train.lr_warmup_steps, cfg.train.lr_warmup_start]
     return {
         "data": cfg.data.model_dump(mode="json"),
         "model": cfg.model.model_dump(mode="json"),

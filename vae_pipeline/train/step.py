@@ -204,11 +204,16 @@ def micro_batches(
 
 
 def learning_rate(tc: TrainConfig, step: int, total_steps: int) -> float:
-    """train.lr at optimizer step `step` (0-based): constant, or cosine from lr to lr_min."""
+    """train.lr at optimizer step `step` (0-based): constant, or cosine from lr to lr_min;
+    above train.lr_warmup_start, the first lr_warmup_steps steps rise linearly from there."""
     if tc.lr_schedule == "constant" or total_steps <= 1:
-        return tc.lr
-    progress = min(1.0, step / (total_steps - 1))
-    return tc.lr_min + 0.5 * (tc.lr - tc.lr_min) * (1.0 + math.cos(math.pi * progress))
+        rate = tc.lr
+    else:
+        progress = min(1.0, step / (total_steps - 1))
+        rate = tc.lr_min + 0.5 * (tc.lr - tc.lr_min) * (1.0 + math.cos(math.pi * progress))
+    if step < tc.lr_warmup_steps and rate > tc.lr_warmup_start:
+        return tc.lr_warmup_start + (rate - tc.lr_warmup_start) * step / tc.lr_warmup_steps
+    return rate
 
 
 @dataclass
