@@ -13,9 +13,9 @@ from PIL import Image
 from vae_pipeline import pipeline
 from vae_pipeline.config import ConfigError, build_config
 from vae_pipeline.config.sections import ProbeConfig
-from vae_pipeline.data.dataset import PreparedSplit
+from vae_pipeline.data.dataset import PreparedSplit, to_unit_float
 from vae_pipeline.data.errors import DataError
-from vae_pipeline.evaluate import downstream
+from vae_pipeline.evaluate import anomaly, downstream
 
 from .conftest import tiny_params
 
@@ -54,12 +54,12 @@ def test_auroc_and_auprc_match_pair_counting_and_a_ranking_loop():
 def test_the_threshold_flags_the_calibrated_share_of_normal_images():
     rng = np.random.default_rng(1)
     calibration, fresh = rng.gamma(5.0, 20.0, size=20000), rng.gamma(5.0, 20.0, size=20000)
-    threshold = downstream.calibrate_threshold(calibration, 99.0)
+    threshold = anomaly.calibrate_threshold(calibration, 99.0)
     assert (calibration > threshold).mean() == pytest.approx(0.01, abs=1e-4)
     assert (fresh > threshold).mean() == pytest.approx(0.01, abs=0.003)  # new normal images
     assert threshold == pytest.approx(np.sort(calibration)[int(0.99 * 19999)], rel=1e-3)
     with pytest.raises(ValueError, match="finite scores"):
-        downstream.calibrate_threshold(np.array([1.0, np.nan]), 99.0)
+        anomaly.calibrate_threshold(np.array([1.0, np.nan]), 99.0)
 
 
 def test_label_draws_are_n_per_class_without_repeats_and_differ_between_draws():
@@ -140,8 +140,15 @@ def test_the_held_out_class_is_detected_well_above_chance(bagless):
     assert metrics["holdout_class"] == "Bag" and 0.05 < metrics["anomaly_fraction"] < 0.15
     assert metrics["anomaly_auroc"] > 0.75  # chance is 0.5
     assert metrics["anomaly_auprc"] > 2 * is_bag.mean()  # chance is the share of anomalies
-    # The stored per-example scores give the same AUROC by pair counting.
-    scores = np.load(ws / "reports" / "per_example_iw_nll.npy")
+    # The stored per-example scores (anomaly.score: typicality) give the same AUROC by pair
+    # counting; and they are the typicality of the stored IW bounds under the stored reference.
+    scores = np.load(ws / "reports" / downstream.ANOMALY_SCORES)
+    images = to_unit_float(test.tensor())
+    length, floor = anomaly.complexity(images, "bernoulli", bagless[2].content_box)
+    iw = np.load(ws / "reports" / "per_example_iw_nll.npy")
+    terms = {"iw_log_px": -iw, "complexity": length, "floor": floor}
+    again = anomaly.anomaly_scores(terms, "typicality", metrics["anomaly_reference"])
+    np.testing.assert_allclose(scores, again, rtol=1e-9)
     assert metrics["anomaly_auroc"] == pytest.approx(_auroc_by_pairs(scores, is_bag), abs=1e-9)
     # The threshold: p99 of validation scores flags about 1% of the normal test images, and
     # flags held-out images far more often.
@@ -192,7 +199,7 @@ def test_the_pictures_and_metrics_json(bagless):
         assert width >= 500 and height >= 350, name
     stored = json.loads((reports / "metrics.json").read_text())
     assert stored["anomaly_auroc"] == metrics["anomaly_auroc"]
-    assert stored["uses_key"].startswith("holdout=Bag|score=iw_nll|pct=99.0")
+    assert stored["uses_key"].startswith("holdout=Bag|score=typicality|pct=99.0")
     assert (
         "| anomaly detection (held-out class `Bag`) | AUROC |"
         in (reports / "summary.md").read_text()
@@ -232,3 +239,25 @@ def test_params_validate_the_uses_sections():
         build_config(tiny_params(promotion={"floors": {"probe_latent_acc_n7": 0.01}}))
     cfg = build_config(tiny_params(anomaly={"holdout_class": 8}))
     assert cfg.anomaly.holdout_class == "8"
+
+
+def test_typicality_flags_what_fools_the_likelihood_on_the_short_training(bagless):
+    """The benchmark's small version (bench/anomaly_ood.py): black and white images and noise
+    patches of 8x8, 20x20 and 28x28 centred on black, as the ingest rule fits them. The
+    likelihood calls black and the 8x8 patch *more* normal than the test images (it flags
+    neither); the stored typicality score flags every one, and about 1% of the test images."""
+    from vae_pipeline.data.images import fit_array
+    from vae_pipeline.evaluate.estimator import per_example_terms
+
+    ws, cfg, model, metrics = bagless
+    rng = np.random.default_rng(0)
+    raw = [np.zeros((1, 28, 28), np.uint8), np.full((1, 28, 28), 255, np.uint8)]
+    raw += [rng.integers(0, 256, (1, s, s), dtype=np.uint8) for s in (8, 20, 28) for _ in range(8)]
+    images = torch.from_numpy(np.stack([fit_array(a, 32) for a in raw]))
+    terms = per_example_terms(model, images, cfg.evaluate, torch.device("cpu"))
+    flags = anomaly.anomaly_scores(terms, "typicality", metrics["anomaly_reference"])
+    assert (flags > metrics["anomaly_threshold"]).all(), flags
+    test_nll = np.load(ws / "reports" / "per_example_iw_nll.npy")
+    black_and_8x8 = -terms["iw_log_px"][[0, *range(2, 10)]]
+    assert (black_and_8x8 < np.median(test_nll)).all()  # the likelihood's failure mode
+    assert 0.002 <= metrics["anomaly_flag_rate_normal"] <= 0.03

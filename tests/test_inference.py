@@ -11,6 +11,7 @@ from PIL import Image
 
 from vae_pipeline import cli
 from vae_pipeline.data.dataset import PreparedSplit, to_unit_float
+from vae_pipeline.evaluate import anomaly
 from vae_pipeline.evaluate.estimator import encode_means
 
 from .conftest import fashion_mnist_pngs
@@ -21,11 +22,19 @@ def _cli(ws, *args) -> int:
 
 
 def test_score_of_a_registered_version_uses_its_stored_threshold(bagless, registered, monkeypatch):
-    ws, cfg, _, metrics = bagless
+    ws, cfg, model, metrics = bagless
     monkeypatch.chdir(ws)
     assert _cli(ws, "score", "--model", registered, "--split", "test", "--out", "s.parquet") == 0
     table = pq.read_table(ws / "s.parquet")
-    assert table.column_names == ["image", "label", "neg_elbo_nats", "iw_nll_nats", "is_anomaly"]
+    assert table.column_names == [
+        "image",
+        "label",
+        "neg_elbo_nats",
+        "iw_nll_nats",
+        "complexity_nats",
+        "floor_nats",
+        "is_anomaly",
+    ]
     iw = np.asarray(table["iw_nll_nats"])
     # The same numbers as the evaluation's per-example values (same K, seed and rows).
     np.testing.assert_allclose(iw, np.load(ws / "reports" / "per_example_iw_nll.npy"), rtol=1e-6)
@@ -35,12 +44,18 @@ def test_score_of_a_registered_version_uses_its_stored_threshold(bagless, regist
         rtol=1e-6,
     )
     flags = np.asarray(table["is_anomaly"])
-    assert np.array_equal(flags, iw > metrics["anomaly_threshold"])
+    images = PreparedSplit(ws / cfg.data.prepared_dir, "test").tensor()
+    length, floor = anomaly.complexity(to_unit_float(images), "bernoulli", model.content_box)
+    np.testing.assert_allclose(np.asarray(table["complexity_nats"]), length, rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(table["floor_nats"]), floor, rtol=1e-12)
+    terms = {"iw_log_px": -iw, "complexity": length, "floor": floor}
+    scores = anomaly.anomaly_scores(terms, "typicality", metrics["anomaly_reference"])
+    assert np.array_equal(flags, scores > metrics["anomaly_threshold"])
     is_bag = np.asarray(table["label"]) == "Bag"
     assert flags[is_bag].mean() > 3 * flags[~is_bag].mean()
     meta = json.loads(table.schema.metadata[b"vae_pipeline"])
     assert meta["threshold"]["threshold"] == metrics["anomaly_threshold"]
-    assert meta["threshold"]["score"] == "iw_nll" and meta["iw_k"] == cfg.evaluate.iw_samples
+    assert meta["threshold"]["score"] == "typicality" and meta["iw_k"] == cfg.evaluate.iw_samples
     # Source paths from the prepared index, not row numbers.
     assert np.asarray(table["image"])[0] == "t10k[0]"
 
@@ -52,7 +67,10 @@ def test_the_pyfunc_flags_anomalies_by_the_stored_threshold(bagless, registered)
     x = to_unit_float(test.tensor(0, 300)).numpy()
     flags = model.predict(x, params={"output": "is_anomaly"})
     k = cfg.evaluate.iw_samples
-    scores = model.predict(x, params={"output": "iw_score", "k": k})
+    iw = model.predict(x, params={"output": "iw_score", "k": k}).astype(np.float64)
+    length, floor = anomaly.complexity(x, "bernoulli", bagless[2].content_box)
+    terms = {"iw_log_px": -iw, "complexity": length, "floor": floor}
+    scores = anomaly.anomaly_scores(terms, "typicality", metrics["anomaly_reference"])
     assert np.array_equal(flags, (scores > metrics["anomaly_threshold"]).astype(np.int64))
     assert flags.any() and not flags.all()
     logvar = model.predict(x, params={"output": "latent_logvar"})
@@ -99,18 +117,23 @@ def test_the_pyfunc_metadata_tells_each_outputs_dtype_and_shape(bagless, registe
         assert list(y.shape) == [sizes[d] for d in spec["shape"]], output
 
 
-def test_score_from_a_folder_with_a_threshold_given_as_csv(bagless, tmp_path, monkeypatch):
+def test_score_from_a_folder_with_a_threshold_given_as_csv(bagless, tmp_path, monkeypatch, capsys):
     ws, _, _, _ = bagless
     monkeypatch.chdir(ws)
     folder = fashion_mnist_pngs(tmp_path / "new", 0, 30)
     out = tmp_path / "scores.csv"
     args = ["--images", str(folder), "--out", str(out), "--threshold", "300"]
+    # a threshold in nats is for a likelihood score; typicality's needs its stored reference
+    assert _cli(ws, "score", "--model", "models", *args) == 1
+    assert "needs the validation reference" in capsys.readouterr().err
+    args += ["--set", "anomaly.score=iw_nll"]
     assert _cli(ws, "score", "--model", "models", *args) == 0
     lines = out.read_text().splitlines()
-    assert lines[0] == "image,label,neg_elbo_nats,iw_nll_nats,is_anomaly" and len(lines) == 31
+    header = "image,label,neg_elbo_nats,iw_nll_nats,complexity_nats,floor_nats,is_anomaly"
+    assert lines[0] == header and len(lines) == 31
     rows = [line.split(",") for line in lines[1:]]
     assert all(r[0].startswith(f"{r[1]}/img") for r in rows)  # sub-folder = label
-    assert all((float(r[3]) > 300) == (r[4] == "True") for r in rows)
+    assert all((float(r[3]) > 300) == (r[6] == "True") for r in rows)
     assert json.loads((tmp_path / "scores.csv.json").read_text())["threshold"]["threshold"] == 300
 
 

@@ -21,7 +21,8 @@ from vae_pipeline.config.sections import EvaluateConfig
 from vae_pipeline.data.dataset import PreparedSplit, to_unit_float
 from vae_pipeline.data.errors import DataError
 from vae_pipeline.errors import UserError
-from vae_pipeline.evaluate.estimator import anomaly_scores, encode_means, per_example_terms
+from vae_pipeline.evaluate.anomaly import anomaly_scores
+from vae_pipeline.evaluate.estimator import encode_means, per_example_terms
 from vae_pipeline.model import ConvVAE
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,8 @@ def score_columns(
     threshold: dict | None = None,
 ) -> dict[str, list | np.ndarray]:
     """Per image: negative ELBO and negative IW bound (K = evaluate.iw_samples, or the
-    threshold's own K), in nats; with a threshold ({"score", "threshold"}), is_anomaly."""
+    threshold's own K) the image's complexity L(x) and floor (`evaluate.anomaly.complexity`), in nats; with a
+    threshold ({"score", "threshold"} and, for typicality, "reference"), is_anomaly."""
     if threshold is not None and threshold.get("k"):
         ecfg = ecfg.model_copy(update={"iw_samples": int(threshold["k"])})
     terms = per_example_terms(model, data.images, ecfg, device)
@@ -149,9 +151,11 @@ def score_columns(
         "label": _label_column(data),
         "neg_elbo_nats": -terms["elbo"],
         "iw_nll_nats": -terms["iw_log_px"],
+        "complexity_nats": terms["complexity"],
+        "floor_nats": terms["floor"],
     }
     if threshold is not None:
-        scores = anomaly_scores(terms, threshold["score"])
+        scores = anomaly_scores(terms, threshold["score"], threshold.get("reference"))
         columns["is_anomaly"] = scores > float(threshold["threshold"])
     return columns
 

@@ -9,8 +9,9 @@ uint8 images as `images.astype(np.float32) / 255`) and returns, per `params={"ou
   "score": negative ELBO per image in nats, the anomaly score;
   "iw_score": negative importance-weighted bound with `params={"k": K}` samples (default 64),
     a tighter anomaly score;
-  "is_anomaly": 1 where the image's score is above the threshold calibrated at evaluation
-    (anomaly.json: the score, its K and the threshold, stored with the model), else 0;
+  "is_anomaly": 1 where the image's anomaly score (anomaly.json's: typicality by default,
+    `vae_pipeline.evaluate.anomaly`) is above the threshold calibrated at evaluation
+    (anomaly.json: the score, its K, the threshold and typicality's reference), else 0;
   "reconstruction" (N x C*H*W).
 Each image's posterior draws come from its own RNG stream, keyed by its content (the sha256
 of its float32 pixels): the same image gets the same score alone or anywhere in any batch.
@@ -40,7 +41,8 @@ OUTPUTS = {
 
 def pip_requirements() -> list[str]:
     reqs = []
-    for name in ("torch", "torchvision", "numpy", "mlflow"):
+    # scipy and pillow: the anomaly scores' complexity (`vae_pipeline.evaluate.anomaly`)
+    for name in ("torch", "torchvision", "numpy", "mlflow", "scipy", "pillow"):
         try:
             reqs.append(f"{name}=={version(name)}")
         except PackageNotFoundError:
@@ -109,9 +111,7 @@ class VAEPyfunc(mlflow.pyfunc.PythonModel):
                         "this model version stores no anomaly threshold (registered before "
                         "vae-pipeline calibrated one): use output=score and a threshold of yours"
                     )
-                a = self.anomaly
-                scores = iw_score(int(a["k"])) if a["score"] == "iw_nll" else elbo_score()
-                return (scores > float(a["threshold"])).to(torch.int64).numpy()
+                return self._flag(x, iw_score, elbo_score)
             if output == "score":
                 return elbo_score().numpy()
             if output == "iw_score":
@@ -125,6 +125,21 @@ class VAEPyfunc(mlflow.pyfunc.PythonModel):
             "params.output must be latent_mean, latent_logvar, score, iw_score, is_anomaly or "
             f"reconstruction, not {output!r}"
         )
+
+    def _flag(self, x: torch.Tensor, iw_score, elbo_score) -> np.ndarray:
+        """1 where anomaly.json's score of the image is above its threshold."""
+        from vae_pipeline.evaluate.anomaly import anomaly_scores, complexity
+
+        a, model = self.anomaly, self.model
+        if a["score"] == "neg_elbo":
+            terms = {"elbo": -elbo_score().double().numpy()}
+        else:
+            terms = {"iw_log_px": -iw_score(int(a["k"])).double().numpy()}
+            if a["score"] in ("complexity", "typicality"):
+                length, floor = complexity(x, model.likelihood, model.content_box)
+                terms.update(complexity=length, floor=floor)
+        scores = anomaly_scores(terms, a["score"], a.get("reference"))
+        return (scores > float(a["threshold"])).astype(np.int64)
 
 
 mlflow.models.set_model(VAEPyfunc())

@@ -196,6 +196,7 @@ def log_evaluation(uri: str, run_id: str, metrics: dict, reports_dir: Path) -> N
 ANOMALY_KEYS = {
     "anomaly_score": "score",
     "anomaly_threshold": "threshold",
+    "anomaly_reference": "reference",
     "anomaly_threshold_percentile": "percentile",
     "iw_k": "k",
     "holdout_class": "holdout_class",

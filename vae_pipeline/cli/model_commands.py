@@ -94,7 +94,16 @@ def cmd_score(cfg: Config, args) -> None:
     model, meta = _load(cfg, args.model)
     threshold = meta.get("anomaly")
     if args.threshold is not None:
+        stored = threshold or {}
         threshold = {"score": cfg.anomaly.score, "threshold": args.threshold}
+        if cfg.anomaly.score == "typicality":  # tail probabilities of the stored reference
+            if stored.get("score") != "typicality":
+                raise UserError(
+                    "--threshold with anomaly.score=typicality needs the validation reference "
+                    f"stored with a typicality model; this model stores {stored.get('score')!r}: "
+                    "set anomaly.score to another score"
+                )
+            threshold["reference"] = stored["reference"]
     elif threshold is None:
         log.info(
             "no anomaly threshold stored with %s: no is_anomaly column (registered models carry "

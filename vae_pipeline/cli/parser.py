@@ -238,9 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         (
             "score",
-            "anomaly scores in nats: negative ELBO and negative IW bound (K = "
-            "evaluate.iw_samples), and is_anomaly by the threshold stored with a registered "
-            "model (or --threshold)",
+            "anomaly scores: negative ELBO and negative IW bound (K = evaluate.iw_samples), "
+            "the image's complexity and floor, in nats, and is_anomaly by anomaly.score "
+            "(typicality by default) at the threshold stored with a registered model (or "
+            "--threshold)",
         ),
     ):
         p = add(name, f"Images -> {what}; CSV or Parquet by the --out suffix.")
@@ -255,8 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--threshold",
         type=float,
         default=None,
-        metavar="NATS",
-        help="flag images whose anomaly.score is above this (default: the model's stored one)",
+        metavar="VALUE",
+        help="flag images whose anomaly.score is above this (nats; -log p for typicality, "
+        "which also needs the model's stored reference; default: the model's stored threshold)",
     )
     p = sub.choices["encode"]
     p.add_argument(

@@ -209,14 +209,19 @@ class AnomalyConfig(Section):
     """A label (its name, e.g. Bag, or its index) left out of training and validation; the test
     images of it are the anomalies for AUROC/AUPRC. null = no benchmark (the threshold is still
     calibrated). Likelihood scores rank simple images as typical: see the README."""
-    score: Literal["iw_nll", "neg_elbo"] = "iw_nll"
-    """The score the threshold applies to: the IW bound (K = evaluate.iw_samples) or the
-    negative ELBO; both in nats per image, higher = more anomalous."""
+    score: Literal["iw_nll", "neg_elbo", "complexity", "typicality"] = "typicality"
+    """The score the threshold applies to, higher = more anomalous: iw_nll (the negative IW
+    bound, K = evaluate.iw_samples, nats), neg_elbo (nats), complexity (iw_nll minus the image's
+    length under a generic compressor, nats) or typicality (the default: iw_nll, the image's
+    structure and the corrected score, each tested two-sided against validation images; -log
+    of a tail probability). Measured in docs/evaluation.md: only typicality flags noise and
+    constant images; see `vae_pipeline.evaluate.anomaly`."""
     threshold_percentile: float = Field(99.0, gt=0.0, lt=100.0)
     """Threshold = this percentile of the validation images' scores: about (100 - p)% of
     normal images are flagged."""
-    calibration_images: int = Field(2000, ge=2)
-    """Validation images scored for the threshold (a seeded sample when there are more)."""
+    calibration_images: int = Field(4000, ge=4)
+    """Validation images scored for the threshold (a seeded sample when there are more); for
+    typicality half are its reference and half set the threshold."""
 
     @field_validator("holdout_class", mode="before")
     @classmethod

@@ -21,8 +21,8 @@ from vae_pipeline.config import Config
 from vae_pipeline.config.sections import ProbeConfig
 from vae_pipeline.data.dataset import PreparedSplit, resolve_label
 from vae_pipeline.evaluate import pictures
+from vae_pipeline.evaluate.anomaly import anomaly_scores, calibrate
 from vae_pipeline.evaluate.estimator import (
-    anomaly_scores,
     encode_means,
     per_example_terms,
     prior_samples,
@@ -30,6 +30,7 @@ from vae_pipeline.evaluate.estimator import (
 from vae_pipeline.model import ConvVAE
 
 log = logging.getLogger(__name__)
+ANOMALY_SCORES = "per_example_anomaly_score.npy"  # beside the reports' other per-example values
 
 
 # --- anomaly detection -------------------------------------------------------------------------
@@ -47,14 +48,6 @@ def auroc_auprc(scores: np.ndarray, is_anomaly: np.ndarray) -> tuple[float, floa
         float(roc_auc_score(is_anomaly, scores)),
         float(average_precision_score(is_anomaly, scores)),
     )
-
-
-def calibrate_threshold(scores: np.ndarray, percentile: float) -> float:
-    """The `percentile` of normal images' scores: images scoring above it are anomalies."""
-    scores = np.asarray(scores, dtype=np.float64)
-    if len(scores) == 0 or not np.isfinite(scores).all():
-        raise ValueError("calibration needs finite scores of at least one validation image")
-    return float(np.percentile(scores, percentile))
 
 
 # --- few-label probe ---------------------------------------------------------------------------
@@ -186,7 +179,7 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 # --- measured on the model ---------------------------------------------------------------------
 
 
-def _seeded_subset(n: int, size: int, seed: int) -> np.ndarray:
+def seeded_subset(n: int, size: int, seed: int) -> np.ndarray:
     """`size` of range(n) (all when n <= size), seeded, in increasing order."""
     if n <= size:
         return np.arange(n)
@@ -221,14 +214,16 @@ def measure_uses(
     holdout = resolve_label(cfg.anomaly.holdout_class, names, "anomaly.holdout_class")
     out: dict = {"holdout_class": None if holdout is None else names[holdout]}
     labels = np.asarray(test.labels)
-    scores = anomaly_scores(terms, cfg.anomaly.score)
     is_anomaly = None if holdout is None else labels == holdout
-    normal = np.ones(len(scores), bool) if is_anomaly is None else ~is_anomaly
-    threshold, title = _anomaly(cfg, model, prepared, holdout, scores, is_anomaly, device, out)
+    normal = np.ones(len(labels), bool) if is_anomaly is None else ~is_anomaly
+    scores, threshold, title = _anomaly(
+        cfg, model, prepared, holdout, terms, is_anomaly, device, out
+    )
     per_draw = _probe(cfg, model, prepared, images, labels, terms, device, out)
     _sample_quality(cfg, model, prepared, holdout, images, normal, device, out)
     if pictures_dir is not None:
         pictures_dir.mkdir(parents=True, exist_ok=True)
+        np.save(pictures_dir / ANOMALY_SCORES, scores)  # anomaly.score of each test image
         pictures.plot_anomaly_scores(
             scores,
             is_anomaly,
@@ -250,25 +245,24 @@ def _anomaly(
     model: ConvVAE,
     prepared: Path,
     holdout: int | None,
-    scores: np.ndarray,
+    terms: dict[str, np.ndarray],
     is_anomaly: np.ndarray | None,
     device: torch.device,
     out: dict,
-) -> tuple[float, str]:
+) -> tuple[np.ndarray, float, str]:
     """The threshold from validation images of the training classes, its flag rate on the
-    normal test images and, with a held-out class, AUROC/AUPRC; into `out`. Returns the
-    threshold and the pictures' title."""
+    normal test images and, with a held-out class, AUROC/AUPRC; into `out`. Returns the test
+    images' scores, the threshold and the pictures' title."""
     ecfg, score_name = cfg.evaluate, cfg.anomaly.score
     calib = PreparedSplit(prepared, "val", holdout)
     if len(calib) < 2:
         log.warning("the validation split has < 2 images: calibrating on the training split")
         calib = PreparedSplit(prepared, "train", holdout)
-    pos = _seeded_subset(len(calib), cfg.anomaly.calibration_images, ecfg.seed)
+    pos = seeded_subset(len(calib), cfg.anomaly.calibration_images, ecfg.seed)
     log.info("anomaly threshold: scoring %d %s images", len(pos), calib.split)
     cal_terms = per_example_terms(model, calib.take(pos), ecfg, device, torch.from_numpy(pos))
-    threshold = calibrate_threshold(
-        anomaly_scores(cal_terms, score_name), cfg.anomaly.threshold_percentile
-    )
+    threshold, reference = calibrate(cal_terms, score_name, cfg.anomaly.threshold_percentile)
+    scores = anomaly_scores(terms, score_name, reference)
     normal = np.ones(len(scores), bool) if is_anomaly is None else ~is_anomaly
     out.update(
         anomaly_score=score_name,
@@ -278,6 +272,8 @@ def _anomaly(
         # The threshold on the test images: the false alarm rate it was calibrated for.
         anomaly_flag_rate_normal=float((scores[normal] > threshold).mean()),
     )
+    if reference is not None:  # typicality: the validation values the tails are measured on
+        out["anomaly_reference"] = reference
     title = f"{score_name} of the test images"
     if is_anomaly is not None and is_anomaly.any() and normal.any():
         auroc, auprc = auroc_auprc(scores, is_anomaly)
@@ -290,7 +286,7 @@ def _anomaly(
         title += f": AUROC {auroc:.3f}, AUPRC {auprc:.3f}"
     elif is_anomaly is not None:
         log.warning("the test split lacks %s or normal images: no AUROC", out["holdout_class"])
-    return threshold, title
+    return scores, threshold, title
 
 
 def _probe(
@@ -360,8 +356,8 @@ def _sample_quality(
     n = min(gcfg.fd_images, len(keep), len(ref_pool))
     if n < 2:
         return
-    real = images[keep[_seeded_subset(len(keep), n, ecfg.seed)]].flatten(1).numpy() / 255.0
-    reference = ref_pool.take(_seeded_subset(len(ref_pool), n, ecfg.seed + 1))
+    real = images[keep[seeded_subset(len(keep), n, ecfg.seed)]].flatten(1).numpy() / 255.0
+    reference = ref_pool.take(seeded_subset(len(ref_pool), n, ecfg.seed + 1))
     samples = prior_samples(model, n, ecfg.seed, device).flatten(1).numpy()
     basis = pca_basis(real, gcfg.fd_components)
     real_f = project(real, basis)

@@ -28,6 +28,7 @@ from vae_pipeline.elbo import (
     mutual_information,
     terms_from_outputs,
 )
+from vae_pipeline.evaluate.anomaly import complexity
 from vae_pipeline.model import ConvVAE
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,9 @@ def per_example_terms(
     device: torch.device,
     indices: torch.Tensor | None = None,
 ) -> dict[str, np.ndarray]:
-    """recon, kl, elbo (one posterior sample) and the IW bound for every image; plus mu, logvar.
+    """recon, kl, elbo (one posterior sample) and the IW bound for every image; plus mu, logvar
+    and the image's complexity L(x) and floor (nats: `evaluate.anomaly.complexity`, of the
+    pixels as scored, binarized where the evaluation binarizes).
 
     `indices` are the images' positions in the test split (default 0..N-1); they key each
     example's RNG stream, so the values do not depend on batching or sharding.
@@ -85,7 +88,7 @@ def per_example_terms(
     model.eval().to(device)
     decode = model.inference_decoder()
     indices = torch.arange(len(images)) if indices is None else indices
-    keys = ("recon", "kl", "elbo", "iw_log_px", "iw_ess", "mu", "logvar")
+    keys = ("recon", "kl", "elbo", "iw_log_px", "iw_ess", "mu", "logvar", "complexity", "floor")
     out: dict[str, list] = {k: [] for k in keys}
     t0 = last = time.perf_counter()
     for start in range(0, len(images), ecfg.batch_size):
@@ -125,6 +128,9 @@ def per_example_terms(
         out["iw_ess"].append(ess.double().cpu())
         out["mu"].append(mu.double().cpu())
         out["logvar"].append(logvar.double().cpu())
+        length, floor = complexity(x, model.likelihood, model.content_box)
+        out["complexity"].append(torch.from_numpy(length))
+        out["floor"].append(torch.from_numpy(floor))
     if not out["mu"]:
         return {k: np.zeros((0, model.latent_dim) if k in ("mu", "logvar") else 0) for k in out}
     return {k: torch.cat(v).numpy() for k, v in out.items()}
@@ -209,11 +215,6 @@ def summarize(
             iw_ess_min=float(ess.min()),
         )
     return metrics
-
-
-def anomaly_scores(terms: dict[str, np.ndarray], score: str) -> np.ndarray:
-    """Per-image anomaly score in nats (higher = more anomalous): anomaly.score's quantity."""
-    return -terms["iw_log_px"] if score == "iw_nll" else -terms["elbo"]
 
 
 @torch.no_grad()

@@ -199,7 +199,9 @@ def plot_anomaly_scores(
     if is_anomaly is not None:
         ax.hist(scores[is_anomaly], bins=bins, alpha=0.6, density=True, label=anomaly_name)
     ax.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.1f}")
-    ax.set_xlabel(f"{score_name} (nats per image)")
+    from vae_pipeline.evaluate.anomaly import UNITS
+
+    ax.set_xlabel(f"{score_name} ({UNITS.get(score_name, 'nats')} per image)")
     ax.set_ylabel("density")
     ax.set_title(title or "anomaly scores")
     ax.legend(fontsize=8)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import math
 
+from vae_pipeline.evaluate.anomaly import UNITS
+
 log = logging.getLogger(__name__)
 
 
@@ -60,7 +62,8 @@ def uses_markdown(metrics: dict) -> list[str]:
         ]
     lines += [
         f"| anomaly threshold | {m['anomaly_score']} > "
-        f"p{m['anomaly_threshold_percentile']:g} of validation | {m['anomaly_threshold']:.2f} nats |",
+        f"p{m['anomaly_threshold_percentile']:g} of validation | {m['anomaly_threshold']:.2f} "
+        f"{UNITS.get(m['anomaly_score'], 'nats')} |",
         f"| | normal test images flagged | {m['anomaly_flag_rate_normal']:.1%} |",
     ]
     for n in sorted(
