@@ -20,14 +20,16 @@ FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 TINY = {
     "data": {"limit": 256},
     "model": {"latent_dim": 8},
-    # channels_last fixed: parity tests compare runs of other batch sizes, which the step
-    # probe could time into other layouts (float rounding); auto has tests of its own
+    # channels_last and precision fixed: parity tests compare runs of other batch sizes, and
+    # plain fp32 reference loops, which the step probe could time into other layouts (float
+    # rounding) or into bf16 on a CPU with bf16 units; auto has tests of its own
     "train": {
         "epochs": 1,
         "batch_size": 64,
         "nproc_per_node": 2,
         "log_every": 1000,
         "channels_last": True,
+        "precision": "fp32",
     },
     "evaluate": {"iw_samples": 4, "iw_chunk": 4, "batch_size": 128, "n_samples": 16},
     "probe": {"labels_per_class": [10], "draws": 2},
