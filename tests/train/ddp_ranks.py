@@ -8,6 +8,7 @@ An optional 4th argument injects a fault at a (1-based) training step on one ran
   lost worker would die; torchrun (--max-restarts) restarts every rank, and they resume from the
   last checkpoint."""
 
+import json
 import os
 import signal
 import sys
@@ -58,8 +59,12 @@ def main(config: str, out_dir: str, workdir: str, fault: str = "") -> None:
     flat = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
     gathered = [torch.empty_like(flat) for _ in range(env.world_size)]
     dist.all_gather(gathered, flat)
+    ignored = [None] * env.world_size  # what DDP leaves rank-local on each rank
+    dist.all_gather_object(ignored, sorted(trainer.ddp.parameters_to_ignore))
     if env.is_main:
         torch.save(torch.stack(gathered), Path(out_dir) / "rank_weights.pt")
+        by_rank = {str(rank): names for rank, names in enumerate(ignored)}
+        (Path(out_dir) / "ddp_ignored.json").write_text(json.dumps(by_rank))
     distributed.teardown()
 
 

@@ -238,8 +238,10 @@ def build_network(
     One rank has nothing to all-reduce: no DDP (measured 0.875-0.906x of no DDP on an H100
     under NCCL). Gradients are views into DDP's buckets (no copy per step); the graph is static
     (one-time bucket planning) except under no_sync, where static_graph is broken in current
-    torch (pytorch/pytorch#187732). The model's only buffer is the constant padding mask:
-    nothing to broadcast before every forward."""
+    torch (pytorch/pytorch#187732). The model's only buffer is the constant padding mask, which
+    each rank builds from the config: DDP ignores it, so it is neither broadcast at init nor
+    before every forward (what the deprecated `broadcast_buffers=False` did; its replacement,
+    `forward_sync_buffers=False`, alone would still broadcast buffers at init)."""
     tc = cfg.train
     model = ConvVAE(
         cfg.data.channels,
@@ -256,17 +258,18 @@ def build_network(
     )
     autocast = torch.bfloat16 if plan.precision == "bf16" else None
     wrapped = ElboPath(model, autocast)
-    ddp = (
-        DDP(
+    ddp = None
+    if env.distributed and env.world_size > 1:
+        # rank-local buffers (the padding mask): torch's documented way to leave them out
+        rank_local = [name for name, _ in wrapped.named_buffers()]
+        DDP._set_params_and_buffers_to_ignore_for_model(wrapped, rank_local)
+        ddp = DDP(
             wrapped,
             device_ids=[device.index] if device.type == "cuda" else None,
             gradient_as_bucket_view=True,
             static_graph=tc.grad_accum_steps == 1,
-            broadcast_buffers=False,
+            forward_sync_buffers=False,
         )
-        if env.distributed and env.world_size > 1
-        else None
-    )
     net = ddp if ddp is not None else wrapped
     if plan.compile != "none":
         net = torch.compile(net, mode=None if plan.compile == "default" else plan.compile)
