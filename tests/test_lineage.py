@@ -1,6 +1,7 @@
 """Lineage as a new team member meets it: a version trained by the retrain flow with `--set`
-overrides, rebuilt bit for bit in a second clone from what `vae-pipeline lineage` prints, with
-one shared MLflow store and one shared DVC remote, and nothing committed after the training."""
+overrides, rebuilt bit for bit in a second clone on the same machine by running, as printed,
+the commands `vae-pipeline lineage` gives, under the defaults (the first clone's own SQLite
+store and DVC remote folder), with nothing committed after the training."""
 
 from __future__ import annotations
 
@@ -20,8 +21,6 @@ from vae_pipeline.lineage import version_lineage
 
 from .conftest import copy_project_files, make_workspace, tiny_params
 
-pytestmark = pytest.mark.slow
-
 ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
 
 
@@ -33,18 +32,13 @@ def _run(command: str, cwd: Path) -> str:
     return result.stdout
 
 
+@pytest.mark.slow
 def test_a_version_is_rebuilt_bit_for_bit_in_a_second_clone_from_its_lineage(tmp_path):
     from flows.retrain import retrain
     from vae_pipeline.tracking import client_for, download_weights
 
-    shared = tmp_path / "shared"  # what a team shares: the MLflow store and the DVC remote
-    shared.mkdir()
-    first = make_workspace(
-        tmp_path / "first", registry={"tracking_uri": f"sqlite:///{shared}/mlflow.db"}
-    )
-    copy_project_files(first, "dvc.yaml", "vae_pipeline", ".gitignore")
-    _run(f"{sys.executable} -m dvc init -q", first)
-    _run(f"{sys.executable} -m dvc remote add -d local {shared}/dvc-storage", first)
+    first = make_workspace(tmp_path / "first")  # the defaults: the store and remote are its own
+    copy_project_files(first, "dvc.yaml", "vae_pipeline", ".gitignore", ".dvc", ".dvcignore")
     _run("git add -A && git commit -qm 'the project'", first)
     head = _run("git rev-parse HEAD", first).strip()
 
@@ -55,22 +49,32 @@ def test_a_version_is_rebuilt_bit_for_bit_in_a_second_clone_from_its_lineage(tmp
 
     cfg = load_config(first / "params.yaml")
     uri = tracking_uri(cfg, first)
+    assert uri == f"sqlite:///{(first / 'mlflow.db').resolve()}"  # the default store
     client = client_for(uri)
     info = version_lineage(client, "conv-vae", version)
     tags = info["tags"]
-    assert tags["git_commit"] == head and tags["data_remote"] == f"local {shared}/dvc-storage"
+    storage = (first / ".dvc-storage").resolve()
+    assert tags["git_commit"] == head and tags["data_remote"] == f"local {storage}"
     assert tags["lineage_data"] == "recorded"
     commands = info["reproduce"]
+    print("\n".join(commands))
     assert commands[0] == f"git checkout {head}"
-    assert commands[1].startswith(f"vae-pipeline lineage {version} --restore")
-    assert commands[2].startswith("dvc pull -r local data/raw.dvc")
-    assert commands[3].startswith("dvc repro") and not any("NOTE" in c for c in commands)
+    restore = f"vae-pipeline lineage {version} --restore --set registry.tracking_uri={uri}"
+    assert [c for c in commands if not c.startswith("#")][1:] == [
+        f"{restore}   # params.yaml and data/raw.dvc as run {info['run_id']} had them "
+        "(overrides included)",
+        f"dvc remote add --local -f lineage {storage}",
+        f"dvc pull -r lineage data/raw.dvc   # data version {tags['data_version']} from {storage}",
+        "dvc repro           # prepare -> train -> evaluate: the same weights on the same "
+        "device kind",
+    ]
 
     second = tmp_path / "second"
     _run(f"git clone -q {first} {second}", tmp_path)
     assert not (second / "data").exists()  # no pointer, no data: all from the lineage
-    for command in commands:
+    for command in commands:  # as printed (comments included), one shell line each
         _run(command, second)
+    assert not (second / ".dvc-storage").exists()  # its own remote untouched: pulled from first
 
     restored = yaml.safe_load((second / "params.yaml").read_text())
     assert (restored["data"]["limit"], restored["train"]["epochs"]) == (384, 1)
@@ -89,9 +93,7 @@ def test_a_version_is_rebuilt_bit_for_bit_in_a_second_clone_from_its_lineage(tmp
     version_id = tags["data_version"]
     for dataset in contexts.values():
         assert dataset.digest == version_id
-        assert f"{shared}/dvc-storage/files/md5/{version_id[:2]}/{version_id[2:]}.dir" in (
-            dataset.source
-        )
+        assert f"{storage}/files/md5/{version_id[:2]}/{version_id[2:]}.dir" in dataset.source
 
     metrics = json.loads((second / "reports/metrics.json").read_text())
     assert metrics["data_version"] == tags["data_version"]
@@ -117,6 +119,35 @@ def test_a_per_clone_remote_is_named_as_such(tmp_path):
     assert "a folder inside this clone" in unshared_note(remote)
     _run(f"{sys.executable} -m dvc remote modify local url {tmp_path / 'team'}", ws)
     assert remote_info(cfg, ws)["shared"]
+
+
+def test_commands_name_a_local_store_and_remote_by_path_and_a_shared_one_by_name():
+    from vae_pipeline.lineage import reproduce_commands
+
+    tags = {"git_commit": "0123abcd", "data_version": "feedbeef"}
+    pointer = {"pointer": "data/raw.dvc"}
+    team = {"name": "local", "url": "/srv/team/dvc", "endpoint": "", "shared": True, **pointer}
+    server = reproduce_commands("3", "r1", tags, team, True, "http://mlflow.example:5000")
+    assert [c for c in server if not c.startswith("#")] == [
+        "git checkout 0123abcd",
+        "vae-pipeline lineage 3 --restore   # params.yaml and data/raw.dvc as run r1 had them "
+        "(overrides included)",
+        "dvc pull -r local data/raw.dvc   # data version feedbeef from /srv/team/dvc",
+        "dvc repro           # prepare -> train -> evaluate: the same weights on the same "
+        "device kind",
+    ]
+    # a relative SQLite store is named by its absolute path (the clone's own folder is another)
+    relative = reproduce_commands("3", "r1", tags, team, True, "sqlite:///stores/m.db")
+    absolute = f"sqlite:///{Path('stores/m.db').resolve()}"
+    assert f"--restore --set registry.tracking_uri={absolute}   #" in relative[2]
+    assert "a file on this machine" in relative[1] and "shared tracking server" in relative[1]
+    s3 = {"name": "s3", "url": "s3://b/p", "endpoint": "http://127.0.0.1:9", "shared": True}
+    lines = reproduce_commands("3", "r1", tags, {**s3, **pointer}, True, "https://m.example")
+    assert lines[2:5] == [
+        "dvc remote add --local -f s3 s3://b/p",
+        "dvc remote modify --local s3 endpointurl http://127.0.0.1:9",
+        "dvc pull -r s3 data/raw.dvc   # data version feedbeef from s3://b/p",
+    ]
 
 
 def test_prepare_without_raw_data_names_pull_and_ingest(tmp_path):

@@ -75,6 +75,36 @@ def test_run_holds_params_epoch_metrics_evaluation_and_pictures(runs):
     assert run.data.metrics["test_mutual_info"] >= 0.0
 
 
+def test_the_run_page_says_its_source_and_the_models_page_lists_its_test_metrics(runs):
+    import getpass
+
+    ws, first, _ = runs
+    client = _client(ws)
+    run = client.get_run(first["run_id"])
+    tags = run.data.tags
+    assert tags["mlflow.source.name"] == "flows/retrain.py:retrain"  # the UI's "Source"
+    assert tags["mlflow.source.type"] == "JOB" and tags["mlflow.user"] == getpass.getuser()
+    assert "mlflow.source.git.commit" not in tags  # the workspace has no commit to name
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    # the test metrics belong to the registered model and to the test split's dataset input
+    mv = client.get_model_version("conv-vae", first["model_version"])
+    test_input = next(i.dataset for i in run.inputs.dataset_inputs if i.tags[0].value == "test")
+    assert mv.source.startswith("models:/m-")  # registered from the logged model
+    model_id = mv.source.removeprefix("models:/")
+    model_metrics = {m.key: m for m in client.get_logged_model(model_id).metrics}
+    metric = model_metrics["test_iw_nll"]
+    assert metric.value == pytest.approx(first["metrics"]["iw_nll"])
+    assert (metric.run_id, metric.model_id) == (run.info.run_id, model_id)
+    assert (metric.dataset_name, metric.dataset_digest) == (test_input.name, test_input.digest)
+    assert {"test_elbo", "test_kl", "test_bits_per_dim"} <= set(model_metrics)
+    # the model card, written at registration and rewritten by the gate
+    card = mv.description
+    assert card.startswith("## conv-vae v1") and "**promoted to champion**" in card
+    assert mv.tags["iw_k"] == "4" and "| IW NLL (K=4) |" in card  # evaluate.iw_samples
+    assert "splits train " in card and "| train.epochs | 1 |" in card
+
+
 def test_metrics_json_and_grids_on_disk(runs):
     ws, first, second = runs
     metrics = json.loads((ws / "reports/metrics.json").read_text())
@@ -140,12 +170,15 @@ def test_lineage_cli_prints_tags_and_how_to_reproduce(runs):
     # The test workspace is a git repo without commits: lineage says so instead of a checkout.
     assert _client(ws).get_model_version("conv-vae", "1").tags["git_commit"] == "unknown"
     storage = (ws / ".dvc-storage").resolve()
+    store = f"sqlite:///{(ws / 'mlflow.db').resolve()}"
     for expected in (
         "# no git commit was recorded",
-        "vae-pipeline lineage 1 --restore   # params.yaml and data/raw.dvc as run",
-        # the default remote is a folder of this clone: said, since no other clone can pull it
-        f"# DVC remote 'local' is {storage}, a folder inside this clone",
-        f"dvc pull -r local data/raw.dvc   # data version {first['data_version']} from {storage}",
+        # the default store and remote are files of this clone: named by their paths, so the
+        # commands run as printed in another clone on this machine (tests/test_lineage.py)
+        f"vae-pipeline lineage 1 --restore --set registry.tracking_uri={store}   # params.yaml",
+        "# DVC remote 'local' is a folder inside the clone that trained it",
+        f"dvc remote add --local -f lineage {storage}",
+        f"dvc pull -r lineage data/raw.dvc   # data version {first['data_version']} from {storage}",
         "dvc repro",
         "params_hash",
         "binarize             none",

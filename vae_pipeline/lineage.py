@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import tempfile
 from pathlib import Path
 
@@ -78,6 +79,11 @@ def data_object_url(remote: dict, data_version: str, raw: Path) -> str:
     return url if "://" in url else Path(url).resolve().as_uri()
 
 
+def dataset_ref(split: str, data_version: str) -> tuple[str, str]:
+    """A split's MLflow dataset input: (name, digest), as metrics computed on it name it."""
+    return f"vae-data-{split}", data_version[:36]
+
+
 def log_datasets(
     client: MlflowClient,
     run_id: str,
@@ -103,7 +109,8 @@ def log_datasets(
         with warnings.catch_warnings():  # MLflow registers the local source twice
             warnings.simplefilter("ignore", UserWarning)
             source = resolve_dataset_source(data_object_url(remote, version, raw))
-        dataset = MetaDataset(source, name=f"vae-data-{split}", digest=version[:36])
+        name, digest = dataset_ref(split, version)
+        dataset = MetaDataset(source, name=name, digest=digest)
         tags = [InputTag("mlflow.data.context", split)]
         inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=tags))
     client.log_inputs(run_id, datasets=inputs)
@@ -181,6 +188,40 @@ def version_lineage(client: MlflowClient, name: str, version: str) -> dict:
 
 def reproduce(client: MlflowClient, name: str, version: str, tags: dict, run_id: str) -> list[str]:
     """The commands that rebuild the version in a fresh clone of the project."""
+    folder = download_lineage(client, run_id)
+    remote = json.loads((folder / REMOTE_FILE).read_text()) if folder else None
+    pointer = folder is not None and (folder / POINTER_FILE).is_file()
+    store = client._tracking_client.tracking_uri
+    return reproduce_commands(version, run_id, tags, remote, pointer, store)
+
+
+LINEAGE_REMOTE = "lineage"  # the name a second clone gives another clone's own remote
+
+
+def local_store(uri: str) -> str | None:
+    """An MLflow tracking URI that is a file of this machine (SQLite, a folder), made absolute;
+    None for a server every machine can reach."""
+    if uri.startswith("sqlite:///"):
+        path = uri.removeprefix("sqlite:///")
+        return uri if path.startswith("/") else "sqlite:///" + str(Path(path).resolve())
+    if uri.startswith("file:"):
+        return Path(uri.removeprefix("file://").removeprefix("file:")).resolve().as_uri()
+    if "://" not in uri:
+        return Path(uri).resolve().as_uri()
+    return None
+
+
+def reproduce_commands(
+    version: str,
+    run_id: str,
+    tags: dict,
+    remote: dict | None,
+    pointer_recorded: bool,
+    store: str,
+) -> list[str]:
+    """The commands, runnable as printed: where the MLflow store or the DVC remote is a file of
+    this machine (the defaults), they name it by its absolute location, so a fresh clone on this
+    machine reaches the same store and data; other machines need a shared store and remote."""
     commit = tags.get("git_commit", "unknown")
     if commit == "unknown":
         lines = ["# no git commit was recorded: check out the code by other means"]
@@ -188,10 +229,8 @@ def reproduce(client: MlflowClient, name: str, version: str, tags: dict, run_id:
         lines = [f"git checkout {commit.removesuffix('-dirty')}"]
         if commit.endswith("-dirty"):
             lines.append("# trained with uncommitted changes: the checkout may differ")
-    folder = download_lineage(client, run_id)
-    remote = json.loads((folder / REMOTE_FILE).read_text()) if folder else None
     data = tags.get("data_version", "?")
-    if remote is None or not (folder / POINTER_FILE).is_file():
+    if remote is None or not pointer_recorded:
         why = (
             "registered before lineage was recorded"
             if remote is None
@@ -203,20 +242,34 @@ def reproduce(client: MlflowClient, name: str, version: str, tags: dict, run_id:
             "dvc repro           # prepare -> train -> evaluate with that commit's params.yaml",
         ]
     pointer = remote["pointer"]
+    restore = f"vae-pipeline lineage {version} --restore"
+    local = local_store(store)
+    if local is not None:
+        lines.append(
+            "# the MLflow store is a file on this machine: named here by its path; other "
+            "machines need a shared tracking server (registry.tracking_uri)"
+        )
+        restore += f" --set registry.tracking_uri={shlex.quote(local)}"
     lines.append(
-        f"vae-pipeline lineage {version} --restore   # params.yaml and {pointer} as run "
-        f"{run_id} had them (overrides included)"
+        f"{restore}   # params.yaml and {pointer} as run {run_id} had them (overrides included)"
     )
-    if remote["name"] == versioning.S3_REMOTE:
-        lines.append(f"dvc remote add --local -f {remote['name']} {remote['url']}")
+    name = remote["name"]
+    if name == versioning.S3_REMOTE:
+        lines.append(f"dvc remote add --local -f {name} {remote['url']}")
         if remote.get("endpoint"):
-            lines.append(
-                f"dvc remote modify --local {remote['name']} endpointurl {remote['endpoint']}"
-            )
+            lines.append(f"dvc remote modify --local {name} endpointurl {remote['endpoint']}")
     elif not remote["shared"]:
-        lines.append("# " + unshared_note(remote))
+        # the remote is a folder of the clone that trained it: name it by its absolute path
+        # under a name of its own (this clone's `local` stays its own folder)
+        lines.append(
+            f"# DVC remote {name!r} is a folder inside the clone that trained it: a clone on "
+            "this machine reaches it by its path, other machines cannot; for a team, set "
+            "data.remote=s3 or a shared folder (docs/registry.md)"
+        )
+        name = LINEAGE_REMOTE
+        lines.append(f"dvc remote add --local -f {name} {shlex.quote(remote['url'])}")
     lines += [
-        f"dvc pull -r {remote['name']} {pointer}   # data version {data} from {remote['url']}",
+        f"dvc pull -r {name} {pointer}   # data version {data} from {remote['url']}",
         "dvc repro           # prepare -> train -> evaluate: the same weights on the same device kind",
     ]
     return lines

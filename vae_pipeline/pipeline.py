@@ -27,6 +27,7 @@ from vae_pipeline.evaluate.model_file import (
     local_weights,
 )
 from vae_pipeline.model import ConvVAE
+from vae_pipeline.registry.card import SPLIT_SIZES_TAG, write_card
 from vae_pipeline.registry.promotion import Decision, promote_if_better
 from vae_pipeline.registry.versions import register as register_version
 from vae_pipeline.registry.versions import version_of_run, version_tags
@@ -116,25 +117,43 @@ def register(
         return done
     blob = load_weights_meta(weights)
     check_registrable(blob, metrics, weights)
-    tracking.log_evaluation(uri, run_id, metrics, workdir / cfg.evaluate.reports_dir)
-    model_uri, torch_uri = tracking.log_model(
+    model_uri, torch_uri, model_id = tracking.log_model(
         uri, run_id, weights, tracking.anomaly_record(metrics)
     )
     data_version = str(blob.get("data_version", "unknown"))
+    test_version = str(metrics.get("data_version") or "")
+    # params, data pointer and remote as lineage/ artifacts of the run, the splits as its inputs
+    recorded = lineage.record(cfg, uri, run_id, workdir, data_version, test_version)
+    # the test metrics, linked to the logged model and to the test split they were computed on
+    test_split = lineage.dataset_ref("test", test_version or data_version)
+    tracking.log_evaluation(
+        uri, run_id, metrics, workdir / cfg.evaluate.reports_dir, model_id, test_split
+    )
     tags = {
         "git_commit": versioning.git_commit(workdir),
         # The data the weights were trained on (their own record); the test side is in version_tags.
         "data_version": data_version,
-        # params, data pointer and remote as lineage/ artifacts of the run
-        **lineage.record(
-            cfg, uri, run_id, workdir, data_version, str(metrics.get("data_version") or "")
-        ),
+        **recorded,
         "params_hash": cfg.params_hash(),
         "pytorch_model_uri": torch_uri,
+        SPLIT_SIZES_TAG: split_sizes(cfg, workdir, data_version),
         **version_tags(metrics),
         **(extra_tags or {}),
     }
-    return register_version(uri, cfg.registry.model_name, model_uri, run_id, tags)
+    version = register_version(uri, cfg.registry.model_name, model_uri, run_id, tags)
+    write_card(tracking.client_for(uri), cfg.registry.model_name, version)
+    return version
+
+
+def split_sizes(cfg: Config, workdir: Path, data_version: str) -> str:
+    """The prepared splits' sizes, when the prepared data is the version the weights saw."""
+    try:
+        manifest = json.loads((workdir / cfg.data.prepared_dir / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return "not recorded (no prepared data here)"
+    if manifest.get("data_version") != data_version:
+        return f"not recorded (the prepared data here is {manifest.get('data_version')})"
+    return ", ".join(f"{split} {n}" for split, n in manifest["counts"].items())
 
 
 def check_registrable(blob: dict, metrics: dict, weights: Path) -> None:

@@ -121,21 +121,60 @@ def client_for(uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+# The MLflow UI opens an experiment in its model-training view, not the GenAI one, when the
+# experiment says which kind it is (the tag the UI's own kind selector writes).
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+# What the run page shows as "Source": the Prefect flow's entrypoint, run as a job.
+SOURCE_NAME = "flows/retrain.py:retrain"
+
+
 def ensure_experiment(client: MlflowClient, name: str, uri: str, workdir: Path) -> str:
+    """The experiment's id, created if missing; marked as model training unless it already
+    says its kind (a kind a user chose in the UI is kept)."""
     found = client.get_experiment_by_name(name)
     if found is not None:
+        if EXPERIMENT_KIND[0] not in found.tags:
+            client.set_experiment_tag(found.experiment_id, *EXPERIMENT_KIND)
         return found.experiment_id
     location = None
     if uri.startswith("sqlite:") or uri.startswith("file:"):
         # Keep artifacts beside the embedded store, not in whatever the cwd happens to be.
         location = (workdir / "mlartifacts").resolve().as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
+
+
+def source_tags(git_commit: str) -> dict[str, str]:
+    """MLflow's own run tags for "Source", "Created by" and the commit on the run page."""
+    import getpass
+
+    from mlflow.entities import SourceType
+    from mlflow.utils.mlflow_tags import (
+        MLFLOW_GIT_COMMIT,
+        MLFLOW_SOURCE_NAME,
+        MLFLOW_SOURCE_TYPE,
+        MLFLOW_USER,
+    )
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (a container's numeric user)
+        user = str(os.getuid())
+    tags = {
+        MLFLOW_SOURCE_NAME: SOURCE_NAME,
+        MLFLOW_SOURCE_TYPE: SourceType.to_string(SourceType.JOB),
+        MLFLOW_USER: user,
+    }
+    if git_commit and git_commit != "unknown":
+        tags[MLFLOW_GIT_COMMIT] = git_commit.removesuffix("-dirty")
+    return tags
 
 
 def start_run(cfg: Config, uri: str, workdir: Path, run_name: str, tags: dict[str, str]) -> str:
-    """Create the retrain's run and log every param (flattened, credentials redacted)."""
+    """Create the retrain's run (with MLflow's source tags) and log every param (flattened,
+    credentials redacted)."""
     client = client_for(uri)
     experiment_id = ensure_experiment(client, cfg.registry.experiment, uri, workdir)
+    tags = {**source_tags(tags.get("git_commit", "unknown")), **tags}
     run = client.create_run(
         experiment_id, run_name=run_name, tags={k: str(redact(v)) for k, v in tags.items()}
     )
@@ -165,8 +204,19 @@ class EpochLogger:
         self.client.log_batch(self.run_id, metrics=metrics)
 
 
-def log_evaluation(uri: str, run_id: str, metrics: dict, reports_dir: Path) -> None:
-    """Test metrics (prefixed `test_`), the report files, and summary.md as the run's notes."""
+def log_evaluation(
+    uri: str,
+    run_id: str,
+    metrics: dict,
+    reports_dir: Path,
+    model_id: str | None = None,
+    dataset: tuple[str, str] | None = None,
+) -> None:
+    """Test metrics (prefixed `test_`), the report files, and summary.md as the run's notes.
+
+    With `model_id` (the logged model's) and `dataset` (name, digest of the test split's
+    dataset input), each metric is linked to both, as MLflow 3 links a model's metrics: the
+    model's page lists them, and the run's metrics name the model and the data."""
     client = MlflowClient(tracking_uri=uri)
     now = int(time.time() * 1000)
     numeric = {
@@ -176,9 +226,21 @@ def log_evaluation(uri: str, run_id: str, metrics: dict, reports_dir: Path) -> N
     summary = reports_dir / "summary.md"
     if summary.is_file():  # shown as the run's description in the MLflow UI
         tags.append(RunTag("mlflow.note.content", summary.read_text()))
+    name, digest = dataset or (None, None)
     client.log_batch(
         run_id,
-        metrics=[Metric(f"test_{k}", v, now, 0) for k, v in numeric.items()],
+        metrics=[
+            Metric(
+                f"test_{k}",
+                v,
+                now,
+                0,
+                model_id=model_id,
+                dataset_name=name,
+                dataset_digest=digest,
+            )
+            for k, v in numeric.items()
+        ],
         tags=tags,
     )
     for pattern in (
@@ -211,11 +273,13 @@ def anomaly_record(metrics: dict) -> dict | None:
     return {new: metrics.get(old) for old, new in ANOMALY_KEYS.items()}
 
 
-def log_model(uri: str, run_id: str, weights: Path, anomaly: dict | None = None) -> tuple[str, str]:
+def log_model(
+    uri: str, run_id: str, weights: Path, anomaly: dict | None = None
+) -> tuple[str, str, str]:
     """Log the model twice into the run: as pyfunc (what is registered and served; its artifacts
     are our weights file and, with `anomaly`, anomaly.json: the calibrated threshold) and in
     MLflow's PyTorch flavor (torch.export "pt2", no pickle) for those who want the module.
-    Returns (pyfunc model URI, PyTorch model URI)."""
+    Returns (pyfunc model URI, PyTorch model URI, the pyfunc's logged-model id)."""
     import json
 
     client_for(uri)
@@ -232,7 +296,7 @@ def log_model(uri: str, run_id: str, weights: Path, anomaly: dict | None = None)
         with mlflow.start_run(run_id=run_id):
             info = _log_pyfunc(pyfunc, signature, example, artifacts)
             torch_info = _log_pytorch_flavor(weights, example)
-    return info.model_uri, torch_info.model_uri
+    return info.model_uri, torch_info.model_uri, info.model_id
 
 
 def _log_pyfunc(pyfunc, signature, example, artifacts: dict[str, str]):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from vae_pipeline.config import Config
 from vae_pipeline.registry import gate
+from vae_pipeline.registry.card import write_card
 from vae_pipeline.registry.evidence import Evidence, per_example
 from vae_pipeline.registry.history import event_side, history, record_event, utc_now
 from vae_pipeline.registry.lock import (
@@ -239,11 +240,13 @@ def _likelihoods_differ(candidate, incumbent) -> bool:
 
 def _apply(client, name, cfg: Config, d: Decision, candidate, incumbent, actor: str) -> None:
     metric = cfg.promotion.metric
+    held = alias_version(client, name, CHALLENGER)
+    # the versions whose cards change: the candidate, and those whose aliases move
+    touched = {d.candidate_version} | {str(v.version) for v in (incumbent, held) if v}
     if d.promoted:
         client.set_registered_model_alias(name, CHAMPION, d.candidate_version)
         if incumbent is not None:
             client.set_registered_model_alias(name, PREVIOUS, str(incumbent.version))
-        held = alias_version(client, name, CHALLENGER)
         if held is not None and str(held.version) == d.candidate_version:
             client.delete_registered_model_alias(name, CHALLENGER)
         alias = CHAMPION
@@ -273,6 +276,8 @@ def _apply(client, name, cfg: Config, d: Decision, candidate, incumbent, actor: 
             **({"pinned": d.pinned} if d.pinned else {}),
         },
     )
+    for version in sorted(touched):
+        write_card(client, name, version)
     log.info(
         "gate: %s v%s %s (%s)",
         name,
@@ -300,9 +305,10 @@ def rollback(
         current, target = _rollback_sides(client, name, to_version)
         before = _previous_after_rollback(client, name, current, target, to_version)
         lock.check()
+        previous = alias_version(client, name, PREVIOUS)
         _restore(client, name, current, target, before)
         metric = cfg.promotion.metric
-        return record_event(
+        event = record_event(
             client,
             name,
             {
@@ -317,6 +323,11 @@ def rollback(
                 "champion": event_side(current, metric),
             },
         )
+        touched = {str(target.version), str(current.version), before}
+        touched.add(None if previous is None else str(previous.version))
+        for version in sorted(v for v in touched if v):
+            write_card(client, name, version)
+        return event
 
 
 def _rollback_sides(client, name: str, to_version: str | None) -> tuple:
