@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from flows.events import retrain_trigger
 from vae_pipeline.config import Config
 from vae_pipeline.errors import UserError
 
@@ -71,6 +72,8 @@ def render(
                 # the training lock (orchestration.train_lock) covers every other retrain
                 "concurrency_limit": {"limit": 1, "collision_strategy": "ENQUEUE"},
                 "schedules": _schedule(o.retrain_cron, o.timezone, "retrain-cron"),
+                # run on the monitor's drift event and on any retrain request (flows/events.py)
+                "triggers": [retrain_trigger()],
             },
             {
                 "name": "monitor",

@@ -4,10 +4,12 @@ It snapshots monitor.source (incrementally, checking every image as ingest does)
 sample with the champion and runs the drift checks of vae_pipeline.monitor: the mean negative
 ELBO against the champion's own test set, both ways, and the encoder means against prepared
 test images (an MMD permutation test). When a check fires, or when the schedule says
-`always`, it starts `retrain`: through the `retrain_deployment` (on a work pool, not waiting
-for it) when given, else as a subflow here. With monitor.retrain_on = monitored (the default)
-that retrain ingests the monitored source as its data (a new data version holding the new
-images). `retrain=False` (`--no-retrain`) measures and reports the decision without starting
+`always`, it starts `retrain`. Deployed (`retrain_deployment` given), it emits the event
+`vae-pipeline.drift.detected` (or `vae-pipeline.retrain.requested` for `always`), with the
+source, the statistics and the champion version in its payload, and the `retrain`
+deployment's trigger starts the run on a worker (flows/events.py); else the retrain runs as a
+subflow here. With monitor.retrain_on = monitored (the default) that retrain ingests the
+monitored source as its data (a new data version holding the new images). `retrain=False` (`--no-retrain`) measures and reports the decision without starting
 one. A Markdown artifact `drift-report` records the numbers and the decision.
 
     vae-pipeline monitor --source incoming/
@@ -53,8 +55,9 @@ def monitor(
         workdir: the project (DVC repo) folder.
         source: where new images land (monitor.source, else data.source, otherwise).
         always: retrain whatever the shift (monitor.always_retrain otherwise).
-        retrain_deployment: start the retrain as this deployment ("retrain/retrain") instead
-            of a subflow in this process.
+        retrain_deployment: the retrain is this deployment ("retrain/retrain"): emit the
+            retrain event its trigger runs on (what `vae-pipeline deploy` sets up) instead of
+            running a subflow in this process.
         retrain: False measures only: the decision is reported ("a retrain would start"),
             no retrain is started (`vae-pipeline monitor --no-retrain`).
     """
@@ -100,15 +103,18 @@ def _start_retrain(
     if source is not None:
         parameters["source"] = source
     if deployment:
-        from prefect.deployments import run_deployment
+        from flows.events import emit_retrain_event
 
-        run = run_deployment(deployment, parameters=parameters, timeout=0)
-        return {
-            "deployment": deployment,
-            "flow_run_id": str(run.id),
-            "state": run.state_name,
-            "source": source or cfg.data.source,
-        }
+        target = source or cfg.data.source
+        event = emit_retrain_event(report, target, cfg.registry.model_name)
+        if event is None:  # no server to send events to: start the deployment directly
+            from prefect.deployments import run_deployment
+
+            run = run_deployment(deployment, parameters=parameters, timeout=0)
+            return {"deployment": deployment, "flow_run_id": str(run.id),
+                    "state": run.state_name, "source": target}  # fmt: skip
+        return {"deployment": deployment, "event": event.event, "event_id": str(event.id),
+                "source": target}  # fmt: skip
     from flows.retrain import retrain
 
     summary = retrain(**parameters)
@@ -141,7 +147,12 @@ def _why(report: dict) -> str:
 def _action(cfg, started: dict | None, not_started: str | None = None) -> str:
     if started is None:
         return not_started or "no retrain"
-    if "deployment" in started:
+    if "event" in started:
+        action = (
+            f"retrain requested on `{started['source']}`: event `{started['event']}` "
+            f"(`{started['event_id']}`), which deployment `{started['deployment']}` runs on"
+        )
+    elif "deployment" in started:
         action = (
             f"retrain started on `{started['source']}`: deployment `{started['deployment']}`, "
             f"flow run `{started['flow_run_id']}`"
@@ -200,6 +211,8 @@ def format_report(r: dict) -> str:
     started = r["started"]
     if started is not None:
         where = started.get("deployment") or "a subflow"
+        if "event" in started:
+            where = f"event {started['event']} -> deployment {where}"
         lines.append(f"  retrain started ({where}) on {started['source']}")
         if started.get("note"):
             lines.append(f"  NOTE: {started['note']}")

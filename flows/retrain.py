@@ -334,7 +334,7 @@ def _flow_config(
 ) -> Config:
     """The retrain's config: the params file and overrides, then the flow's own parameters."""
     cfg = load_config(params, overrides or [])
-    if source is not None:
+    if source:  # an empty one (an event without a source, flows/events.py): data.source
         cfg.data.source = source
     if promote is not None:
         cfg.promotion.enabled = promote

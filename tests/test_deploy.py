@@ -1,5 +1,6 @@
 """Deployments: prefect.yaml rendered from params, and a real `prefect server` on 127.0.0.1 with
-a process worker running the scheduled `retrain` and `monitor` deployments."""
+a process worker running the scheduled `retrain` and `monitor` deployments, the retrain started
+by the monitor's drift event through its trigger."""
 
 from __future__ import annotations
 
@@ -70,6 +71,12 @@ def test_rendered_deployments_carry_the_schedules_pool_and_parameters():
 
     assert set(retrain["parameters"]) <= set(inspect.signature(retrain_flow.fn).parameters)
     assert set(monitor["parameters"]) <= set(inspect.signature(monitor_flow.fn).parameters)
+    # the retrain runs on the monitor's event and on a team's own retrain request
+    [trigger] = retrain["triggers"]
+    assert trigger["expect"] == ["vae-pipeline.drift.detected", "vae-pipeline.retrain.requested"]
+    assert trigger["match"] == {"prefect.resource.id": "vae-pipeline.source.*"}
+    assert set(trigger["parameters"]) <= set(inspect.signature(retrain_flow.fn).parameters)
+    assert "triggers" not in monitor
     assert {"source", "overrides", "promote", "force"} <= set(
         inspect.signature(retrain_flow.fn).parameters
     )
@@ -155,6 +162,24 @@ class PrefectServer:
         self.log.close()
 
 
+def _triggered_runs(server: PrefectServer, deployment_id: str) -> list[dict]:
+    runs = server.post(
+        "/flow_runs/filter",
+        {"deployments": {"id": {"any_": [deployment_id]}}, "sort": "EXPECTED_START_TIME_ASC"},
+    )
+    return [r for r in runs if (r.get("created_by") or {}).get("type") == "AUTOMATION"]
+
+
+def _wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        time.sleep(1)
+    raise TimeoutError(f"{what} within {timeout} s")
+
+
 @pytest.mark.slow
 def test_scheduled_deployments_run_on_a_process_worker(tmp_path):
     ws = make_workspace(
@@ -201,22 +226,69 @@ def test_scheduled_deployments_run_on_a_process_worker(tmp_path):
         mv = client.get_model_version_by_alias("conv-vae", "champion")
         assert str(mv.version) == "1" and mv.tags["flow_run_id"] == run["id"]
 
-        # The monitor deployment finds the inverted images shifted and starts the retrain
-        # deployment (not waiting for it); the worker runs that too.
+        # `deploy` linked the retrain deployment to its trigger (an automation)
+        [automation] = [
+            a
+            for a in server.post("/automations/filter", {})
+            if a["actions"][0].get("deployment_id") == retrain["id"]
+        ]
+        assert automation["trigger"]["expect"] == [
+            "vae-pipeline.drift.detected",
+            "vae-pipeline.retrain.requested",
+        ]
+
+        # The monitor deployment finds the inverted images shifted and emits the drift event;
+        # the retrain deployment's trigger starts a run on it, which the worker runs.
         run = server.post(
             f"/deployments/{monitor['id']}/create_flow_run",
             {"parameters": {"source": str(shifted)}},
         )
         done = server.wait_flow_run(run["id"], 300)
         assert done["state"]["type"] == "COMPLETED", (tmp_path / "worker.log").read_text()[-3000:]
-        runs = server.post(
-            "/flow_runs/filter",
-            {"deployments": {"id": {"any_": [retrain["id"]]}}, "sort": "EXPECTED_START_TIME_DESC"},
+        events = _wait_for(  # the server persists events in batches
+            lambda: server.post(
+                "/events/filter", {"filter": {"event": {"name": ["vae-pipeline.drift.detected"]}}}
+            )["events"],
+            60,
+            "the monitor's drift event did not arrive",
         )
-        started = [r for r in runs if r["id"] != mv.tags["flow_run_id"]]
-        assert len(started) == 1 and started[0]["parent_task_run_id"] is not None
-        done = server.wait_flow_run(started[0]["id"], 300)
-        assert done["state"]["type"] == "COMPLETED"
+        assert len(events) == 1
+        payload = events[0]["payload"]
+        assert payload["retrain_source"] == str(shifted) and payload["drift"] is True
+        assert payload["champion_version"] == "1" and payload["statistics"]["new_n"] > 0
+        assert events[0]["resource"]["prefect.resource.id"] == f"vae-pipeline.source.{shifted}"
+        [triggered] = _wait_for(
+            lambda: _triggered_runs(server, retrain["id"]), 120, "no triggered retrain run"
+        )
+        assert triggered["parameters"]["source"] == str(shifted)  # the payload's source
+        _wait_for(
+            lambda: server.get(f"/flow_runs/{triggered['id']}")["state"]["type"] == "RUNNING",
+            300,
+            "the triggered retrain did not start",
+        )
+        # A second drift event while that retrain runs (a team's own, by the CLI): its run
+        # waits for the first (the deployment's concurrency limit) and trains nothing anew.
+        emit = subprocess.run(
+            [sys.executable, "-m", "prefect", "event", "emit", "vae-pipeline.drift.detected",
+             "--resource-id", f"vae-pipeline.source.{shifted}",
+             "--payload", f'{{"retrain_source": "{shifted}"}}'],
+            env=server.env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert emit.returncode == 0, emit.stderr
+        first_run, second_run = _wait_for(
+            lambda: (runs := _triggered_runs(server, retrain["id"]))[1:] and runs,
+            120,
+            "the second event started no run",
+        )
+        done = server.wait_flow_run(first_run["id"], 420)
+        assert done["state"]["type"] == "COMPLETED", (tmp_path / "worker.log").read_text()[-3000:]
+        done_second = server.wait_flow_run(second_run["id"], 420)
+        assert done_second["state"]["type"] == "COMPLETED"
+        assert done_second["start_time"] >= done["end_time"]  # one at a time
+        versions = client.search_model_versions("name='conv-vae'")
+        assert sorted(int(v.version) for v in versions) == [1, 2]  # one new model, not two
+        v2 = client.get_model_version("conv-vae", "2")
+        assert v2.tags["flow_run_id"] == first_run["id"]
     finally:
         if worker is not None:
             stop(worker)
