@@ -98,6 +98,11 @@ def test_the_run_page_says_its_source_and_the_models_page_lists_its_test_metrics
     assert (metric.run_id, metric.model_id) == (run.info.run_id, model_id)
     assert (metric.dataset_name, metric.dataset_digest) == (test_input.name, test_input.digest)
     assert {"test_elbo", "test_kl", "test_bits_per_dim"} <= set(model_metrics)
+    # each epoch's weights as a logged model of the run, its metrics linked
+    outputs = [(o, client.get_logged_model(o.model_id)) for o in run.outputs.model_outputs]
+    [(checkpoint, logged)] = [(o, m) for o, m in outputs if m.name == "checkpoint"]
+    assert checkpoint.step == 1  # train.epochs: 1
+    assert "val_loss" in {m.key for m in logged.metrics}
     # the model card, written at registration and rewritten by the gate
     card = mv.description
     assert card.startswith("## conv-vae v1") and "**promoted to champion**" in card

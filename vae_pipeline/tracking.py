@@ -11,6 +11,7 @@ import logging
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -197,11 +198,60 @@ class EpochLogger:
         self.client = MlflowClient(tracking_uri=uri)
         self.run_id = run_id
 
-    def __call__(self, record: dict) -> None:
+    def __call__(self, record: dict, model=None) -> None:
         now = int(time.time() * 1000)
         step = int(record["epoch"])
         metrics = [Metric(k, float(v), now, step) for k, v in record.items() if k != "epoch"]
         self.client.log_batch(self.run_id, metrics=metrics)
+
+
+class CheckpointModels:
+    """Each epoch's weights as an MLflow 3 logged model of the run (`checkpoint`, step = the
+    epoch), with that epoch's metrics (logged at the same step by `EpochLogger`, called first)
+    linked to it: the run's Models tab lists one per epoch with its val_loss, and a user picks
+    the best and registers it (`models:/<model_id>`, a pyfunc like the final model). Rank 0
+    only (`registry.log_checkpoints`); resuming is unchanged (checkpoint.pt is the resume
+    state), and a resumed run logs the epochs it trains."""
+
+    NAME = "checkpoint"
+
+    def __init__(self, uri: str, run_id: str):
+        self.uri, self.run_id = uri, run_id
+        self.signature = None
+
+    def __call__(self, record: dict, model) -> None:
+        from vae_pipeline.evaluate.model_file import WEIGHTS_FILE
+        from vae_pipeline.train.checkpoint import atomic_save
+
+        client_for(self.uri)
+        epoch = int(record["epoch"])
+        with tempfile.TemporaryDirectory(prefix="vae-checkpoint-") as tmp:
+            weights = Path(tmp, WEIGHTS_FILE)
+            state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+            atomic_save({"hparams": model.hparams(), "state_dict": state, "epoch": epoch}, weights)
+            if self.signature is None:
+                self.signature, _ = _signature(weights)
+            with warnings.catch_warnings():  # no input example: it would load and run it
+                warnings.filterwarnings("ignore", ".*An input example was not provided")
+                self._log(weights, epoch)
+
+    def _log(self, weights: Path, epoch: int) -> None:
+        from mlflow.models import Model
+
+        from vae_pipeline import pyfunc
+
+        Model.log(
+            artifact_path=None,
+            name=self.NAME,
+            flavor=mlflow.pyfunc,
+            run_id=self.run_id,
+            step=epoch,
+            python_model=pyfunc.__file__,
+            artifacts={"weights": str(weights)},
+            signature=self.signature,
+            metadata={"outputs": pyfunc.OUTPUTS, "epoch": epoch},
+            pip_requirements=pyfunc.pip_requirements(),
+        )
 
 
 def log_evaluation(

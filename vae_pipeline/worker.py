@@ -48,9 +48,12 @@ def main(argv: list[str] | None = None) -> int:
         env, device = distributed.setup(cfg.train.device)
         callbacks = ()
         if env.is_main and args.mlflow_run_id:
-            from vae_pipeline.tracking import EpochLogger
+            from vae_pipeline.tracking import CheckpointModels, EpochLogger
 
-            callbacks = (EpochLogger(tracking_uri(cfg), args.mlflow_run_id),)
+            uri = tracking_uri(cfg)
+            callbacks = (EpochLogger(uri, args.mlflow_run_id),)
+            if cfg.registry.log_checkpoints:  # each epoch a logged model
+                callbacks += (CheckpointModels(uri, args.mlflow_run_id),)
         trainer = Trainer(
             cfg, args.out_dir or Path(cfg.train.out_dir), env, device, callbacks=callbacks
         )

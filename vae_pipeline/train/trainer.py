@@ -31,6 +31,7 @@ import torch
 from vae_pipeline.binarize import binarize
 from vae_pipeline.config import Config
 from vae_pipeline.data.dataset import PreparedSplit, to_unit_float
+from vae_pipeline.model import ConvVAE
 from vae_pipeline.train import autotune
 from vae_pipeline.train.data import holdout_label, training_data
 from vae_pipeline.train.distributed import DistEnv, all_reduce_sum, barrier
@@ -47,7 +48,9 @@ from vae_pipeline.train.validation import validate
 
 log = logging.getLogger(__name__)
 
-EpochCallback = Callable[[dict], None]
+# Called on global rank 0 after each epoch's checkpoint with the epoch's record and the model
+# (tracking.EpochLogger, tracking.CheckpointModels); it must not change the model.
+EpochCallback = Callable[[dict, ConvVAE], None]
 
 
 class Trainer:
@@ -400,7 +403,7 @@ class Trainer:
                     record["epoch_seconds"],
                 )
                 for callback in self.callbacks:
-                    callback(record)
+                    callback(record, self.model)
         self.checkpointer.write_outputs()
         barrier()
         return progress.history
