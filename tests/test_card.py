@@ -45,8 +45,13 @@ def test_the_card_follows_the_gate_and_a_rollback(tmp_path):
     assert "Aliases now: `previous-champion`." in _card(client, v1)  # its aliases moved too
     promote_if_better(cfg, uri, v3, tmp_path, actor="tester")
     assert "**kept as challenger**" in _card(client, v3) and "`challenger`" in _card(client, v3)
+    v4 = add_version(client, evidence(4, shift=-2.0))  # better than v2
+    promote_if_better(cfg, uri, v4, tmp_path, actor="tester")
+    assert "Aliases now: none." in _card(client, v1)  # previous-champion moved on to v2
+    assert "Aliases now: `previous-champion`." in _card(client, v2)
+    rollback(cfg, uri, "v4 breaks a consumer", actor="oncall")  # back to v2
 
-    rollback(cfg, uri, "v2 breaks a consumer", actor="oncall")
+    rollback(cfg, uri, "v2 breaks a consumer", actor="oncall")  # back to v1
     restored, replaced = _card(client, v1), _card(client, v2)
     assert "Aliases now: `champion`." in restored
     assert f"restored as champion, replacing v{v2}, by oncall: v2 breaks a consumer" in restored

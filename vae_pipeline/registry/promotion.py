@@ -241,8 +241,9 @@ def _likelihoods_differ(candidate, incumbent) -> bool:
 def _apply(client, name, cfg: Config, d: Decision, candidate, incumbent, actor: str) -> None:
     metric = cfg.promotion.metric
     held = alias_version(client, name, CHALLENGER)
+    before = alias_version(client, name, PREVIOUS)
     # the versions whose cards change: the candidate, and those whose aliases move
-    touched = {d.candidate_version} | {str(v.version) for v in (incumbent, held) if v}
+    touched = {d.candidate_version} | {str(v.version) for v in (incumbent, held, before) if v}
     if d.promoted:
         client.set_registered_model_alias(name, CHAMPION, d.candidate_version)
         if incumbent is not None:
