@@ -9,8 +9,9 @@ test images (an MMD permutation test). When a check fires, or when the schedule 
 source, the statistics and the champion version in its payload, and the `retrain`
 deployment's trigger starts the run on a worker (flows/events.py); else the retrain runs as a
 subflow here. With monitor.retrain_on = monitored (the default) that retrain ingests the
-monitored source as its data (a new data version holding the new images). `retrain=False` (`--no-retrain`) measures and reports the decision without starting
-one. A Markdown artifact `drift-report` records the numbers and the decision.
+monitored source as its data (a new data version holding the new images). `retrain=False`
+(`--no-retrain`) measures and reports the decision without starting one. A Markdown artifact
+`drift-report` records the numbers and the decision.
 
     vae-pipeline monitor --source incoming/
 """

@@ -141,6 +141,7 @@ def test_commands_name_a_local_store_and_remote_by_path_and_a_shared_one_by_name
     absolute = f"sqlite:///{Path('stores/m.db').resolve()}"
     assert f"--restore --set registry.tracking_uri={absolute}   #" in relative[2]
     assert "a file on this machine" in relative[1] and "shared tracking server" in relative[1]
+    assert "--set" not in reproduce_commands("3", "r1", tags, team, True, "databricks")[1]
     s3 = {"name": "s3", "url": "s3://b/p", "endpoint": "http://127.0.0.1:9", "shared": True}
     lines = reproduce_commands("3", "r1", tags, {**s3, **pointer}, True, "https://m.example")
     assert lines[2:5] == [

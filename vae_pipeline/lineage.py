@@ -206,9 +206,9 @@ def local_store(uri: str) -> str | None:
         return uri if path.startswith("/") else "sqlite:///" + str(Path(path).resolve())
     if uri.startswith("file:"):
         return Path(uri.removeprefix("file://").removeprefix("file:")).resolve().as_uri()
-    if "://" not in uri:
+    if "://" not in uri and ("/" in uri or Path(uri).exists()):  # a plain folder path
         return Path(uri).resolve().as_uri()
-    return None
+    return None  # a server, or a named one ("databricks")
 
 
 def reproduce_commands(
