@@ -117,19 +117,26 @@ def _png_folder(root, n, start=0):
     return root
 
 
-def test_adding_images_uploads_only_the_new_ones(workspace, tmp_path):
+@pytest.mark.parametrize("layout", ["shards", "files"])
+def test_adding_images_uploads_only_the_new_ones(workspace, tmp_path, layout):
     src = _png_folder(tmp_path / "imgs", 300)
-    cfg = _cfg(source=str(src))
+    cfg = _cfg(source=str(src), layout=layout)
     snapshot_source(cfg, workspace)
     first = versioning.version_data(cfg, workspace)
-    stored = set(_files(workspace / ".dvc-storage"))
-    assert len(stored) == 301  # one object per image + the directory listing
+    storage = workspace / ".dvc-storage"
+    stored = set(_files(storage))
+    # shards: one shard, its manifest and the directory listing; files: one object per image
+    assert len(stored) == (3 if layout == "shards" else 301)
     _png_folder(src, 10, start=300)
     report = snapshot_source(cfg, workspace)
     assert (report.fetched, report.reused) == (10, 300)
     second = versioning.version_data(cfg, workspace)
-    added = set(_files(workspace / ".dvc-storage")) - stored
-    assert second != first and len(added) == 11  # the 10 new images + the new listing
+    added = set(_files(storage)) - stored
+    # shards: a new shard of the 10 images, its manifest, the new listing
+    assert second != first and len(added) == (3 if layout == "shards" else 11)
+    if layout == "shards":  # about the 10 images' bytes (the per-file listing alone is more)
+        added_bytes = sum((storage / p).stat().st_size for p in added)
+        assert added_bytes < 0.1 * sum((storage / p).stat().st_size for p in stored)
 
 
 @pytest.fixture

@@ -81,7 +81,7 @@ def test_bad_images_in_the_raw_area_are_skipped_and_reported_by_path(tmp_path):
     # ingest keeps bad files out of a snapshot; prepare still copes with a raw area that was
     # edited by hand or written by an older version
     src = _folder(tmp_path)
-    cfg = _cfg(src)
+    cfg = _cfg(src, layout="files")
     snapshot_source(cfg, tmp_path)
     _add_bad_files(tmp_path / "data/raw/images")
     manifest = prepare(cfg, tmp_path)
@@ -95,12 +95,12 @@ def test_bad_images_in_the_raw_area_are_skipped_and_reported_by_path(tmp_path):
 
 def test_bad_image_with_fail_policy_stops_before_writing(tmp_path):
     src = _folder(tmp_path)
-    cfg_ok = _cfg(src)
+    cfg_ok = _cfg(src, layout="files")
     snapshot_source(cfg_ok, tmp_path)
     before = prepare(cfg_ok, tmp_path)
     _add_bad_files(tmp_path / "data/raw/images")
     with pytest.raises(DataError, match=r"(empty|notes|truncated)\.(png|jpg)"):
-        prepare(_cfg(src, on_bad_image="fail"), tmp_path)
+        prepare(_cfg(src, on_bad_image="fail", layout="files"), tmp_path)
     # the earlier prepared data is untouched
     after = json.loads((tmp_path / "data/prepared/manifest.json").read_text())
     assert after == before
@@ -153,7 +153,7 @@ def test_prepare_in_worker_processes_matches_in_process(tmp_path, pools):
     arrays = {}
     for workers in (1, 2):
         ws = tmp_path / f"ws{workers}"
-        cfg = _cfg(src, decode_workers=workers, image_size=16, channels=3)
+        cfg = _cfg(src, decode_workers=workers, image_size=16, channels=3, shard_bytes=8192)
         snapshot_source(cfg, ws)
         prepare(cfg, ws)
         arrays[workers] = [

@@ -15,6 +15,7 @@ from vae_pipeline.data.sources import snapshot_source
 from ..conftest import tiny_params
 from ..s3_helpers import MotoServer, free_port
 from .conftest import file_tree as _tree
+from .conftest import snapshot_images
 
 BUCKET = "team-images"
 
@@ -64,9 +65,9 @@ def test_s3_prefix_is_snapshotted_and_resynced_incrementally(moto, aws_env, tmp_
         aws_env.setenv(k, v)
     caplog.set_level(logging.DEBUG)
     report = snapshot_source(_cfg(f"s3://{BUCKET}/photos"), tmp_path)
-    images = tmp_path / "data/raw/images"
+    raw = tmp_path / "data/raw"
     expected = {f"{'shirts' if i % 2 else 'shoes'}/{i}.png": _png(i) for i in range(6)}
-    assert _tree(images) == expected  # other prefixes and non-images left out
+    assert snapshot_images(raw) == expected  # other prefixes and non-images left out
     assert report.kind == "s3" and report.images == 6 and report.fetched == 6
     assert [s["path"] for s in report.skipped] == ["shoes/broken.png"]
     assert moto.secret not in caplog.text and moto.secret not in str(report)
@@ -76,7 +77,7 @@ def test_s3_prefix_is_snapshotted_and_resynced_incrementally(moto, aws_env, tmp_
     try:
         report = snapshot_source(_cfg(f"s3://{BUCKET}/photos"), tmp_path)
         assert (report.fetched, report.reused, report.images) == (1, 6, 7)
-        assert (images / "shoes/10.png").read_bytes() == _png(10)
+        assert snapshot_images(raw)["shoes/10.png"] == _png(10)
     finally:
         moto.client().delete_object(Bucket=BUCKET, Key="photos/shoes/10.png")
 

@@ -19,6 +19,7 @@ from vae_pipeline.data.sources import report_path, snapshot_source
 
 from ..conftest import tiny_params
 from .conftest import file_tree as _tree
+from .conftest import snapshot_images
 
 
 def _png(seed: int, size=(12, 10)) -> bytes:
@@ -46,30 +47,38 @@ def test_folder_snapshot_mirrors_the_tree_and_writes_a_report(tmp_path):
     src = _folder(tmp_path / "src")
     (src / "README.txt").write_text("not an image: ignored")
     report = snapshot_source(_cfg(src), tmp_path)
-    images = tmp_path / "data/raw/images"
-    assert _tree(images) == {k: v for k, v in _tree(src).items() if k.endswith(".png")}
+    images = {k: v for k, v in _tree(src).items() if k.endswith(".png")}
+    assert snapshot_images(tmp_path / "data/raw") == images
     assert (report.images, report.fetched, report.reused, report.skipped) == (12, 12, 0, [])
     saved = json.loads(report_path(_cfg(src), tmp_path).read_text())
     assert saved["images"] == 12 and saved["kind"] == "folder"
     assert not (tmp_path / "data/raw/ingest_report.json").exists()  # not part of the data
+    # the files layout: the same images, one file each
+    report = snapshot_source(_cfg(src, layout="files"), tmp_path / "files")
+    assert _tree(tmp_path / "files/data/raw/images") == images
 
 
-def test_unchanged_files_are_reused_and_only_new_ones_fetched(tmp_path):
+@pytest.mark.parametrize("layout", ["shards", "files"])
+def test_unchanged_files_are_reused_and_only_new_ones_fetched(tmp_path, layout):
     src = _folder(tmp_path / "src", n=40)
-    cfg = _cfg(src)
+    cfg = _cfg(src, layout=layout)
     snapshot_source(cfg, tmp_path)
-    images = tmp_path / "data/raw/images"
-    inode = (images / "dogs/img000.png").stat().st_ino
+    raw = tmp_path / "data/raw"
+    first = raw / ("shards/shard-000000.tar" if layout == "shards" else "images/dogs/img000.png")
+    inode = first.stat().st_ino
     _folder(src, n=10, start=40)  # 10 new images
-    (src / "cats/img001.png").unlink()  # one removed
+    (src / "cats/img005.png").unlink()  # one removed
     report = snapshot_source(cfg, tmp_path)
     assert (report.images, report.fetched, report.reused, report.removed) == (49, 10, 39, 1)
-    assert (images / "dogs/img000.png").stat().st_ino == inode  # linked, not copied again
-    assert _tree(images) == _tree(src)
+    assert snapshot_images(raw) == _tree(src)
+    if layout == "shards":  # one shard: rewritten without the removed image
+        assert first.stat().st_ino != inode
+    else:
+        assert first.stat().st_ino == inode  # linked, not copied again
     # a file changed in place (new size) is fetched again
     (src / "dogs/img000.png").write_bytes(_png(999, size=(13, 10)))
     report = snapshot_source(cfg, tmp_path)
-    assert report.fetched == 1 and _tree(images) == _tree(src)
+    assert report.fetched == 1 and snapshot_images(raw) == _tree(src)
 
 
 def _zip(path, files: dict[str, bytes], symlinks: dict[str, str] | None = None):
@@ -104,7 +113,7 @@ def test_zip_and_tar_give_the_same_snapshot_as_the_folder(tmp_path):
         ws = tmp_path / archive.name.replace(".", "_")
         report = snapshot_source(_cfg(archive), ws)
         assert report.kind == "archive" and report.images == 12
-        assert _tree(ws / "data/raw/images") == _tree(src)
+        assert snapshot_images(ws / "data/raw") == _tree(src)
 
 
 HOSTILE = {
@@ -139,7 +148,7 @@ def test_hostile_archive_entries_are_never_written_and_are_reported(tmp_path, fm
     assert "symbolic link" in reasons["imgs/link.png"]
     if fmt != "zip":
         assert "hard link" in reasons["imgs/hard.png"]
-    assert _tree(ws / "data/raw/images") == {f"{i}.png": _png(i) for i in range(3)}
+    assert snapshot_images(ws / "data/raw") == {f"{i}.png": _png(i) for i in range(3)}
     assert list(tmp_path.rglob("escaped*.png")) == [] and not os.path.exists("/tmp/absolute.png")
     # the same archive under on_bad_image=fail: refused, naming an entry; the snapshot stays
     before = _tree(ws / "data/raw")
@@ -197,7 +206,7 @@ def test_bad_images_are_left_out_and_listed_with_reasons(tmp_path):
     assert "truncated" in reasons["cats/truncated.png"]
     assert "max_image_pixels" in reasons["cats/bomb.png"]
     assert str(tmp_path / "data") not in json.dumps(reasons)  # reasons name the source path
-    assert report.images == 12 and len(_tree(tmp_path / "data/raw/images")) == 12
+    assert report.images == 12 and len(snapshot_images(tmp_path / "data/raw")) == 12
     assert json.loads(report_path(cfg, tmp_path).read_text())["skipped"] == report.skipped
 
 
@@ -228,7 +237,7 @@ def test_symlinks_in_a_folder_are_not_followed(tmp_path):
     outside.write_bytes(_png(5))
     (src / "dogs/link.png").symlink_to(outside)
     snapshot_source(_cfg(src), tmp_path)
-    assert "dogs/link.png" not in _tree(tmp_path / "data/raw/images")
+    assert "dogs/link.png" not in snapshot_images(tmp_path / "data/raw")
 
 
 def test_many_files_are_checked_in_worker_processes(tmp_path, pools):
@@ -295,7 +304,7 @@ def test_a_source_that_holds_the_snapshot_or_lies_inside_it_is_refused(tmp_path)
         tmp_path,
         tmp_path / "data",
         tmp_path / "data/raw",
-        tmp_path / "data/raw/images",
+        tmp_path / "data/raw/shards",
     ):
         with pytest.raises(DataError, match="the snapshot folder data/raw"):
             snapshot_source(_cfg(source), tmp_path)
@@ -336,7 +345,7 @@ def test_max_image_pixels_is_the_one_size_rule(tmp_path, monkeypatch):
     assert [s["path"] for s in report.skipped] == ["dogs/big.png"]
     assert "over data.max_image_pixels (1,000)" in report.skipped[0]["reason"]
     assert (report.images, report.reused, report.fetched) == (4, 4, 0)
-    assert not (tmp_path / "data/raw/images/dogs/big.png").exists()
+    assert "dogs/big.png" not in snapshot_images(tmp_path / "data/raw")
     # raising it again brings the image back (fetched anew: it is not in the snapshot)
     report = snapshot_source(_cfg(src), tmp_path)
     assert (report.images, report.fetched) == (5, 1)

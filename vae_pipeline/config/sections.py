@@ -45,6 +45,13 @@ class DataConfig(Section):
     decode_workers: int | None = Field(None, ge=1, le=256)
     """Processes that check and decode images at ingest and prepare (used from 4,096 files up;
     fewer are handled in-process); null = one per CPU core."""
+    layout: Literal["shards", "files"] = "shards"
+    """How a folder, archive or S3 source is snapshotted into raw_dir: shards = tar files in
+    the WebDataset layout with a manifest (an append writes new shards, DVC versions a few
+    large files); files = one file per image (one DVC object each: fine for thousands, hours
+    at a million)."""
+    shard_bytes: int = Field(128 * 2**20, ge=4096)
+    """Size a shard is closed at (bytes; an image larger than that gets a shard of its own)."""
     remote: Literal["local", "s3"] = "local"
     s3_url: str | None = None
     push_attempts: int = Field(3, ge=1, le=20)

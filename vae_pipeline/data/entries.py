@@ -4,6 +4,7 @@ anything outside the target, S3 errors named with the fix."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import tarfile
 import zipfile
@@ -14,8 +15,8 @@ from pathlib import Path, PurePosixPath
 
 from vae_pipeline.data.errors import DataError, SourceUnreachable
 from vae_pipeline.data.images import (
+    IMAGE_EXTENSIONS,
     is_image_name,
-    list_images,
     utf8_name,
 )
 
@@ -30,6 +31,7 @@ class Entry:
     size: int
     mtime: float
     fetch: Callable[[Path], None]
+    path: str | None = None  # a folder's file, read where it is (no copy)
 
 
 def unsafe_reason(name: str) -> str | None:
@@ -45,15 +47,60 @@ def _clean_rel(name: str) -> str:
     return "/".join(p for p in PurePosixPath(name.replace("\\", "/")).parts if p not in ("", "."))
 
 
-def folder_entries(src: Path) -> Iterator[Entry]:
-    for path in list_images(src):
-        st = path.stat()
-        yield Entry(
-            path.relative_to(src).as_posix(),
-            st.st_size,
-            st.st_mtime,
-            lambda dest, path=path: shutil.copyfile(path, dest),
-        )
+def scan_folder(src: Path) -> tuple[list[Entry], list[dict], list[dict]]:
+    """One walk of a folder (os.scandir: one lstat per file): its images as entries, and what
+    `list_images` leaves out, as `left_out` reports it (links and names that are not UTF-8,
+    refused; other files, ignored). Links are not followed, into files or folders."""
+    entries: list[Entry] = []
+    refused: list[dict] = []
+    ignored: list[dict] = []
+    supported = " ".join(sorted(IMAGE_EXTENSIONS))
+    stack = [("", str(src))]
+    while stack:
+        prefix, folder = stack.pop()
+        with os.scandir(folder) as it:
+            for item in it:
+                rel = prefix + item.name
+                if not _utf8(item.name) or not _utf8(prefix):
+                    shown = repr(os.fsencode(rel))[2:-1]  # the bytes, escaped: x\\xff.png
+                    refused.append(
+                        {"path": shown, "reason": "file name is not valid UTF-8: rename it"}
+                    )
+                    if item.is_dir(follow_symlinks=False):
+                        stack.append((rel + "/", item.path))
+                elif item.is_symlink():
+                    refused.append({"path": rel, "reason": "symbolic link (not followed: it could "
+                                    "point anywhere; copy the file itself into the folder)"})  # fmt: skip
+                elif item.is_dir(follow_symlinks=False):
+                    stack.append((rel + "/", item.path))
+                elif not item.is_file(follow_symlinks=False):
+                    continue
+                elif not is_image_name(item.name):
+                    kind = os.path.splitext(item.name)[1].lower() or "no extension"
+                    ignored.append({"path": rel, "reason": f"not an image type read here ({kind}; "
+                                    f"supported: {supported})"})  # fmt: skip
+                else:
+                    st = item.stat(follow_symlinks=False)
+                    path = item.path
+                    entries.append(
+                        Entry(
+                            rel,
+                            st.st_size,
+                            st.st_mtime,
+                            lambda dest, path=path: shutil.copyfile(path, dest),
+                            path,
+                        )
+                    )
+    by_parts = lambda item: item["path"].split("/")  # noqa: E731 - the order left_out gave
+    return entries, sorted(refused, key=by_parts), sorted(ignored, key=by_parts)
+
+
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _copy_stream(fileobj, dest: Path) -> None:

@@ -9,6 +9,8 @@ before any pixel is decoded (the decompression-bomb guard).
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import os
 import warnings
 from pathlib import Path
@@ -37,7 +39,7 @@ class BadImage(UserError):
 
 
 def is_image_name(name: str) -> bool:
-    return Path(name).suffix.lower() in IMAGE_EXTENSIONS
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
 def utf8_name(path: Path) -> bool:
@@ -113,7 +115,7 @@ def _pillow_limit_off():
         Image.MAX_IMAGE_PIXELS = saved
 
 
-def _check_pixels(path: Path, img: Image.Image, max_pixels: int) -> None:
+def _check_pixels(path: Path | str, img: Image.Image, max_pixels: int) -> None:
     width, height = img.size
     if width * height > max_pixels:
         raise BadImage(
@@ -122,15 +124,18 @@ def _check_pixels(path: Path, img: Image.Image, max_pixels: int) -> None:
         )
 
 
-def pixel_check(path: Path, max_pixels: int) -> str | None:
-    """The size rule alone, from the header (no decode): why the file is refused, or None."""
+def pixel_check(path: Path | bytes, max_pixels: int, name: str = "") -> str | None:
+    """The size rule alone, from the header (no decode): why the file (or the bytes of one
+    named `name`) is refused, or None."""
+    name = name or str(path)
     try:
-        with _pillow_limit_off(), Image.open(path) as img:
-            _check_pixels(path, img, max_pixels)
+        fp = io.BytesIO(path) if isinstance(path, bytes) else path
+        with _pillow_limit_off(), Image.open(fp) as img:
+            _check_pixels(name, img, max_pixels)
     except BadImage as exc:
         return str(exc)
     except _DECODE_ERRORS as exc:
-        return f"{path}: cannot decode image ({exc})"
+        return f"{name}: cannot decode image ({exc})"
     return None
 
 
@@ -140,13 +145,24 @@ def load_image(path: Path, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS) 
         size = path.stat().st_size
     except OSError as exc:
         raise BadImage(f"{path}: cannot read ({exc.strerror})") from exc
+    return _load(path, str(path), size, channels, max_pixels)
+
+
+def load_image_bytes(
+    data: bytes, name: str, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Image.Image:
+    """`load_image` of a file's bytes (an image inside a shard); BadImage names it `name`."""
+    return _load(io.BytesIO(data), name, len(data), channels, max_pixels)
+
+
+def _load(fp, name: str, size: int, channels: int, max_pixels: int) -> Image.Image:
     if size == 0:
-        raise BadImage(f"{path}: empty file (0 bytes)")
+        raise BadImage(f"{name}: empty file (0 bytes)")
     try:
         with warnings.catch_warnings(), _pillow_limit_off():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                _check_pixels(path, img, max_pixels)
+            with Image.open(fp) as img:
+                _check_pixels(name, img, max_pixels)
                 img.load()  # a full decode: truncated and corrupt files fail here, not later
                 img = ImageOps.exif_transpose(img)
                 img = _to_8bit_mode(img)
@@ -154,7 +170,8 @@ def load_image(path: Path, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS) 
     except BadImage:
         raise
     except _DECODE_ERRORS as exc:
-        raise BadImage(f"{path}: cannot decode image ({exc})") from exc
+        reason = str(exc).replace(repr(fp), repr(name))  # Pillow names a file object by repr
+        raise BadImage(f"{name}: cannot decode image ({reason})") from exc
 
 
 def padded_box(width: int, height: int, image_size: int) -> list[int] | None:
@@ -304,3 +321,26 @@ def decode_worker(
         return decode_sized(Path(path), size, channels, max_pixels)
     except BadImage as exc:
         return str(exc)
+
+
+def ingest_worker(args: tuple[str, int]) -> tuple[bytes | None, str, str | None]:
+    """Pool worker for a sharded ingest: the file's bytes, their sha256, and None; or (None,
+    "", why the file cannot be used). Read once: the bytes are checked, hashed and returned."""
+    path, max_pixels = args
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        return None, "", f"{path}: cannot read ({exc.strerror})"
+    try:
+        load_image_bytes(data, path, 3, max_pixels)
+    except BadImage as exc:
+        return None, "", str(exc)
+    return data, hashlib.sha256(data).hexdigest(), None
+
+
+def decode_bytes(
+    data: bytes, name: str, image_size: int, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """`decode_sized` of a file's bytes."""
+    img = load_image_bytes(data, name, channels, max_pixels)
+    return fit_image(img, image_size), img.size

@@ -18,7 +18,7 @@ published numbers use); its validation images come out of the training set by ha
 from __future__ import annotations
 
 import csv
-import hashlib
+import functools
 import json
 import logging
 import shutil
@@ -32,29 +32,12 @@ from tqdm import tqdm
 from vae_pipeline.config import Config
 from vae_pipeline.data.errors import DataError
 from vae_pipeline.data.images import decode_worker, fit_array, list_images, padded_box
-from vae_pipeline.data.sources import map_in_pool, worker_count
+from vae_pipeline.data.pools import map_in_pool, worker_count
+from vae_pipeline.data.shard_prepare import decode_shards, plan_shards
+from vae_pipeline.data.shards import is_sharded
+from vae_pipeline.data.splits import SPLITS, assign_split, content_hash, hash_fraction  # noqa: F401
 
 log = logging.getLogger(__name__)
-
-SPLITS = ("train", "val", "test")
-
-
-def content_hash(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def hash_fraction(digest: str) -> float:
-    """Map a hex digest to a uniform number in [0, 1)."""
-    return int(digest[:16], 16) / float(1 << 64)
-
-
-def assign_split(digest: str, val_fraction: float, test_fraction: float) -> str:
-    u = hash_fraction(digest)
-    if u < test_fraction:
-        return "test"
-    if u < test_fraction + val_fraction:
-        return "val"
-    return "train"
 
 
 def content_box(side: int, size: int) -> list[int] | None:
@@ -197,13 +180,31 @@ def _plan_folder(cfg: Config, raw: Path) -> tuple[dict[str, list[_Item]], list[s
     return plan, label_names, duplicates
 
 
+def _decode_files(cfg: Config, plan: dict[str, list[_Item]], staging: Path, arrays: dict):
+    """The planned files decoded in worker processes, each written to its row here."""
+    order = [(split, row, item) for split in SPLITS for row, item in enumerate(plan[split])]
+    jobs = [
+        (str(i.path), cfg.data.image_size, cfg.data.channels, cfg.data.max_image_pixels)
+        for _, _, i in order
+    ]
+    results = map_in_pool(decode_worker, jobs, worker_count(cfg), "decode", chunksize=64)
+    for (split, row, _), result in zip(order, results, strict=True):
+        if isinstance(result, str):
+            yield split, row, result, None
+            continue
+        arrays[split][row], size = result
+        yield split, row, None, size
+
+
 def _decode_into(
-    cfg: Config, plan: dict[str, list[_Item]], staging: Path, shape: tuple[int, int, int]
-) -> tuple[dict[str, list[_Item]], list[int] | None]:
+    cfg: Config, plan: dict[str, list], staging: Path, shape: tuple[int, int, int], fill=None
+) -> tuple[dict[str, list], list[int] | None]:
     """Decode every planned image in worker processes straight into memory-mapped .npy files
     (memory stays flat however large the dataset); returns the items that decoded, and the
-    content box they share (when every one of them was padded alike, else None)."""
-    order = [(split, row, item) for split in SPLITS for row, item in enumerate(plan[split])]
+    content box they share (when every one of them was padded alike, else None).
+
+    `fill(cfg, plan, staging, arrays)` does the decoding and yields (split, row, problem or
+    None, the image's own size); by default the planned items are files, decoded here."""
     arrays = {
         split: np.lib.format.open_memmap(
             staging / f"{split}_images.npy",
@@ -214,26 +215,18 @@ def _decode_into(
         for split in SPLITS
         if plan[split]
     }
-    jobs = [
-        (str(i.path), cfg.data.image_size, cfg.data.channels, cfg.data.max_image_pixels)
-        for _, _, i in order
-    ]
     good: dict[str, list[bool]] = {s: [True] * len(plan[s]) for s in SPLITS}
     sizes: set[tuple[int, int]] = set()
-    for (split, row, _), result in zip(
-        order,
-        map_in_pool(decode_worker, jobs, worker_count(cfg), "decode", chunksize=64),
-        strict=True,
-    ):
-        if isinstance(result, str):
+    for split, row, problem, size in (fill or _decode_files)(cfg, plan, staging, arrays):
+        if problem is not None:
             if cfg.data.on_bad_image == "fail":
                 raise DataError(
-                    f"{result}; nothing was written (set data.on_bad_image=skip to skip bad images)"
+                    f"{problem}; nothing was written (set data.on_bad_image=skip to skip bad "
+                    "images)"
                 )
-            log.warning("skipping bad image %s", result)
+            log.warning("skipping bad image %s", problem)
             good[split][row] = False
             continue
-        arrays[split][row], size = result
         sizes.add(size)
     kept: dict[str, list[_Item]] = {}
     for split in SPLITS:
@@ -256,7 +249,7 @@ def _decode_into(
 def snapshot_source_of(cfg: Config, workdir: Path) -> str:
     """The source the raw snapshot was taken from, as its ingest report recorded it (an
     `ingest --source` overrides params.yaml for that ingest only); data.source without one."""
-    from vae_pipeline.data.sources import report_path
+    from vae_pipeline.data.intake import report_path
 
     try:
         return json.loads(report_path(cfg, workdir).read_text())["source"]
@@ -326,13 +319,19 @@ def _stage_idx(cfg: Config, raw: Path, staging: Path, shape: tuple[int, int, int
 
 
 def _stage_folder(cfg: Config, raw: Path, staging: Path, shape: tuple[int, int, int]) -> _Staged:
-    """A folder snapshot: planned by hash, then decoded into staging (bad images left out)."""
-    plan, label_names, duplicates = _plan_folder(cfg, raw)
+    """A folder, archive or S3 snapshot (shards, or one file per image): planned by hash,
+    then decoded into staging (bad images left out)."""
+    fill = None
+    if is_sharded(raw):
+        plan, label_names, duplicates = plan_shards(cfg, raw)
+        fill = functools.partial(decode_shards, raw)
+    else:
+        plan, label_names, duplicates = _plan_folder(cfg, raw)
     plan = {s: p[: cfg.data.limit] for s, p in plan.items()} if cfg.data.limit else plan
     _require_train_and_test({s: len(p) for s, p in plan.items()}, raw)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    kept, box = _decode_into(cfg, plan, staging, shape)
+    kept, box = _decode_into(cfg, plan, staging, shape, fill)
     kept_rels = {i.rel for items in kept.values() for i in items}
     bad = [i.rel for s in SPLITS for i in plan[s] if i.rel not in kept_rels]
     _require_train_and_test({s: len(k) for s, k in kept.items()}, raw)

@@ -25,33 +25,22 @@ listed in the ingest report, or stop the ingest before anything is written.
 
 from __future__ import annotations
 
-import json
 import logging
-import multiprocessing
 import os
 import shutil
 import tarfile
 import zipfile
 import zlib
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tqdm import tqdm
 
 from vae_pipeline.config import Config
-from vae_pipeline.data.entries import (
-    ARCHIVE_SUFFIXES,
-    Entry,
-    folder_entries,
-    s3_entries,
-    tar_entries,
-    zip_entries,
-)
+from vae_pipeline.data.entries import Entry
 from vae_pipeline.data.errors import DataError, NoImages
 from vae_pipeline.data.fixed_sources import (
-    FASHION_MNIST,
     IDX_PREFIX,
     INSTALL_HINT,
     copy_fashion_mnist,
@@ -62,71 +51,27 @@ from vae_pipeline.data.fixed_sources import (
 from vae_pipeline.data.images import (
     IMAGE_EXTENSIONS,
     check_worker,
-    left_out,
     list_images,
     pixel_check,
 )
+from vae_pipeline.data.intake import (  # noqa: F401 - importable from here, as before
+    REPORT_NAME,
+    IngestReport,
+    bad_image_policy,
+    listing_path,
+    previous_limit,
+    report_path,
+    source_entries,
+    source_kind,
+)
+from vae_pipeline.data.pools import (  # noqa: F401 - importable from here, as before
+    POOL_THRESHOLD,
+    map_in_pool,
+    worker_count,
+)
+from vae_pipeline.data.shard_ingest import fill_shards
 
 log = logging.getLogger(__name__)
-
-REPORT_NAME = "ingest_report.json"
-POOL_THRESHOLD = 4096  # fewer files are handled in-process: a pool costs 1-3 s to start (bench/)
-
-
-@dataclass
-class IngestReport:
-    source: str
-    kind: str
-    raw_dir: str
-    images: int = 0
-    fetched: int = 0
-    reused: int = 0
-    removed: int = 0
-    skipped: list[dict] = field(default_factory=list)
-    # files that are not images of a supported type (a README, a .csv): listed, not an error
-    ignored: list[dict] = field(default_factory=list)
-    # the size limit every image in the snapshot was checked against (data.max_image_pixels)
-    max_image_pixels: int | None = None
-
-    def write(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
-
-
-def source_kind(source: str) -> str:
-    if source == FASHION_MNIST:
-        return "fashion-mnist"
-    if source.startswith(IDX_PREFIX):
-        return "idx"
-    if source.startswith("s3://"):
-        return "s3"
-    if source.lower().endswith(ARCHIVE_SUFFIXES):
-        return "archive"
-    return "folder"
-
-
-def report_path(cfg: Config, workdir: Path = Path(".")) -> Path:
-    """The ingest report sits beside the raw area (not inside it: it is not part of the data)."""
-    raw = (workdir / cfg.data.raw_dir).resolve()
-    return raw.parent / REPORT_NAME
-
-
-# --- checking images in worker processes --------------------------------------------------------
-
-
-def worker_count(cfg: Config) -> int:
-    return cfg.data.decode_workers or len(os.sched_getaffinity(0))
-
-
-def map_in_pool(fn, items: list, workers: int, desc: str, chunksize: int = 16) -> Iterator:
-    """`map(fn, items)` in `workers` processes (forkserver: safe after torch has started
-    threads), in order, with a progress bar on long runs; in-process when small."""
-    bar = dict(desc=desc, unit="img", mininterval=2.0, disable=len(items) < 1000)
-    if workers <= 1 or len(items) < POOL_THRESHOLD:
-        yield from tqdm(map(fn, items), total=len(items), **bar)
-        return
-    ctx = multiprocessing.get_context("forkserver")
-    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-        yield from tqdm(pool.map(fn, items, chunksize=chunksize), total=len(items), **bar)
 
 
 # --- the snapshot -------------------------------------------------------------------------------
@@ -145,45 +90,6 @@ def _link_or_copy(src: Path, dest: Path) -> None:
         os.link(src, dest)
     except OSError:
         shutil.copy2(src, dest)
-
-
-def _previous_limit(old: Path) -> float:
-    """data.max_image_pixels of the snapshot in `old`, from its ingest report (infinity when
-    unknown: then every carried-over file is re-checked against the current limit)."""
-    try:
-        value = json.loads((old.parent / REPORT_NAME).read_text()).get("max_image_pixels")
-    except (OSError, ValueError, AttributeError):
-        return float("inf")
-    return float(value) if isinstance(value, int) else float("inf")
-
-
-def _source_entries(
-    kind: str, source: str, report: IngestReport, unsafe: list[dict]
-) -> Iterator[Entry]:
-    """The entries of a folder, archive or S3 source (read lazily, as they are fetched);
-    unsafe ones go to `unsafe`, a folder's files that are not images to `report.ignored`."""
-    if kind == "folder":
-        src = Path(source)
-        if not src.is_dir():
-            raise DataError(
-                f"data.source {source!r} is not 'fashion-mnist', an s3:// prefix, an archive "
-                "(.zip .tar .tar.gz .tgz) or an existing folder of images: fix the path in "
-                "params.yaml or with --source / --set data.source=PATH"
-            )
-        entries: Iterator[Entry] = folder_entries(src)
-        links, report.ignored = left_out(src)
-        unsafe.extend(links)  # the policy (on_bad_image) applies to them like to bad images
-        for item in report.ignored:
-            log.warning("ignoring %s: %s", item["path"], item["reason"])
-    elif kind == "archive":
-        src = Path(source)
-        if not src.is_file():
-            raise DataError(f"archive {source} does not exist: fix data.source / --source")
-        zipped = source.lower().endswith(".zip")
-        entries = zip_entries(src, unsafe) if zipped else tar_entries(src, unsafe)
-    else:
-        entries = s3_entries(source, unsafe)
-    return entries
 
 
 def _fetch_entries(
@@ -238,7 +144,7 @@ def _bad_images(
     )
     limit = cfg.data.max_image_pixels
     problems = list(zip(fetched, checks, strict=True))
-    if limit < _previous_limit(old):  # carried-over files passed a looser rule: re-check sizes
+    if limit < previous_limit(old):  # carried-over files passed a looser rule: re-check sizes
         problems += [((rel, dest), pixel_check(dest, limit)) for rel, dest in reused]
     return [
         {"path": rel, "reason": problem.removeprefix(f"{dest}: ").replace(str(dest), rel)}
@@ -252,19 +158,9 @@ def _leave_out(
 ) -> list[dict]:
     """data.on_bad_image: stop before anything is written (fail), or delete the bad files and
     log each file left out (skip). Returns the skipped (unsafe, then bad)."""
-    skipped = unsafe + bad
-    if skipped and cfg.data.on_bad_image == "fail":
-        listing = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:10])
-        more = f" (and {len(skipped) - 10} more)" if len(skipped) > 10 else ""
-        raise DataError(
-            f"{len(skipped)} unusable file(s) in {source}: {listing}{more}. Nothing was written; "
-            "fix or remove them, or set data.on_bad_image=skip to leave them out"
-        )
+    skipped = bad_image_policy(cfg, source, unsafe, bad)
     for item in bad:
         (images / item["path"]).unlink()
-        log.warning("skipping %s: %s", item["path"], item["reason"])
-    for item in unsafe:
-        log.warning("skipping %s: %s", item["path"], item["reason"])
     return skipped
 
 
@@ -282,7 +178,7 @@ def _fill_images(cfg: Config, kind: str, source: str, staging: Path, old: Path) 
     """Fetch the source's images into staging/images, reusing unchanged files from `old`."""
     report = IngestReport(source=source, kind=kind, raw_dir=cfg.data.raw_dir)
     unsafe: list[dict] = []
-    entries = _source_entries(kind, source, report, unsafe)
+    entries = source_entries(kind, source, report, unsafe)
     images = staging / "images"
     seen, fetched, reused = _fetch_entries(entries, kind, source, images, old, report)
     if not seen:
@@ -315,6 +211,7 @@ def snapshot_source(cfg: Config, workdir: Path = Path(".")) -> IngestReport:
     raw = (workdir / cfg.data.raw_dir).resolve()
     staging = raw.with_name(raw.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
+    listing_path(staging).unlink(missing_ok=True)
     staging.mkdir(parents=True)
     kind = source_kind(cfg.data.source)
     source = cfg.data.source
@@ -346,10 +243,13 @@ def snapshot_source(cfg: Config, workdir: Path = Path(".")) -> IngestReport:
             report = IngestReport(source=source, kind=kind, raw_dir=cfg.data.raw_dir)
             count = copy_idx(Path(source[len(IDX_PREFIX) :]), staging)
             report.images = report.fetched = count
+        elif cfg.data.layout == "shards":
+            report = fill_shards(cfg, kind, source, staging, raw)
         else:
             report = _fill_images(cfg, kind, source, staging, raw)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        listing_path(staging).unlink(missing_ok=True)
         raise
     old = raw.with_name(raw.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
@@ -357,6 +257,11 @@ def snapshot_source(cfg: Config, workdir: Path = Path(".")) -> IngestReport:
         raw.rename(old)
     staging.rename(raw)
     shutil.rmtree(old, ignore_errors=True)
+    # the listing of a sharded snapshot (beside it, not in the data) goes with it
+    if listing_path(staging).exists():
+        listing_path(staging).replace(listing_path(raw))
+    else:
+        listing_path(raw).unlink(missing_ok=True)
     report.write(report_path(cfg, workdir))
     log.info(
         "snapshot of %s in %s: %d images (%d fetched, %d unchanged, %d removed, %d skipped)",

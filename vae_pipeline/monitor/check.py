@@ -70,9 +70,14 @@ def snapshot(cfg: Config, source: str, workdir: Path = Path(".")) -> tuple[Path 
     if source_kind(source) in ("fashion-mnist", "idx"):
         return None, FIXED_SOURCE.format(source=source)
     check_source(source, workdir)
+    # one file per image: the monitor scores files, and its copy is not versioned
     folder = Path(cfg.monitor.snapshot_dir) / "images"
     mcfg = cfg.model_copy(
-        update={"data": cfg.data.model_copy(update={"source": source, "raw_dir": str(folder)})}
+        update={
+            "data": cfg.data.model_copy(
+                update={"source": source, "raw_dir": str(folder), "layout": "files"}
+            )
+        }
     )
     try:
         snapshot_source(mcfg, workdir)
