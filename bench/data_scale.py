@@ -13,7 +13,11 @@ and is timed with its peak RSS (os.wait4):
 2. re-ingest of the unchanged folder (all three again);
 3. a 1 % append (N/100 new images): the same, and the bytes the push added to the bucket;
 4. `dvc pull` of that version in a second workspace (its .dvc/config and the pointer file);
-5. prepare (64x64 RGB splits, memory-mapped) in the second workspace, from the pulled data.
+5. prepare (64x64 RGB splits by default, memory-mapped) in the second workspace, from the
+   pulled data.
+
+Disk: about 8 copies of the PNGs' bytes at once (source, snapshot, DVC cache, the S3 server,
+the second workspace and its cache, the prepared arrays): 10^6 images need about 50 GB.
 
 Prints one markdown table (date, machine, N, step, seconds, images/s, peak RSS) for
 docs/benchmarks.md.
@@ -64,7 +68,7 @@ def make_folder(root: Path, first: int, count: int) -> None:
         pool.map(_make_one, [(str(root), i) for i in range(first, first + count)], chunksize=500)
 
 
-def _params(ws: Path, source: Path, layout: str) -> None:
+def _params(ws: Path, source: Path, layout: str, size: int, channels: int) -> None:
     import yaml
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -73,8 +77,8 @@ def _params(ws: Path, source: Path, layout: str) -> None:
         layout=layout,
         remote="s3",
         s3_url=f"s3://{BUCKET}/dvc",
-        image_size=64,
-        channels=3,
+        image_size=size,
+        channels=channels,
     )
     (ws / "params.yaml").write_text(yaml.safe_dump(params))
 
@@ -125,7 +129,8 @@ def bucket_bytes(client) -> int:
     return sum(obj["Size"] for page in pages for obj in page.get("Contents", []))
 
 
-def bench(n: int, layout: str, cache: Path, env: dict, client) -> list[tuple]:
+def bench(n: int, args: argparse.Namespace, env: dict, client) -> list[tuple]:
+    layout, cache = args.layout, args.cache
     source = cache / f"png-{n}"
     if not (source / "done").exists():
         shutil.rmtree(source, ignore_errors=True)
@@ -142,7 +147,7 @@ def bench(n: int, layout: str, cache: Path, env: dict, client) -> list[tuple]:
         ws, clone = work / "ws", work / "clone"
         for w in (ws, clone):
             w.mkdir()
-            _params(w, src, layout)
+            _params(w, src, layout, args.prepare_size, args.prepare_channels)
         client.create_bucket(Bucket=BUCKET)
 
         def ingest(label: str, count: int) -> None:
@@ -164,7 +169,8 @@ def bench(n: int, layout: str, cache: Path, env: dict, client) -> list[tuple]:
         times, rss = timed("pull", clone, env)
         rows.append((n, "dvc pull (second workspace)", times["total"], n + n // 100, rss, None))
         times, rss = timed("prepare", clone, env)
-        rows.append((n, "prepare (64x64 RGB)", times["total"], n + n // 100, rss, None))
+        shape = f"{args.prepare_size}x{args.prepare_size}x{args.prepare_channels}"
+        rows.append((n, f"prepare ({shape})", times["total"], n + n // 100, rss, None))
     finally:
         (source / "done").write_text("")
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
@@ -182,6 +188,8 @@ def main() -> None:
     parser.add_argument(
         "--cache", type=Path, default=Path(tempfile.gettempdir()) / "vae-data-scale"
     )
+    parser.add_argument("--prepare-size", type=int, default=64, help="prepared side (pixels)")
+    parser.add_argument("--prepare-channels", type=int, choices=[1, 3], default=3)
     parser.add_argument("--run-step", help=argparse.SUPPRESS)
     parser.add_argument("--workspace", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -195,14 +203,14 @@ def main() -> None:
     try:
         env = dict(os.environ, **QUIET, **server.env())
         client = server.client()
-        rows = [row for n in args.images for row in bench(n, args.layout, args.cache, env, client)]
+        rows = [row for n in args.images for row in bench(n, args, env, client)]
     finally:
         server.stop()
     machine = f"{platform.machine()}, {os.cpu_count()} cores"
-    print(
-        f"\n{date.today()}, {machine}, layout {args.layout}: `python bench/data_scale.py "
-        f"--images {' '.join(map(str, args.images))} --layout {args.layout}`\n"
-    )
+    flags = f"--images {' '.join(map(str, args.images))} --layout {args.layout}"
+    if (args.prepare_size, args.prepare_channels) != (64, 3):
+        flags += f" --prepare-size {args.prepare_size} --prepare-channels {args.prepare_channels}"
+    print(f"\n{date.today()}, {machine}: `python bench/data_scale.py {flags}`\n")
     print("| images | step | seconds | images/s | peak RSS | bytes pushed |")
     print("|---|---|---|---|---|---|")
     for n, step, seconds, count, rss, pushed in rows:

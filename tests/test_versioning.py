@@ -139,6 +139,33 @@ def test_adding_images_uploads_only_the_new_ones(workspace, tmp_path, layout):
         assert added_bytes < 0.1 * sum((storage / p).stat().st_size for p in stored)
 
 
+def test_a_second_clone_pulls_the_shards_and_prepares_the_same_data(workspace, tmp_path):
+    """Pull where it is used: a clone gets the version's shards (a few objects, not one per
+    image), and prepares from them exactly what the first workspace prepared."""
+    from vae_pipeline.data.preparation import prepare
+
+    from .data.conftest import file_tree, snapshot_images
+
+    src = _png_folder(tmp_path / "imgs", 120)
+    cfg = _cfg(source=str(src), shard_bytes=65536, limit=None, test_fraction=0.2)
+    snapshot_source(cfg, workspace)
+    version = versioning.version_data(cfg, workspace)
+    subprocess.run(["git", "add", "-A"], cwd=workspace, check=True)
+    subprocess.run(["git", "commit", "-qm", "data"], cwd=workspace, check=True)
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(workspace), str(clone)], check=True)
+    storage = str((workspace / ".dvc-storage").resolve())
+    versioning.dvc(["remote", "add", "--local", "-f", "local", storage], clone)
+    pulled = versioning.dvc(["pull", "data/raw.dvc"], clone).stdout
+    objects = len(_files(workspace / ".dvc-storage"))
+    assert 3 < objects < 15 and f"{objects - 1} files added" in pulled  # shards + manifests
+    assert versioning.read_data_version(cfg, clone) == version
+    assert snapshot_images(clone / "data/raw") == file_tree(src)
+    for ws in (workspace, clone):
+        prepare(cfg, ws, data_version=version)
+    assert file_tree(clone / "data/prepared") == file_tree(workspace / "data/prepared")
+
+
 @pytest.fixture
 def flaky_s3(monkeypatch):
     """moto's S3 server behind a proxy that the test can cut; DVC talks to the proxy."""

@@ -151,6 +151,8 @@ def test_decode_workers_start_without_torch():
     import subprocess
     import sys
 
-    code = "import sys, vae_pipeline.data.images; print('torch' in sys.modules)"
+    # the ingest check (images), the shard decode (shard_prepare) and the ingest's own module
+    modules = "vae_pipeline.data.images, vae_pipeline.data.shard_prepare, vae_pipeline.data.sources"
+    code = f"import sys, {modules}; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -23,15 +23,22 @@ from vae_pipeline.data.images import (
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 
 
-@dataclass
+@dataclass(slots=True)
 class Entry:
-    """One image of a source: where it goes in the snapshot, and how to fetch its bytes."""
+    """One image of a source: where it goes in the snapshot, and how to fetch its bytes (a
+    folder's file has a `path` and is read where it is; the others have a `fetcher`)."""
 
     rel: str
     size: int
     mtime: float
-    fetch: Callable[[Path], None]
-    path: str | None = None  # a folder's file, read where it is (no copy)
+    fetcher: Callable[[Path], None] | None = None
+    path: str | None = None
+
+    def fetch(self, dest: Path) -> None:
+        if self.fetcher is None:
+            shutil.copyfile(self.path, dest)
+        else:
+            self.fetcher(dest)
 
 
 def unsafe_reason(name: str) -> str | None:
@@ -47,52 +54,42 @@ def _clean_rel(name: str) -> str:
     return "/".join(p for p in PurePosixPath(name.replace("\\", "/")).parts if p not in ("", "."))
 
 
-def scan_folder(src: Path) -> tuple[list[Entry], list[dict], list[dict]]:
-    """One walk of a folder (os.scandir: one lstat per file): its images as entries, and what
-    `list_images` leaves out, as `left_out` reports it (links and names that are not UTF-8,
-    refused; other files, ignored). Links are not followed, into files or folders."""
-    entries: list[Entry] = []
-    refused: list[dict] = []
-    ignored: list[dict] = []
+def scan_folder(src: Path, refused: list[dict], ignored: list[dict]) -> Iterator[Entry]:
+    """One walk of a folder (os.scandir: one lstat per image): its images as entries, and
+    what `list_images` leaves out, as `left_out` reports it, added to `refused` (links and
+    names that are not UTF-8) and `ignored` (other files). Links are not followed."""
     supported = " ".join(sorted(IMAGE_EXTENSIONS))
-    stack = [("", str(src))]
+    stack = [("", str(src), True)]
     while stack:
-        prefix, folder = stack.pop()
+        prefix, folder, utf8 = stack.pop()
         with os.scandir(folder) as it:
             for item in it:
-                rel = prefix + item.name
-                if not _utf8(item.name) or not _utf8(prefix):
+                name = item.name
+                rel = prefix + name
+                if not (utf8 and _utf8(name)):
                     shown = repr(os.fsencode(rel))[2:-1]  # the bytes, escaped: x\\xff.png
                     refused.append(
                         {"path": shown, "reason": "file name is not valid UTF-8: rename it"}
                     )
                     if item.is_dir(follow_symlinks=False):
-                        stack.append((rel + "/", item.path))
+                        stack.append((rel + "/", item.path, False))
+                elif item.is_dir(follow_symlinks=False):
+                    stack.append((rel + "/", item.path, True))
                 elif item.is_symlink():
                     refused.append({"path": rel, "reason": "symbolic link (not followed: it could "
                                     "point anywhere; copy the file itself into the folder)"})  # fmt: skip
-                elif item.is_dir(follow_symlinks=False):
-                    stack.append((rel + "/", item.path))
                 elif not item.is_file(follow_symlinks=False):
                     continue
-                elif not is_image_name(item.name):
-                    kind = os.path.splitext(item.name)[1].lower() or "no extension"
+                elif os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+                    kind = os.path.splitext(name)[1].lower() or "no extension"
                     ignored.append({"path": rel, "reason": f"not an image type read here ({kind}; "
                                     f"supported: {supported})"})  # fmt: skip
                 else:
                     st = item.stat(follow_symlinks=False)
-                    path = item.path
-                    entries.append(
-                        Entry(
-                            rel,
-                            st.st_size,
-                            st.st_mtime,
-                            lambda dest, path=path: shutil.copyfile(path, dest),
-                            path,
-                        )
-                    )
+                    yield Entry(rel, st.st_size, st.st_mtime, None, item.path)
     by_parts = lambda item: item["path"].split("/")  # noqa: E731 - the order left_out gave
-    return entries, sorted(refused, key=by_parts), sorted(ignored, key=by_parts)
+    refused.sort(key=by_parts)
+    ignored.sort(key=by_parts)
 
 
 def _utf8(name: str) -> bool:
@@ -135,6 +132,7 @@ def zip_entries(archive: Path, unsafe: list[dict]) -> Iterator[Entry]:
                 info.file_size,
                 mtime,
                 lambda dest, info=info: _copy_stream(zf.open(info), dest),
+                None,
             )
 
 

@@ -92,11 +92,11 @@ def source_entries(
                 "(.zip .tar .tar.gz .tgz) or an existing folder of images: fix the path in "
                 "params.yaml or with --source / --set data.source=PATH"
             )
-        found, links, report.ignored = scan_folder(src)
-        entries: Iterator[Entry] = iter(found)
-        unsafe.extend(links)  # the policy (on_bad_image) applies to them like to bad images
-        for item in report.ignored:
-            log.warning("ignoring %s: %s", item["path"], item["reason"])
+        # links and names that are not UTF-8 go to `unsafe`: the policy (on_bad_image)
+        # applies to them as to bad images; other files are listed as ignored, not an error
+        entries: Iterator[Entry] = _logging_ignored(
+            scan_folder(src, unsafe, report.ignored), report
+        )
     elif kind == "archive":
         src = Path(source)
         if not src.is_file():
@@ -106,6 +106,12 @@ def source_entries(
     else:
         entries = s3_entries(source, unsafe)
     return entries
+
+
+def _logging_ignored(entries: Iterator[Entry], report: IngestReport) -> Iterator[Entry]:
+    yield from entries
+    for item in report.ignored:
+        log.warning("ignoring %s: %s", item["path"], item["reason"])
 
 
 def bad_image_policy(cfg: Config, source: str, unsafe: list[dict], bad: list[dict]) -> list[dict]:

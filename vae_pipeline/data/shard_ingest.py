@@ -30,8 +30,8 @@ import zipfile
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from tqdm import tqdm
 
@@ -52,7 +52,6 @@ from vae_pipeline.data.shards import (
     SHARDS_DIR,
     Record,
     ShardWriter,
-    is_sharded,
     key_of,
     label_of,
     read_manifest,
@@ -86,8 +85,7 @@ def write_listing(path: Path, rows: dict[str, tuple[int, int, str]]) -> None:
             writer.writerow([rel, *rows[rel]])
 
 
-@dataclass
-class _Pending:
+class _Pending(NamedTuple):
     """A new or changed image: where to read it (the folder's file or a spooled copy)."""
 
     rel: str
@@ -111,12 +109,14 @@ def _list_source(
     pending: list[_Pending] = []
     rows: dict[str, tuple[int, int, str]] = {}
     downloads = []
-    seen: set[str] = set()
+    seen: set[str] = set()  # an archive or bucket may list a path twice; a folder cannot
+    dedupe = kind != "folder"
     try:
         for entry in tqdm(entries, desc="list", unit="file", mininterval=2.0, disable=None):
-            if entry.rel in seen:
-                continue
-            seen.add(entry.rel)
+            if dedupe:
+                if entry.rel in seen:
+                    continue
+                seen.add(entry.rel)
             mtime = int(entry.mtime)
             prior, known = old.get(entry.rel), listing.get(entry.rel)
             if prior is not None and known == (entry.size, mtime, prior.sha256):
@@ -126,7 +126,7 @@ def _list_source(
             if entry.path is not None:
                 pending.append(_Pending(entry.rel, entry.path, entry.size, mtime))
                 continue
-            dest = spool / str(len(seen))
+            dest = spool / str(len(pending))
             item = _Pending(entry.rel, str(dest), entry.size, mtime)
             if kind == "s3":
                 downloads.append((entry, dest))  # fetched below, several at a time
@@ -142,11 +142,12 @@ def _list_source(
     return kept, pending, rows
 
 
-def _carry_over(old_raw: Path, staging: Path, kept: dict[str, Record]) -> None:
+def _carry_over(
+    old_raw: Path, staging: Path, old_shards: dict[str, list[Record]], kept: dict[str, Record]
+) -> None:
     """The previous snapshot's shards in `staging`: linked when whole, rewritten without the
     images that are gone, left out when none is kept."""
-    for shard in shard_names(old_raw):
-        records = read_manifest(old_raw, shard)
+    for shard, records in old_shards.items():
         keep = [r for r in records if kept.get(r.path) == r]
         if len(keep) == len(records):
             for folder, suffix in ((SHARDS_DIR, ".tar"), (MANIFEST_DIR, ".csv")):
@@ -157,12 +158,14 @@ def _carry_over(old_raw: Path, staging: Path, kept: dict[str, Record]) -> None:
             log.info("rewrote %s without %d removed image(s)", shard, len(records) - len(keep))
 
 
-def _recheck_sizes(old_raw: Path, kept: dict[str, Record], limit: int) -> list[dict]:
+def _recheck_sizes(
+    old_raw: Path, old_shards: dict[str, list[Record]], kept: dict[str, Record], limit: int
+) -> list[dict]:
     """The kept images over `limit` (data.max_image_pixels, lowered since the last ingest),
     taken out of `kept`, as bad images with the reason."""
     bad = []
-    for shard in shard_names(old_raw):
-        records = {r.member: r for r in read_manifest(old_raw, shard) if kept.get(r.path) == r}
+    for shard, listed in old_shards.items():
+        records = {r.member: r for r in listed if kept.get(r.path) == r}
         if not records:
             continue
         for name, data in shard_members(old_raw, shard):
@@ -190,9 +193,8 @@ def fill_shards(cfg: Config, kind: str, source: str, staging: Path, old_raw: Pat
     report.max_image_pixels = cfg.data.max_image_pixels
     unsafe: list[dict] = []
     entries = source_entries(kind, source, report, unsafe)
-    old: dict[str, Record] = {}
-    if is_sharded(old_raw):
-        old = {r.path: r for shard in shard_names(old_raw) for r in read_manifest(old_raw, shard)}
+    old_shards = {s: read_manifest(old_raw, s) for s in shard_names(old_raw)}
+    old = {r.path: r for records in old_shards.values() for r in records}
     listing = read_listing(old_raw)
     spool = staging / ".spool"
     spool.mkdir(parents=True)
@@ -208,9 +210,9 @@ def fill_shards(cfg: Config, kind: str, source: str, staging: Path, old_raw: Pat
         (staging / folder).mkdir()
     # new images are numbered after every key, and shard, the previous snapshot used
     next_key = max((int(r.key) + 1 for r in old.values()), default=0)
-    next_shard = max((shard_index(s) + 1 for s in shard_names(old_raw)), default=0) if old else 0
+    next_shard = max((shard_index(s) + 1 for s in old_shards), default=0)
     bad: list[dict] = []
-    new: list[tuple[_Pending, str]] = []
+    new: list[str] = []
     writer: ShardWriter | None = None
     results = map_bounded(
         ingest_worker,
@@ -236,16 +238,16 @@ def fill_shards(cfg: Config, kind: str, source: str, staging: Path, old_raw: Pat
         record = Record(key_of(next_key), item.rel, digest, label_of(item.rel), len(data))
         next_key += 1
         writer.add(record, data)
-        new.append((item, digest))
+        new.append(item.rel)
     if cfg.data.max_image_pixels < previous_limit(old_raw):
         # kept images passed a looser size rule: their headers are read again from the shards
-        bad += _recheck_sizes(old_raw, kept, cfg.data.max_image_pixels)
+        bad += _recheck_sizes(old_raw, old_shards, kept, cfg.data.max_image_pixels)
     report.skipped = bad_image_policy(cfg, source, unsafe, bad)
     if writer is not None:
         writer.close()
     shutil.rmtree(spool)
     if old:
-        _carry_over(old_raw, staging, kept)
+        _carry_over(old_raw, staging, old_shards, kept)
     report.reused, report.fetched = len(kept), len(new)
     report.images = report.reused + report.fetched
     if report.images == 0:
@@ -253,9 +255,10 @@ def fill_shards(cfg: Config, kind: str, source: str, staging: Path, old_raw: Pat
             f"data source {source} holds no usable images ({len(report.skipped)} unusable): see "
             "the reasons above"
         )
-    final = set(kept) | {item.rel for item, _ in new}
+    final = kept.keys() | new
     report.removed = sum(1 for rel in old if rel not in final)
-    final_rows = {rel: rows[rel] for rel in final}
+    # rows has every image read or kept; those left out since (over a lowered size limit) go
+    final_rows = rows if len(rows) == len(final) else {rel: rows[rel] for rel in final}
     if final_rows == listing:  # unchanged: the same file (a million rows take seconds to write)
         shutil.copy2(listing_path(old_raw), listing_path(staging))
     else:

@@ -6,16 +6,20 @@ Sources (`data.source`):
   as `IDX/{train,t10k}-{images,labels}-...-ubyte` (decompressed), plus `IDX/classes.txt` (one
   label name per line) when the folder has one. The label files are optional.
 - a folder of images, a `.zip` / `.tar` / `.tar.gz` / `.tgz` archive, or an S3 prefix
-  `s3://bucket/prefix`: the image files as `images/<relative path>` (sub-folders are labels; an
-  archive's single top-level folder is dropped).
+  `s3://bucket/prefix` (sub-folders are labels; an archive's single top-level folder is
+  dropped), by `data.layout`:
+  - `shards` (default): WebDataset tar shards and a manifest per shard (`shard_ingest`,
+    `shards`); an append writes new shards, unchanged images are not read again;
+  - `files`: the image files as `images/<relative path>` (here): files whose size and
+    modification time match the previous snapshot are hard-linked from it rather than copied,
+    extracted or downloaded again; only new and changed files are fetched and checked.
 
 The snapshot is built beside the raw area and swapped in at the end, so a failure half-way leaves
-the previous snapshot as it was. Files whose size and modification time match the previous
-snapshot are hard-linked from it rather than copied, extracted or downloaded again (DVC then
-does not re-hash them either); only new and changed files are fetched and checked.
+the previous snapshot as it was.
 
 The readers live beside this module: `fixed_sources` (Fashion-MNIST and `idx:`), `entries`
-(folders, archives, S3); every name stays importable from here.
+(folders, archives, S3), `intake` (what both layouts share); every name stays importable from
+here.
 
 Every fetched file is decoded in full (in worker processes) before it enters the snapshot.
 Unusable ones (corrupt, empty, truncated, not an image, over `data.max_image_pixels`) and unsafe
@@ -146,11 +150,12 @@ def _bad_images(
     problems = list(zip(fetched, checks, strict=True))
     if limit < previous_limit(old):  # carried-over files passed a looser rule: re-check sizes
         problems += [((rel, dest), pixel_check(dest, limit)) for rel, dest in reused]
-    return [
+    bad = [
         {"path": rel, "reason": problem.removeprefix(f"{dest}: ").replace(str(dest), rel)}
         for (rel, dest), problem in problems
         if problem is not None
     ]
+    return sorted(bad, key=lambda item: item["path"].split("/"))  # whatever the listing order
 
 
 def _leave_out(
