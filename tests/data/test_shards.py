@@ -229,3 +229,26 @@ def test_prepare_names_a_shard_that_lost_an_image(tmp_path):
         prepare(cfg, tmp_path)
     assert not (tmp_path / "data/prepared").exists()
     shutil.rmtree(src)
+
+
+def test_a_lost_shard_or_a_broken_manifest_is_read_again_from_the_source(tmp_path, caplog):
+    src = _folder(tmp_path / "src", 30)
+    cfg = _cfg(src)
+    snapshot_source(cfg, tmp_path)
+    raw = tmp_path / "data/raw"
+    before = _shards(raw)
+    lost = shard_names(raw)[1]
+    lost_images = [r.path for r in manifest(raw) if r.shard == lost]
+    (raw / "shards" / f"{lost}.tar").unlink()
+    report = snapshot_source(cfg, tmp_path)
+    assert report.fetched == len(lost_images) and report.reused == 30 - len(lost_images)
+    assert snapshot_images(raw) == file_tree(src)
+    after = _shards(raw)
+    others = [k for k in before if not k.startswith(lost)]
+    assert {k: after[k] for k in others} == {k: before[k] for k in others}  # kept as they were
+    assert not any(k.startswith(lost) for k in after)  # the lost images went to new shards
+    (raw / "manifest" / f"{shard_names(raw)[0]}.csv").write_text("not,a,manifest\n")
+    report = snapshot_source(cfg, tmp_path)
+    assert "every image is read again" in caplog.text
+    assert (report.fetched, report.reused) == (30, 0)
+    assert snapshot_images(raw) == file_tree(src)
