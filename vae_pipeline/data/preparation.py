@@ -35,7 +35,13 @@ from vae_pipeline.data.images import decode_worker, fit_array, list_images, padd
 from vae_pipeline.data.pools import map_in_pool, worker_count
 from vae_pipeline.data.shard_prepare import decode_shards, plan_shards
 from vae_pipeline.data.shards import is_sharded
-from vae_pipeline.data.splits import SPLITS, assign_split, content_hash, hash_fraction  # noqa: F401
+from vae_pipeline.data.splits import (  # noqa: F401 - importable from here, as before
+    SPLITS,
+    assign_split,
+    content_hash,
+    hash_fraction,
+    plan_splits,
+)
 
 log = logging.getLogger(__name__)
 
@@ -167,16 +173,10 @@ def _plan_folder(cfg: Config, raw: Path) -> tuple[dict[str, list[_Item]], list[s
             duplicates.append({"path": rel.as_posix(), "duplicate_of": first[digest].rel})
             continue
         first[digest] = _Item(path, rel.as_posix(), digest, label_dir)
-    items = list(first.values())
-    label_names = sorted({i.label_dir for i in items if i.label_dir is not None})
-    label_of = {name: k for k, name in enumerate(label_names)}
-    plan: dict[str, list[_Item]] = {s: [] for s in SPLITS}
-    for item in items:
-        if item.label_dir is not None:
-            item.label = label_of[item.label_dir]
-        plan[assign_split(item.digest, cfg.data.val_fraction, cfg.data.test_fraction)].append(item)
-    if duplicates:
-        log.warning("%d duplicate images left out (same bytes as another file)", len(duplicates))
+    d = cfg.data
+    plan, label_names = plan_splits(
+        list(first.values()), duplicates, d.val_fraction, d.test_fraction
+    )
     return plan, label_names, duplicates
 
 

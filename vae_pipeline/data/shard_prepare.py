@@ -20,7 +20,7 @@ from vae_pipeline.data import pools
 from vae_pipeline.data.errors import DataError
 from vae_pipeline.data.images import BadImage, decode_bytes
 from vae_pipeline.data.shards import manifest, shard_members
-from vae_pipeline.data.splits import SPLITS, assign_split
+from vae_pipeline.data.splits import SPLITS, plan_splits
 
 log = logging.getLogger(__name__)
 
@@ -48,16 +48,10 @@ def plan_shards(cfg: Config, raw: Path) -> tuple[dict[str, list[ShardItem]], lis
             duplicates.append({"path": r.path, "duplicate_of": first[r.sha256].rel})
             continue
         first[r.sha256] = ShardItem(r.path, r.sha256, r.label or None, r.shard, r.member)
-    items = list(first.values())
-    label_names = sorted({i.label_dir for i in items if i.label_dir is not None})
-    label_of = {name: k for k, name in enumerate(label_names)}
-    plan: dict[str, list[ShardItem]] = {s: [] for s in SPLITS}
-    for item in items:
-        if item.label_dir is not None:
-            item.label = label_of[item.label_dir]
-        plan[assign_split(item.digest, cfg.data.val_fraction, cfg.data.test_fraction)].append(item)
-    if duplicates:
-        log.warning("%d duplicate images left out (same bytes as another file)", len(duplicates))
+    d = cfg.data
+    plan, label_names = plan_splits(
+        list(first.values()), duplicates, d.val_fraction, d.test_fraction
+    )
     return plan, label_names, duplicates
 
 
