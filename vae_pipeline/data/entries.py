@@ -56,7 +56,7 @@ def _clean_rel(name: str) -> str:
 
 def scan_folder(src: Path, refused: list[dict], ignored: list[dict]) -> Iterator[Entry]:
     """One walk of a folder (os.scandir: one lstat per image): its images as entries, and
-    what `list_images` leaves out, as `left_out` reports it, added to `refused` (links and
+    what `list_images` leaves out, with reasons, added to `refused` (links and
     names that are not UTF-8) and `ignored` (other files). Links are not followed."""
     supported = " ".join(sorted(IMAGE_EXTENSIONS))
     stack = [("", str(src), True)]
@@ -66,7 +66,7 @@ def scan_folder(src: Path, refused: list[dict], ignored: list[dict]) -> Iterator
             for item in it:
                 name = item.name
                 rel = prefix + name
-                if not (utf8 and _utf8(name)):
+                if not (utf8 and utf8_name(name)):
                     shown = repr(os.fsencode(rel))[2:-1]  # the bytes, escaped: x\\xff.png
                     refused.append(
                         {"path": shown, "reason": "file name is not valid UTF-8: rename it"}
@@ -87,17 +87,9 @@ def scan_folder(src: Path, refused: list[dict], ignored: list[dict]) -> Iterator
                 else:
                     st = item.stat(follow_symlinks=False)
                     yield Entry(rel, st.st_size, st.st_mtime, None, item.path)
-    by_parts = lambda item: item["path"].split("/")  # noqa: E731 - the order left_out gave
+    by_parts = lambda item: item["path"].split("/")  # noqa: E731 - sorted as Paths sort
     refused.sort(key=by_parts)
     ignored.sort(key=by_parts)
-
-
-def _utf8(name: str) -> bool:
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _copy_stream(fileobj, dest: Path) -> None:

@@ -42,7 +42,7 @@ def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def utf8_name(path: Path) -> bool:
+def utf8_name(path: Path | str) -> bool:
     """Whether the path is valid UTF-8 (a name of other bytes arrives as surrogates, which DVC,
     JSON reports and index.csv cannot store)."""
     try:
@@ -55,34 +55,12 @@ def utf8_name(path: Path) -> bool:
 def list_images(folder: Path) -> list[Path]:
     """Image files below `folder`, recursively, in a stable (sorted) order; symlinks are not
     followed (a link could point anywhere on the machine), names that are not UTF-8 are left
-    out (`left_out` reports both)."""
+    out (`entries.scan_folder` reports both)."""
     return sorted(
         p
         for p in folder.rglob("*")
         if is_image_name(p.name) and p.is_file() and not p.is_symlink() and utf8_name(p)
     )
-
-
-def left_out(folder: Path) -> tuple[list[dict], list[dict]]:
-    """What `list_images` leaves out below `folder`, with reasons, as ingest reports list it:
-    (symbolic links and names that are not UTF-8: refused like unsafe archive entries, so
-    data.on_bad_image applies; other files that are not images of a supported type: listed,
-    not an error)."""
-    links, others = [], []
-    for p in sorted(folder.rglob("*")):
-        rel = p.relative_to(folder).as_posix()
-        if not utf8_name(p):
-            shown = repr(os.fsencode(rel))[2:-1]  # the bytes, escaped: x\\xff.png
-            links.append({"path": shown, "reason": "file name is not valid UTF-8: rename it"})
-        elif p.is_symlink():
-            links.append({"path": rel, "reason": "symbolic link (not followed: it could point "
-                          "anywhere; copy the file itself into the folder)"})  # fmt: skip
-        elif p.is_file() and not is_image_name(p.name):
-            kind = p.suffix.lower() or "no extension"
-            supported = " ".join(sorted(IMAGE_EXTENSIONS))
-            others.append({"path": rel, "reason": f"not an image type read here ({kind}; "
-                           f"supported: {supported})"})  # fmt: skip
-    return links, others
 
 
 def _to_8bit_mode(img: Image.Image) -> Image.Image:

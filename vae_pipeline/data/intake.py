@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -130,3 +132,12 @@ def bad_image_policy(cfg: Config, source: str, unsafe: list[dict], bad: list[dic
     for item in unsafe:
         log.warning("skipping %s: %s", item["path"], item["reason"])
     return skipped
+
+
+def link_or_copy(src: Path, dest: Path) -> None:
+    """A file carried over from the previous snapshot: hard-linked (DVC then does not hash it
+    again), copied where links are not possible."""
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copy2(src, dest)

@@ -21,18 +21,6 @@ def worker_count(cfg: Config) -> int:
     return cfg.data.decode_workers or len(os.sched_getaffinity(0))
 
 
-def map_in_pool(fn, items: list, workers: int, desc: str, chunksize: int = 16) -> Iterator:
-    """`map(fn, items)` in `workers` processes (forkserver: safe after torch has started
-    threads), in order, with a progress bar on long runs; in-process when small."""
-    bar = dict(desc=desc, unit="img", mininterval=2.0, disable=len(items) < 1000)
-    if workers <= 1 or len(items) < POOL_THRESHOLD:
-        yield from tqdm(map(fn, items), total=len(items), **bar)
-        return
-    ctx = multiprocessing.get_context("forkserver")
-    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-        yield from tqdm(pool.map(fn, items, chunksize=chunksize), total=len(items), **bar)
-
-
 def _run_batch(fn, batch: list) -> list:
     return [fn(item) for item in batch]
 

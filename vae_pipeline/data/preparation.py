@@ -32,7 +32,7 @@ from tqdm import tqdm
 from vae_pipeline.config import Config
 from vae_pipeline.data.errors import DataError
 from vae_pipeline.data.images import decode_worker, fit_array, list_images, padded_box
-from vae_pipeline.data.pools import map_in_pool, worker_count
+from vae_pipeline.data.pools import map_bounded, worker_count
 from vae_pipeline.data.shard_prepare import decode_shards, plan_shards
 from vae_pipeline.data.shards import is_sharded
 from vae_pipeline.data.splits import (  # noqa: F401 - importable from here, as before
@@ -187,7 +187,7 @@ def _decode_files(cfg: Config, plan: dict[str, list[_Item]], staging: Path, arra
         (str(i.path), cfg.data.image_size, cfg.data.channels, cfg.data.max_image_pixels)
         for _, _, i in order
     ]
-    results = map_in_pool(decode_worker, jobs, worker_count(cfg), "decode", chunksize=64)
+    results = map_bounded(decode_worker, jobs, len(jobs), worker_count(cfg), "decode")
     for (split, row, _), result in zip(order, results, strict=True):
         if isinstance(result, str):
             yield split, row, result, None

@@ -24,7 +24,6 @@ from __future__ import annotations
 import csv
 import gc
 import logging
-import os
 import shutil
 import tarfile
 import zipfile
@@ -43,6 +42,7 @@ from vae_pipeline.data.images import IMAGE_EXTENSIONS, ingest_worker, pixel_chec
 from vae_pipeline.data.intake import (
     IngestReport,
     bad_image_policy,
+    link_or_copy,
     listing_path,
     previous_limit,
     source_entries,
@@ -172,7 +172,7 @@ def _carry_over(
         if len(keep) == len(records):
             for folder, suffix in ((SHARDS_DIR, ".tar"), (MANIFEST_DIR, ".csv")):
                 src, dest = old_raw / folder / f"{shard}{suffix}", staging / folder / shard
-                _link_or_copy(src, dest.with_suffix(suffix))
+                link_or_copy(src, dest.with_suffix(suffix))
         elif keep:
             rewrite_without(old_raw, staging, shard, keep)
             log.info("rewrote %s without %d removed image(s)", shard, len(records) - len(keep))
@@ -197,13 +197,6 @@ def _recheck_sizes(
                 )
                 del kept[record.path]
     return bad
-
-
-def _link_or_copy(src: Path, dest: Path) -> None:
-    try:
-        os.link(src, dest)
-    except OSError:
-        shutil.copy2(src, dest)
 
 
 def fill_shards(cfg: Config, kind: str, source: str, staging: Path, old_raw: Path) -> IngestReport:

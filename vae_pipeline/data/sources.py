@@ -58,10 +58,10 @@ from vae_pipeline.data.images import (
     list_images,
     pixel_check,
 )
-from vae_pipeline.data.intake import (  # noqa: F401 - importable from here, as before
-    REPORT_NAME,
+from vae_pipeline.data.intake import (
     IngestReport,
     bad_image_policy,
+    link_or_copy,  # noqa: F401 - importable from here, as before
     listing_path,
     previous_limit,
     report_path,
@@ -70,7 +70,7 @@ from vae_pipeline.data.intake import (  # noqa: F401 - importable from here, as 
 )
 from vae_pipeline.data.pools import (  # noqa: F401 - importable from here, as before
     POOL_THRESHOLD,
-    map_in_pool,
+    map_bounded,
     worker_count,
 )
 from vae_pipeline.data.shard_ingest import fill_shards
@@ -87,13 +87,6 @@ def _same_file(path: Path, entry: Entry) -> bool:
     except OSError:
         return False
     return st.st_size == entry.size and int(st.st_mtime) == int(entry.mtime)
-
-
-def _link_or_copy(src: Path, dest: Path) -> None:
-    try:
-        os.link(src, dest)
-    except OSError:
-        shutil.copy2(src, dest)
 
 
 def _fetch_entries(
@@ -115,7 +108,7 @@ def _fetch_entries(
             dest.parent.mkdir(parents=True, exist_ok=True)
             prior = old / "images" / entry.rel
             if _same_file(prior, entry):
-                _link_or_copy(prior, dest)
+                link_or_copy(prior, dest)
                 report.reused += 1
                 reused.append((entry.rel, dest))
             elif kind == "s3":
@@ -140,12 +133,8 @@ def _bad_images(
 ) -> list[dict]:
     """Every fetched file decoded in full (in worker processes), and the reused ones re-checked
     when data.max_image_pixels is stricter than the old snapshot's: the unusable, with why."""
-    checks = map_in_pool(
-        check_worker,
-        [(str(dest), cfg.data.max_image_pixels) for _, dest in fetched],
-        worker_count(cfg),
-        "check",
-    )
+    jobs = [(str(dest), cfg.data.max_image_pixels) for _, dest in fetched]
+    checks = map_bounded(check_worker, jobs, len(jobs), worker_count(cfg), "check")
     limit = cfg.data.max_image_pixels
     problems = list(zip(fetched, checks, strict=True))
     if limit < previous_limit(old):  # carried-over files passed a looser rule: re-check sizes
