@@ -19,7 +19,7 @@ from vae_pipeline.config import build_config
 from vae_pipeline.data import shard_ingest
 from vae_pipeline.data.preparation import prepare
 from vae_pipeline.data.shards import manifest, shard_names
-from vae_pipeline.data.sources import listing_path, snapshot_source
+from vae_pipeline.data.sources import listing_dir, snapshot_source
 
 from ..conftest import tiny_params
 from .conftest import file_tree, snapshot_images
@@ -88,10 +88,14 @@ def test_an_append_writes_new_shards_and_leaves_the_old_ones_byte_identical(tmp_
     snapshot_source(cfg, tmp_path)
     raw = tmp_path / "data/raw"
     before = _shards(raw)
+    listed = {p.name: p.stat().st_ino for p in listing_dir(raw).iterdir()}
     _folder(src, 6, start=40)
     report = snapshot_source(cfg, tmp_path)
     after = _shards(raw)
     assert (report.fetched, report.reused) == (6, 40)
+    # the old shards' listings are kept (linked), the new shards get their own
+    now = {p.name: p.stat().st_ino for p in listing_dir(raw).iterdir()}
+    assert {k: now[k] for k in listed} == listed and len(now) > len(listed)
     assert {k: after[k] for k in before} == before  # every old shard and manifest unchanged
     new = sorted(set(after) - set(before))
     assert new and all(k.startswith("shard-") for k in new)
@@ -176,10 +180,40 @@ def test_without_the_listing_every_file_is_hashed_and_the_shards_are_kept(tmp_pa
     snapshot_source(cfg, tmp_path)
     raw = tmp_path / "data/raw"
     before = _shards(raw)
-    listing_path(raw).unlink()
+    shutil.rmtree(listing_dir(raw))
     report = snapshot_source(cfg, tmp_path)
     assert (report.fetched, report.reused) == (0, 30)
-    assert _shards(raw) == before and listing_path(raw).is_file()
+    assert _shards(raw) == before
+    assert sorted(p.stem for p in listing_dir(raw).iterdir()) == shard_names(raw)
+
+
+def test_a_listing_written_for_other_manifests_is_not_trusted(tmp_path):
+    """Two appends from the same version give two different shards of the same name. After
+    a `dvc checkout` of the other one, the listing beside the raw area describes the wrong
+    shard: the files it lists are read again, not taken from the shard checked out."""
+    src = _folder(tmp_path / "src", 20)
+    cfg = _cfg(src)
+    raw = tmp_path / "data/raw"
+
+    def checkout(version: str) -> None:  # what `dvc checkout` does to the raw area
+        shutil.rmtree(raw)
+        shutil.copytree(tmp_path / version, raw)
+
+    snapshot_source(cfg, tmp_path)
+    shutil.copytree(raw, tmp_path / "v0")
+    for i in range(3):
+        (src / f"new{i}.png").write_bytes(_png(100 + i))
+    snapshot_source(cfg, tmp_path)
+    shutil.copytree(raw, tmp_path / "branch-b")
+    checkout("v0")
+    for i in range(3):  # the same names, other images
+        (src / f"new{i}.png").write_bytes(_png(200 + i, (14, 9)))
+    snapshot_source(cfg, tmp_path)  # branch a: its new shard has branch b's name
+    assert set(shard_names(raw)) == set(shard_names(tmp_path / "branch-b"))
+    checkout("branch-b")
+    report = snapshot_source(cfg, tmp_path)
+    assert report.fetched == 3  # read: branch b's shard holds other bytes under these names
+    assert snapshot_images(raw) == file_tree(src)
 
 
 def test_a_changed_image_moves_to_a_new_shard(tmp_path):

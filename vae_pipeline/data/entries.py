@@ -63,30 +63,32 @@ def scan_folder(src: Path, refused: list[dict], ignored: list[dict]) -> Iterator
     while stack:
         prefix, folder, utf8 = stack.pop()
         with os.scandir(folder) as it:
-            for item in it:
-                name = item.name
-                rel = prefix + name
-                if not (utf8 and utf8_name(name)):
-                    shown = repr(os.fsencode(rel))[2:-1]  # the bytes, escaped: x\\xff.png
-                    refused.append(
-                        {"path": shown, "reason": "file name is not valid UTF-8: rename it"}
-                    )
-                    if item.is_dir(follow_symlinks=False):
-                        stack.append((rel + "/", item.path, False))
-                elif item.is_dir(follow_symlinks=False):
-                    stack.append((rel + "/", item.path, True))
-                elif item.is_symlink():
-                    refused.append({"path": rel, "reason": "symbolic link (not followed: it could "
-                                    "point anywhere; copy the file itself into the folder)"})  # fmt: skip
-                elif not item.is_file(follow_symlinks=False):
-                    continue
-                elif os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
-                    kind = os.path.splitext(name)[1].lower() or "no extension"
-                    ignored.append({"path": rel, "reason": f"not an image type read here ({kind}; "
-                                    f"supported: {supported})"})  # fmt: skip
-                else:
+            items = list(it)
+        # one check of all the folder's names; a folder with a name that is not UTF-8 (rare)
+        # checks each name (this loop runs once per file: a million at scale)
+        all_utf8 = utf8 and utf8_name("/".join([item.name for item in items]))
+        for item in items:
+            name = item.name
+            rel = prefix + name
+            if item.is_file(follow_symlinks=False) and (all_utf8 or (utf8 and utf8_name(name))):
+                dot = name.rfind(".")  # os.path.splitext's extension, without its cost
+                ext = name[dot:].lower() if dot > 0 and name[:dot].strip(".") else ""
+                if ext in IMAGE_EXTENSIONS:
                     st = item.stat(follow_symlinks=False)
                     yield Entry(rel, st.st_size, st.st_mtime, None, item.path)
+                else:
+                    ignored.append({"path": rel, "reason": f"not an image type read here "
+                                    f"({ext or 'no extension'}; supported: {supported})"})  # fmt: skip
+            elif not (all_utf8 or (utf8 and utf8_name(name))):
+                shown = repr(os.fsencode(rel))[2:-1]  # the bytes, escaped: x\\xff.png
+                refused.append({"path": shown, "reason": "file name is not valid UTF-8: rename it"})
+                if item.is_dir(follow_symlinks=False):
+                    stack.append((rel + "/", item.path, False))
+            elif item.is_dir(follow_symlinks=False):
+                stack.append((rel + "/", item.path, True))
+            elif item.is_symlink():
+                refused.append({"path": rel, "reason": "symbolic link (not followed: it could "
+                                "point anywhere; copy the file itself into the folder)"})  # fmt: skip
     by_parts = lambda item: item["path"].split("/")  # noqa: E731 - sorted as Paths sort
     refused.sort(key=by_parts)
     ignored.sort(key=by_parts)

@@ -65,10 +65,10 @@ def report_path(cfg: Config, workdir: Path = Path(".")) -> Path:
     return raw.parent / REPORT_NAME
 
 
-def listing_path(raw: Path) -> Path:
-    """Where a sharded snapshot's listing (path, size, mtime, sha256 of each source file) is
-    kept: beside the raw area, like the ingest report, and not part of the data version."""
-    return raw.with_name(raw.name + ".listing.csv")
+def listing_dir(raw: Path) -> Path:
+    """Where a sharded snapshot's listing (path, size and mtime of each source file, a file per
+    shard) is kept: beside the raw area, like the ingest report, not part of the data version."""
+    return raw.with_name(raw.name + ".listing")
 
 
 def previous_limit(old: Path) -> float:

@@ -2,7 +2,7 @@
 
 One pass over the source's listing decides, per image, from the previous snapshot:
 - **unchanged** (same path, size and modification time as the listing beside the raw area
-  recorded, and that listing's hash is the manifest's): kept where it is, nothing read;
+  recorded for the snapshot's manifests as they are): kept where it is, nothing read;
 - **new or changed**: read once, decoded in full in worker processes, hashed, and written to
   new shards in path order (a changed file whose bytes turn out the same is kept where it is).
 The previous snapshot's shards are then carried over: hard-linked when every image in them is
@@ -14,15 +14,19 @@ A fresh ingest writes the images in path order from key 0, so the same content g
 shards and the same data version whatever order the source lists its files in. An append
 places its images after the existing ones: the version then records that history too.
 
-The listing (`<raw_dir>.listing.csv`: path, size, mtime, sha256) sits beside the raw area,
-like the ingest report, not in the data version; without it (a second clone) every file is read
-and hashed once, and those whose bytes are in the manifest are still kept where they are.
+The listing (`<raw_dir>.listing/shard-NNNNNN.csv`: path, size, mtime of each image of that
+shard, headed by the sha256 of the shard's manifest) sits beside the raw area, like the ingest
+report, not in the data version. A shard's listing is trusted only while its manifest has those
+bytes; without it (a second clone, or after a `dvc checkout` of another version) the shard's
+files are read and hashed once, and those whose bytes are in its manifest are still kept where
+they are. Per shard, like the manifests, so an append writes the new shards' listings alone.
 """
 
 from __future__ import annotations
 
 import csv
 import gc
+import hashlib
 import logging
 import shutil
 import tarfile
@@ -43,7 +47,7 @@ from vae_pipeline.data.intake import (
     IngestReport,
     bad_image_policy,
     link_or_copy,
-    listing_path,
+    listing_dir,
     previous_limit,
     source_entries,
 )
@@ -64,26 +68,95 @@ from vae_pipeline.data.shards import (
 
 log = logging.getLogger(__name__)
 
-LISTING_FIELDS = ("path", "size", "mtime", "sha256")
+LISTING_FIELDS = ("path", "size", "mtime")
+LISTING_HEAD = "# manifest sha256 "
+
+# What the previous snapshot holds of a path: (size, mtime) of its file when it was read, and
+# its shard; (-1, -1) when not known (no listing), so that the file is read. Plain tuples: a
+# million of them are read on every ingest.
+Known = tuple[int, int, str]
 
 
-def read_listing(raw: Path) -> dict[str, tuple[int, int, str]]:
+def manifest_sha(raw: Path, shard: str) -> str:
+    return hashlib.sha256((raw / MANIFEST_DIR / f"{shard}.csv").read_bytes()).hexdigest()
+
+
+def read_listing(raw: Path, shard: str) -> dict[str, Known] | None:
+    """A shard's listing beside `raw`, if it was written for the manifest the shard has now."""
     try:
-        with open(listing_path(raw), newline="") as fh:
+        with open(listing_dir(raw) / f"{shard}.csv", newline="") as fh:
+            if fh.readline() != f"{LISTING_HEAD}{manifest_sha(raw, shard)}\n":
+                return None  # another snapshot's (a dvc checkout since): its files are read
             rows = csv.reader(fh)
             if tuple(next(rows, ())) != LISTING_FIELDS:
-                return {}
-            return {path: (int(size), int(mtime), sha) for path, size, mtime, sha in rows}
-    except (OSError, ValueError):  # no listing, or not one written here: every file is read
-        return {}
+                return None
+            return {path: (int(size), int(mtime), shard) for path, size, mtime in rows}
+    except (OSError, ValueError, csv.Error):
+        return None
 
 
-def write_listing(path: Path, rows: dict[str, tuple[int, int, str]]) -> None:
-    with open(path, "w", newline="") as fh:
+def write_listing(raw: Path, shard: str, rows: list[tuple[str, int, int]]) -> None:
+    folder = listing_dir(raw)
+    folder.mkdir(exist_ok=True)
+    with open(folder / f"{shard}.csv", "w", newline="") as fh:
+        fh.write(f"{LISTING_HEAD}{manifest_sha(raw, shard)}\n")
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(LISTING_FIELDS)
-        for rel in sorted(rows):
-            writer.writerow([rel, *rows[rel]])
+        writer.writerows(rows)
+
+
+class Previous:
+    """The previous snapshot: its shards (those whose tar is there: a missing one's images are
+    read from the source again), what it holds of each path, and its manifests, read when
+    needed (an unchanged re-ingest reads none). Unreadable manifests leave it empty: the
+    ingest then starts afresh (the versions already recorded stay in DVC's cache and remote)."""
+
+    def __init__(self, raw: Path) -> None:
+        self.raw = raw
+        self.trusted: set[str] = set()  # shards whose listing holds
+        self.index: dict[str, Known] = {}
+        self._records: dict[str, list[Record]] = {}
+        self._sha: dict[str, str] = {}
+        self._hashed: set[str] = set()
+        self.shards = [s for s in shard_names(raw) if (raw / SHARDS_DIR / f"{s}.tar").is_file()]
+        try:
+            for shard in self.shards:
+                listed = read_listing(raw, shard)
+                if listed is None:
+                    listed = {r.path: (-1, -1, shard) for r in self.records(shard)}
+                else:
+                    self.trusted.add(shard)
+                self.index.update(listed)
+        except (OSError, ValueError, csv.Error) as exc:
+            log.warning(
+                "previous snapshot in %s unreadable (%s): every image is read again", raw, exc
+            )
+            self.shards, self.trusted, self.index = [], set(), {}
+
+    def records(self, shard: str) -> list[Record]:
+        if shard not in self._records:
+            self._records[shard] = read_manifest(self.raw, shard)
+        return self._records[shard]
+
+    def sha256(self, rel: str) -> str:
+        """The content hash the snapshot holds for `rel` (its shard's manifest is read once)."""
+        shard = self.index[rel][2]
+        if shard not in self._hashed:
+            self._hashed.add(shard)
+            self._sha.update((r.path, r.sha256) for r in self.records(shard))
+        return self._sha[rel]
+
+    def next_key(self) -> int:
+        """The first key after every key the snapshot used (new images go to new, later
+        shards, so the last shard holds the largest)."""
+        return (
+            max((int(r.key) + 1 for r in self.records(self.shards[-1])), default=0)
+            if self.shards
+            else 0
+        )
+
+    def next_shard(self) -> int:
+        return shard_index(self.shards[-1]) + 1 if self.shards else 0
 
 
 class _Pending(NamedTuple):
@@ -96,41 +169,33 @@ class _Pending(NamedTuple):
 
 
 def _list_source(
-    entries: Iterator[Entry],
-    kind: str,
-    source: str,
-    spool: Path,
-    old: dict[str, Record],
-    listing: dict[str, tuple[int, int, str]],
-) -> tuple[dict[str, Record], list[_Pending], dict[str, tuple[int, int, str]]]:
-    """Split the source's entries (the first of a repeated path) into the unchanged (their
-    old records), and the pending ones to read; archive members and S3 objects of the pending
-    are copied to `spool` (a folder's files are read in place)."""
-    kept: dict[str, Record] = {}
+    entries: Iterator[Entry], kind: str, source: str, spool: Path, index: dict[str, Known]
+) -> tuple[dict[str, Known], list[_Pending]]:
+    """Split the source's entries (the first of a repeated path) into the unchanged (what the
+    snapshot holds of them), and the pending ones to read; archive members and S3 objects of
+    the pending are copied to `spool` (a folder's files are read in place)."""
+    kept: dict[str, Known] = {}
     pending: list[_Pending] = []
-    rows: dict[str, tuple[int, int, str]] = {}
     downloads = []
     seen: set[str] = set()  # an archive or bucket may list a path twice; a folder cannot
     dedupe = kind != "folder"
     try:
         for entry in tqdm(entries, desc="list", unit="file", mininterval=2.0, disable=None):
+            rel = entry.rel
             if dedupe:
-                if entry.rel in seen:
+                if rel in seen:
                     continue
-                seen.add(entry.rel)
+                seen.add(rel)
             mtime = int(entry.mtime)
-            prior = old.get(entry.rel)
-            if prior is not None:
-                known = listing.get(entry.rel)
-                if known == (entry.size, mtime, prior.sha256):
-                    kept[entry.rel] = prior
-                    rows[entry.rel] = known
-                    continue
+            known = index.get(rel)
+            if known is not None and known[0] == entry.size and known[1] == mtime:
+                kept[rel] = known
+                continue
             if entry.path is not None:
-                pending.append(_Pending(entry.rel, entry.path, entry.size, mtime))
+                pending.append(_Pending(rel, entry.path, entry.size, mtime))
                 continue
             dest = spool / str(len(pending))
-            item = _Pending(entry.rel, str(dest), entry.size, mtime)
+            item = _Pending(rel, str(dest), entry.size, mtime)
             if kind == "s3":
                 downloads.append((entry, dest))  # fetched below, several at a time
             else:
@@ -142,53 +207,46 @@ def _list_source(
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(lambda item: item[0].fetch(item[1]), downloads))
     pending.sort(key=lambda p: p.rel.split("/"))
-    return kept, pending, rows
+    return kept, pending
 
 
-def _previous_shards(old_raw: Path) -> dict[str, list[Record]]:
-    """The previous snapshot's manifests, per shard: only shards whose tar is there (a missing
-    one's images are read from the source again); none when a manifest cannot be read (then
-    the ingest starts afresh: the versions already recorded stay in DVC's cache and remote)."""
-    try:
-        return {
-            shard: read_manifest(old_raw, shard)
-            for shard in shard_names(old_raw)
-            if (old_raw / SHARDS_DIR / f"{shard}.tar").is_file()
-        }
-    except (OSError, ValueError, csv.Error) as exc:
-        log.warning(
-            "previous snapshot in %s unreadable (%s): every image is read again", old_raw, exc
-        )
-        return {}
-
-
-def _carry_over(
-    old_raw: Path, staging: Path, old_shards: dict[str, list[Record]], kept: dict[str, Record]
-) -> None:
+def _carry_over(prev: Previous, staging: Path, kept: dict[str, Known], relisted: set[str]) -> None:
     """The previous snapshot's shards in `staging`: linked when whole, rewritten without the
-    images that are gone, left out when none is kept."""
-    for shard, records in old_shards.items():
-        keep = [r for r in records if kept.get(r.path) == r]
-        if len(keep) == len(records):
-            for folder, suffix in ((SHARDS_DIR, ".tar"), (MANIFEST_DIR, ".csv")):
-                src, dest = old_raw / folder / f"{shard}{suffix}", staging / folder / shard
-                link_or_copy(src, dest.with_suffix(suffix))
-        elif keep:
-            rewrite_without(old_raw, staging, shard, keep)
+    images that are gone, left out when none is kept; with their listings (linked when the
+    shard's files are as listed, else written anew)."""
+    gone = prev.index.keys() - kept.keys()
+    shrunk = {prev.index[rel][2] for rel in gone}
+    for shard in prev.shards:
+        if shard in shrunk:
+            records = prev.records(shard)
+            keep = [r for r in records if r.path in kept]
+            if not keep:
+                continue
+            rewrite_without(prev.raw, staging, shard, keep)
             log.info("rewrote %s without %d removed image(s)", shard, len(records) - len(keep))
+        else:
+            for folder, suffix in ((SHARDS_DIR, ".tar"), (MANIFEST_DIR, ".csv")):
+                link_or_copy(
+                    prev.raw / folder / f"{shard}{suffix}", staging / folder / f"{shard}{suffix}"
+                )
+            if shard in prev.trusted and shard not in relisted:
+                listing_dir(staging).mkdir(exist_ok=True)
+                name = f"{shard}.csv"
+                link_or_copy(listing_dir(prev.raw) / name, listing_dir(staging) / name)
+                continue
+            keep = prev.records(shard)
+        write_listing(staging, shard, [(r.path, *kept[r.path][:2]) for r in keep])
 
 
-def _recheck_sizes(
-    old_raw: Path, old_shards: dict[str, list[Record]], kept: dict[str, Record], limit: int
-) -> list[dict]:
+def _recheck_sizes(prev: Previous, kept: dict[str, Known], limit: int) -> list[dict]:
     """The kept images over `limit` (data.max_image_pixels, lowered since the last ingest),
     taken out of `kept`, as bad images with the reason."""
     bad = []
-    for shard, listed in old_shards.items():
-        records = {r.member: r for r in listed if kept.get(r.path) == r}
+    for shard in prev.shards:
+        records = {r.member: r for r in prev.records(shard) if r.path in kept}
         if not records:
             continue
-        for name, data in shard_members(old_raw, shard):
+        for name, data in shard_members(prev.raw, shard):
             record = records.get(name)
             problem = record and pixel_check(data, limit, record.path)
             if problem:
@@ -218,12 +276,10 @@ def _fill_shards(cfg: Config, kind: str, source: str, staging: Path, old_raw: Pa
     report.max_image_pixels = cfg.data.max_image_pixels
     unsafe: list[dict] = []
     entries = source_entries(kind, source, report, unsafe)
-    old_shards = _previous_shards(old_raw)
-    old = {r.path: r for records in old_shards.values() for r in records}
-    listing = read_listing(old_raw)
+    prev = Previous(old_raw)
     spool = staging / ".spool"
     spool.mkdir(parents=True)
-    kept, pending, rows = _list_source(entries, kind, source, spool, old, listing)
+    kept, pending = _list_source(entries, kind, source, spool, prev.index)
     if not kept and not pending:
         what = "archive" if kind == "archive" else "data source"
         raise NoImages(
@@ -233,12 +289,11 @@ def _fill_shards(cfg: Config, kind: str, source: str, staging: Path, old_raw: Pa
         )
     for folder in (SHARDS_DIR, MANIFEST_DIR):
         (staging / folder).mkdir()
-    # new images are numbered after every key, and shard, the previous snapshot used
-    next_key = max((int(r.key) + 1 for r in old.values()), default=0)
-    next_shard = max((shard_index(s) + 1 for s in old_shards), default=0)
     bad: list[dict] = []
-    new: list[str] = []
+    new: dict[str, Known] = {}
+    relisted: set[str] = set()  # kept shards whose files were touched: listed anew
     writer: ShardWriter | None = None
+    next_key = 0
     results = map_bounded(
         ingest_worker,
         ((p.path, cfg.data.max_image_pixels) for p in pending),
@@ -251,28 +306,34 @@ def _fill_shards(cfg: Config, kind: str, source: str, staging: Path, old_raw: Pa
             reason = problem.removeprefix(f"{item.path}: ").replace(item.path, item.rel)
             bad.append({"path": item.rel, "reason": reason})
             continue
-        rows[item.rel] = (item.size, item.mtime, digest)
-        prior = old.get(item.rel)
-        if prior is not None and prior.sha256 == digest:
-            kept[item.rel] = prior  # touched, not changed
+        known = prev.index.get(item.rel)
+        if known is not None and prev.sha256(item.rel) == digest:
+            kept[item.rel] = (item.size, item.mtime, known[2])  # touched, not changed
+            relisted.add(known[2])
             continue
         if cfg.data.on_bad_image == "fail" and (bad or unsafe):
             continue  # the ingest stops below: nothing more to write
         if writer is None:
-            writer = ShardWriter(staging, next_shard, cfg.data.shard_bytes)
+            # new images are numbered after every key, and shard, the previous snapshot used
+            writer = ShardWriter(staging, prev.next_shard(), cfg.data.shard_bytes)
+            next_key = prev.next_key()
         record = Record(key_of(next_key), item.rel, digest, label_of(item.rel), len(data))
         next_key += 1
         writer.add(record, data)
-        new.append(item.rel)
+        new[item.rel] = (item.size, item.mtime, writer.written[-1])
     if cfg.data.max_image_pixels < previous_limit(old_raw):
         # kept images passed a looser size rule: their headers are read again from the shards
-        bad += _recheck_sizes(old_raw, old_shards, kept, cfg.data.max_image_pixels)
+        bad += _recheck_sizes(prev, kept, cfg.data.max_image_pixels)
     report.skipped = bad_image_policy(cfg, source, unsafe, bad)
     if writer is not None:
         writer.close()
+        listed: dict[str, list[tuple[str, int, int]]] = {s: [] for s in writer.written}
+        for rel, (size, mtime, shard) in new.items():
+            listed[shard].append((rel, size, mtime))
+        for shard, rows in listed.items():
+            write_listing(staging, shard, rows)
     shutil.rmtree(spool)
-    if old:
-        _carry_over(old_raw, staging, old_shards, kept)
+    _carry_over(prev, staging, kept, relisted)
     report.reused, report.fetched = len(kept), len(new)
     report.images = report.reused + report.fetched
     if report.images == 0:
@@ -280,12 +341,5 @@ def _fill_shards(cfg: Config, kind: str, source: str, staging: Path, old_raw: Pa
             f"data source {source} holds no usable images ({len(report.skipped)} unusable): see "
             "the reasons above"
         )
-    final = kept.keys() | new
-    report.removed = sum(1 for rel in old if rel not in final)
-    # rows has every image read or kept; those left out since (over a lowered size limit) go
-    final_rows = rows if len(rows) == len(final) else {rel: rows[rel] for rel in final}
-    if final_rows == listing:  # unchanged: the same file (a million rows take seconds to write)
-        shutil.copy2(listing_path(old_raw), listing_path(staging))
-    else:
-        write_listing(listing_path(staging), final_rows)
+    report.removed = len(prev.index.keys() - kept.keys() - new.keys())
     return report

@@ -62,7 +62,7 @@ from vae_pipeline.data.intake import (
     IngestReport,
     bad_image_policy,
     link_or_copy,  # noqa: F401 - importable from here, as before
-    listing_path,
+    listing_dir,
     previous_limit,
     report_path,
     source_entries,
@@ -205,7 +205,7 @@ def snapshot_source(cfg: Config, workdir: Path = Path(".")) -> IngestReport:
     raw = (workdir / cfg.data.raw_dir).resolve()
     staging = raw.with_name(raw.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
-    listing_path(staging).unlink(missing_ok=True)
+    shutil.rmtree(listing_dir(staging), ignore_errors=True)
     staging.mkdir(parents=True)
     kind = source_kind(cfg.data.source)
     source = cfg.data.source
@@ -243,7 +243,7 @@ def snapshot_source(cfg: Config, workdir: Path = Path(".")) -> IngestReport:
             report = _fill_images(cfg, kind, source, staging, raw)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
-        listing_path(staging).unlink(missing_ok=True)
+        shutil.rmtree(listing_dir(staging), ignore_errors=True)
         raise
     old = raw.with_name(raw.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
@@ -252,10 +252,9 @@ def snapshot_source(cfg: Config, workdir: Path = Path(".")) -> IngestReport:
     staging.rename(raw)
     shutil.rmtree(old, ignore_errors=True)
     # the listing of a sharded snapshot (beside it, not in the data) goes with it
-    if listing_path(staging).exists():
-        listing_path(staging).replace(listing_path(raw))
-    else:
-        listing_path(raw).unlink(missing_ok=True)
+    shutil.rmtree(listing_dir(raw), ignore_errors=True)
+    if listing_dir(staging).exists():
+        listing_dir(staging).rename(listing_dir(raw))
     report.write(report_path(cfg, workdir))
     log.info(
         "snapshot of %s in %s: %d images (%d fetched, %d unchanged, %d removed, %d skipped)",
