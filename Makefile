@@ -17,7 +17,7 @@ export DVC_NO_ANALYTICS := 1
 export AWS_EC2_METADATA_DISABLED := true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test test-fast install data cxx lint format bench clean help stack-up stack-down stack-status
+.PHONY: run test test-fast test-containers install data cxx podman images lint format bench clean help stack-up stack-down stack-status
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -60,6 +60,19 @@ cxx:  ## a C++ compiler, for torch.compile on CPU (train.compile; one test uses 
 	  if [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q g++; \
 	  else echo "torch.compile on CPU needs g++: run 'sudo apt-get install g++'"; exit 1; fi; }
+
+podman:  ## podman, runc and mmdebstrap (Debian's packages), for the stack's images
+	@command -v podman >/dev/null && command -v runc >/dev/null && command -v mmdebstrap >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q podman runc mmdebstrap; \
+	  else echo "containers need podman, runc and mmdebstrap: run 'sudo apt-get install podman runc mmdebstrap'"; exit 1; fi; }
+
+images: podman  ## build the stack's images with podman on a local Debian base (infra/podman/)
+	CONTAINERS_CONF=$(CURDIR)/infra/podman/containers.conf infra/podman/images.sh
+
+test-containers: install data podman  ## the container tests (tests/test_containers.py), on freshly built images
+	CONTAINERS_CONF=$(CURDIR)/infra/podman/containers.conf VAE_IMAGE_TAG=test infra/podman/images.sh
+	CONTAINERS_CONF=$(CURDIR)/infra/podman/containers.conf $(BIN)/python -m pytest -q -m containers tests/test_containers.py
 
 test: install data cxx  ## the linter, then the test suite
 	$(BIN)/ruff check vae_pipeline flows tests bench infra

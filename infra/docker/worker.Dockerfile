@@ -3,7 +3,10 @@
 # PyPI's Linux torch wheels bundle the CUDA runtime, so the host needs only the NVIDIA driver
 # and the container toolkit. Build from the repository root:
 #   docker build -f infra/docker/worker.Dockerfile -t vae-pipeline-worker .
-FROM python:3.11-slim-bookworm
+# BASE_IMAGE: any Debian bookworm image with python and pip on PATH; `make images` builds one
+# with mmdebstrap where no registry is reachable (infra/README.md).
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
 
 # git: DVC; dataset-fashion-mnist: the default data source (data.fashion_mnist_dir);
 # tini: PID 1 that forwards signals and reaps torchrun's ranks.
@@ -14,7 +17,6 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 ENV PYTHONUNBUFFERED=1 \
-    PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PREFECT_SERVER_ANALYTICS_ENABLED=false \
     MLFLOW_DISABLE_TELEMETRY=true \
@@ -24,11 +26,13 @@ ENV PYTHONUNBUFFERED=1 \
     PREFECT_HOME=/var/lib/vae-pipeline/.prefect
 
 WORKDIR /srv/vae-pipeline
-# Dependencies first (pinned by constraints.txt), so code changes reuse this layer.
+# Dependencies first (pinned by constraints.txt), so code changes reuse this layer; pip's cache
+# is a build cache mount, kept between builds and never in the image.
 COPY pyproject.toml constraints.txt README.md ./
 COPY vae_pipeline/__init__.py vae_pipeline/__init__.py
 COPY flows/__init__.py flows/__init__.py
-RUN pip install --no-cache-dir -c constraints.txt . \
+RUN --mount=type=cache,target=/root/.cache/pip \
+    pip install -c constraints.txt . \
     && pip uninstall -y vae-pipeline
 COPY vae_pipeline vae_pipeline
 COPY flows flows

@@ -1,0 +1,185 @@
+"""The stack's images run for real (podman + runc, images built on a local Debian base by
+infra/podman/images.sh): two worker containers on a container network, each a node with its
+own hostname, train as one job (`vae-pipeline train --nnodes 2`, c10d rendezvous, gloo) on a
+shared volume; the weights equal a one-node run of the same global batch bit for bit, and a
+node's container killed mid-epoch, then both restarted, ends with the same weights.
+
+Deselected by default (`-m containers`: `make test-containers`), since the first image build
+takes minutes."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from vae_pipeline.config import build_config, save_config
+from vae_pipeline.data.preparation import prepare
+from vae_pipeline.data.sources import snapshot_source
+from vae_pipeline.train.checkpoint import load_model
+
+from .conftest import REPO, tiny_params
+
+# a first build of the worker image (PyPI's torch with its CUDA libraries) takes minutes
+pytestmark = [pytest.mark.slow, pytest.mark.containers, pytest.mark.timeout(1800)]
+
+CONF = REPO / "infra" / "podman" / "containers.conf"
+TAG = "test"
+WORKER = f"localhost/vae-pipeline-worker:{TAG}"
+IMAGE_USER = 10001  # the worker image's user (infra/docker/worker.Dockerfile)
+# torchrun gives each rank one thread when a node runs several and all cores when it runs one:
+# the same threads on both sides, or the convolutions sum in another order
+THREADS = ["--env", "OMP_NUM_THREADS=1"]
+
+
+def podman(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CONTAINERS_CONF": str(CONF)}
+    result = subprocess.run(
+        ["podman", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"podman {' '.join(args)}: {result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def images():
+    """The stack's images, built (or brought up to date: layers and pip's cache are kept)."""
+    env = {**os.environ, "CONTAINERS_CONF": str(CONF), "VAE_IMAGE_TAG": TAG}
+    result = subprocess.run(
+        [str(REPO / "infra/podman/images.sh")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return WORKER
+
+
+@pytest.fixture(scope="module")
+def network(images):
+    name = f"vae-test-{uuid.uuid4().hex[:8]}"
+    podman("network", "create", name)
+    yield name
+    podman("network", "rm", "--force", name, check=False)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A prepared workspace on the shared volume, writable by the image's user."""
+    root = tmp_path_factory.mktemp("containers")
+    # 4 steps an epoch; checkpoints every 3 steps, so a kill lands after one, mid-epoch
+    cfg = build_config(tiny_params(train={"epochs": 3, "checkpoint_every": 3}))
+    snapshot_source(cfg, root)
+    prepare(cfg, root)
+    save_config(cfg, root / "params.yaml")
+    for folder, _, files in os.walk(root):
+        for name in [folder, *(os.path.join(folder, f) for f in files)]:
+            os.chown(name, IMAGE_USER, IMAGE_USER)
+    return root
+
+
+def _start_node(network: str, root: Path, node: str, out: str, run_id: str) -> str:
+    name = f"{network}-{node}"
+    podman(
+        "run", "--detach", "--name", name, "--hostname", node, "--network", network,
+        "--network-alias", node, *THREADS, "--volume", f"{root}:/work", "--workdir", "/work", WORKER,
+        "vae-pipeline", "train", "--params", "params.yaml", "--out-dir", out,
+        "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", "node0:29500",
+        "--rdzv-id", run_id,
+    )  # fmt: skip
+    return name
+
+
+def _finish(*names: str) -> list[tuple[int, str]]:
+    """Wait for the containers; their exit codes and logs; then remove them."""
+    results = []
+    for name in names:
+        try:
+            code = int(podman("wait", name, timeout=300).stdout.strip())
+        except subprocess.TimeoutExpired:
+            code = -1  # hung: stopped below, its logs shown
+        logs = podman("logs", name)
+        results.append((code, logs.stdout + logs.stderr))
+    for name in names:
+        podman("rm", "--force", "--time", "0", name)
+    return results
+
+
+def _weights(path: Path) -> torch.Tensor:
+    model, _ = load_model(path)
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def _two_nodes(network: str, root: Path, out: str) -> list[tuple[int, str]]:
+    run_id = uuid.uuid4().hex[:8]
+    names = [_start_node(network, root, f"node{i}", out, run_id) for i in (0, 1)]
+    return _finish(*names)
+
+
+@pytest.fixture(scope="module")
+def one_node(images, network, workspace):
+    """The reference: one container, two ranks (the same global batch)."""
+    name = f"{network}-single"
+    podman(
+        "run", "--detach", "--name", name, "--hostname", "single", "--network", network,
+        "--volume", f"{workspace}:/work", "--workdir", "/work", WORKER,
+        "vae-pipeline", "train", "--params", "params.yaml", "--out-dir", "single",
+        "--nproc-per-node", "2",
+    )  # fmt: skip
+    ((code, logs),) = _finish(name)
+    assert code == 0, logs[-3000:]
+    return _weights(workspace / "single" / "model.pt")
+
+
+@pytest.fixture(scope="module")
+def two_nodes(images, network, workspace):
+    results = _two_nodes(network, workspace, "nodes")
+    for code, logs in results:
+        assert code == 0, logs[-3000:]
+    return results
+
+
+def test_two_containers_train_as_two_nodes_like_one_node(workspace, one_node, two_nodes):
+    logs = "".join(log for _, log in two_nodes)
+    assert "--nnodes=2" in logs and "--rdzv-endpoint=node0:29500" in logs
+    # each node is its own host: one torchrun log per hostname in the shared out dir
+    hosts = sorted(p.name.split("-")[1] for p in (workspace / "nodes").glob("torchrun-*.log"))
+    assert hosts == ["node0", "node1"]
+    assert "world size 2" in logs
+    torch.testing.assert_close(
+        _weights(workspace / "nodes" / "model.pt"), one_node, rtol=0, atol=0
+    )  # bit for bit
+
+
+def test_a_node_killed_mid_epoch_then_both_restarted_ends_with_the_same_weights(
+    network, workspace, two_nodes
+):
+    run_id = uuid.uuid4().hex[:8]
+    out = workspace / "killed"
+    names = [_start_node(network, workspace, f"node{i}", "killed", run_id) for i in (0, 1)]
+    deadline = time.monotonic() + 300
+    while not (out / "checkpoint.pt").exists():  # the first mid-epoch checkpoint (step 3)
+        assert time.monotonic() < deadline, "no checkpoint within 5 minutes"
+        time.sleep(0.05)
+    podman("kill", "--signal", "KILL", names[1])
+    killed = _finish(*names)
+    assert killed[1][0] == 137  # SIGKILL
+    assert killed[0][0] != 0  # node0 lost its peer: the job failed, not hung
+    assert not (out / "model.pt").exists()
+    restarted = _two_nodes(network, workspace, "killed")
+    for code, logs in restarted:
+        assert code == 0, logs[-3000:]
+    logs = "".join(log for _, log in restarted)
+    assert re.search(r"resumed from \S+ at epoch \d+, step [1-9]", logs), logs[-3000:]  # mid-epoch
+    torch.testing.assert_close(
+        _weights(out / "model.pt"), _weights(workspace / "nodes" / "model.pt"), rtol=0, atol=0
+    )
