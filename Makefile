@@ -70,8 +70,7 @@ podman:  ## podman, runc and mmdebstrap (Debian's packages), for the stack's ima
 images: podman  ## build the stack's images with podman on a local Debian base (infra/podman/)
 	CONTAINERS_CONF=$(CURDIR)/infra/podman/containers.conf infra/podman/images.sh
 
-test-containers: install data podman  ## the container tests (tests/test_containers.py), on freshly built images
-	CONTAINERS_CONF=$(CURDIR)/infra/podman/containers.conf VAE_IMAGE_TAG=test infra/podman/images.sh
+test-containers: install data podman  ## the container tests (tests/test_containers.py; they build the images first)
 	CONTAINERS_CONF=$(CURDIR)/infra/podman/containers.conf $(BIN)/python -m pytest -q -m containers tests/test_containers.py
 
 test: install data cxx  ## the linter, then the test suite
