@@ -17,7 +17,7 @@ export DVC_NO_ANALYTICS := 1
 export AWS_EC2_METADATA_DISABLED := true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test test-fast test-containers install data cxx podman images lint format bench clean help stack-up stack-down stack-status
+.PHONY: run test test-fast test-containers install data cxx podman images stack-containers-up stack-containers-down lint format bench clean help stack-up stack-down stack-status
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -69,6 +69,16 @@ podman:  ## podman, runc and mmdebstrap (Debian's packages), for the stack's ima
 
 images: podman  ## build the stack's images with podman on a local Debian base (infra/podman/)
 	CONTAINERS_CONF=$(CURDIR)/infra/podman/containers.conf infra/podman/images.sh
+
+COMPOSE_LOCAL := CONTAINERS_CONF=$(CURDIR)/infra/podman/containers.conf $(BIN)/podman-compose \
+  -f infra/compose.yaml -f infra/podman/compose.local.yaml
+
+stack-containers-up: install images  ## the compose stack in containers with podman (infra/.env; docs/deployment.md)
+	@test -f infra/.env || { echo "infra/.env is missing: cp infra/.env.example infra/.env, then set every change-me"; exit 1; }
+	$(COMPOSE_LOCAL) up -d --no-deps
+
+stack-containers-down:  ## stop the compose stack's containers (its volumes stay)
+	$(COMPOSE_LOCAL) down
 
 test-containers: install data podman  ## the container tests (tests/test_containers.py; they build the images first)
 	CONTAINERS_CONF=$(CURDIR)/infra/podman/containers.conf $(BIN)/python -m pytest -q -m containers tests/test_containers.py

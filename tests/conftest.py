@@ -151,3 +151,11 @@ def registered(bagless) -> str:
     version = pipeline.register(cfg, run_id, ws / "models" / "model.pt", metrics, ws)
     tracking.finish_run(uri, run_id)
     return f"models:/{cfg.registry.model_name}/{version}"
+
+
+@pytest.fixture(scope="session")
+def images() -> list[str]:
+    """The stack's images for the container tests (tests/container_helpers.py), built once."""
+    from .container_helpers import build_images
+
+    return build_images()

@@ -24,44 +24,17 @@ from vae_pipeline.data.preparation import prepare
 from vae_pipeline.data.sources import snapshot_source
 from vae_pipeline.train.checkpoint import load_model
 
-from .conftest import REPO, tiny_params
+from .conftest import tiny_params
+from .container_helpers import TAG, podman
 
 # a first build of the worker image (PyPI's torch with its CUDA libraries) takes minutes
 pytestmark = [pytest.mark.slow, pytest.mark.containers, pytest.mark.timeout(1800)]
 
-CONF = REPO / "infra" / "podman" / "containers.conf"
-TAG = "test"
 WORKER = f"localhost/vae-pipeline-worker:{TAG}"
 IMAGE_USER = 10001  # the worker image's user (infra/docker/worker.Dockerfile)
 # torchrun gives each rank one thread when a node runs several and all cores when it runs one:
 # the same threads on both sides, or the convolutions sum in another order
 THREADS = ["--env", "OMP_NUM_THREADS=1"]
-
-
-def podman(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "CONTAINERS_CONF": str(CONF)}
-    result = subprocess.run(
-        ["podman", *args], env=env, capture_output=True, text=True, timeout=timeout
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"podman {' '.join(args)}: {result.stderr[-3000:]}")
-    return result
-
-
-@pytest.fixture(scope="module")
-def images():
-    """The stack's images, built (or brought up to date: layers and pip's cache are kept)."""
-    env = {**os.environ, "CONTAINERS_CONF": str(CONF), "VAE_IMAGE_TAG": TAG}
-    result = subprocess.run(
-        [str(REPO / "infra/podman/images.sh")],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return WORKER
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +83,7 @@ def _finish(*names: str) -> list[tuple[int, str]]:
         logs = podman("logs", name)
         results.append((code, logs.stdout + logs.stderr))
     for name in names:
-        podman("rm", "--force", "--time", "0", name)
+        podman("rm", "--force", "--volumes", "--time", "0", name)  # and its anonymous volume
     return results
 
 

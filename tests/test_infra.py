@@ -1,8 +1,9 @@
 """infra/: the compose stack, the Dockerfiles and the Kubernetes manifests, checked statically
 with real validators (no Docker engine or cluster here): the compose specification's schema
 (check-jsonschema), hadolint, the Kubernetes OpenAPI schemas (kubernetes-validate), Prefect's
-own Kubernetes worker code and the Kubeflow training SDK's PyTorchJob model. And the
-environment-variable names they set are the ones the pipeline reads."""
+own Kubernetes worker code, Kubeflow Trainer's TrainJob models (kubeflow-trainer-api) and the
+legacy training operator's PyTorchJob model. And the environment-variable names they set are
+the ones the pipeline reads."""
 
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ K8S_VERSION = "1.33"  # a Kubernetes release the manifests must be valid for
 COMPOSE = INFRA / "compose.yaml"
 BASE_JOB_TEMPLATE = INFRA / "k8s" / "prefect-base-job-template.json"
 PYTORCHJOB = INFRA / "k8s" / "pytorchjob.yaml"
+TRAINJOB = INFRA / "k8s" / "trainjob.yaml"
+LOCAL_COMPOSE = INFRA / "podman" / "compose.local.yaml"
 # Variables of Python and pip themselves, set in the images.
 GENERIC = {"PYTHONUNBUFFERED", "PIP_NO_CACHE_DIR", "PIP_DISABLE_PIP_VERSION_CHECK"}
 PIPELINE_NAMES = set(ENVIRONMENT) | set(QUIET_OFFLINE)
@@ -96,7 +99,12 @@ def test_compose_declares_health_checks_start_order_and_the_gpu_reservation():
 
     from mlflow.server.security_utils import is_allowed_host_header
 
-    allowed = services["mlflow"]["environment"]["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")
+    # with the default ports (${VAR:-default} is compose's interpolation)
+    allowed = re.sub(
+        r"\$\{[A-Z_]+:-([^}]*)\}",
+        r"\1",
+        services["mlflow"]["environment"]["MLFLOW_SERVER_ALLOWED_HOSTS"],
+    ).split(",")
     worker_host = urlsplit(services["worker"]["environment"]["MLFLOW_TRACKING_URI"]).netloc
     for host in (worker_host, "localhost:5000", "127.0.0.1:5000"):
         assert is_allowed_host_header(allowed, host), host
@@ -124,11 +132,14 @@ def test_compose_declares_health_checks_start_order_and_the_gpu_reservation():
 
 
 def test_compose_credentials_come_from_the_git_ignored_env_file():
-    text = COMPOSE.read_text()
+    text = COMPOSE.read_text() + LOCAL_COMPOSE.read_text()
     # ${VAR} is compose's interpolation; $${VAR} is left to the container's shell
     used = set(re.findall(r"(?<!\$)\$\{([A-Z0-9_]+)", text))
+    with_default = set(re.findall(r"(?<!\$)\$\{([A-Z0-9_]+):-", text))
     example = _env_example()
-    assert used == set(example), used ^ set(example)
+    # every variable is in the example: set, or (those with a default) commented out
+    commented = set(re.findall(r"^#([A-Z0-9_]+)=", (INFRA / ".env.example").read_text(), re.M))
+    assert used == set(example) | (commented & with_default), used ^ (set(example) | commented)
     # Every password-like setting is interpolated, never a literal in the compose file.
     for service in _compose()["services"].values():
         for key, value in (service.get("environment") or {}).items():
@@ -153,9 +164,21 @@ def _hadolint(*paths: Path) -> subprocess.CompletedProcess:
     )
 
 
+def _dockerfiles() -> list[Path]:
+    return sorted((INFRA / "docker").glob("*.Dockerfile")) + sorted(
+        (INFRA / "podman").glob("*.Dockerfile")
+    )
+
+
 def test_dockerfiles_pass_hadolint(tmp_path):
-    dockerfiles = sorted((INFRA / "docker").glob("*.Dockerfile"))
-    assert [p.name for p in dockerfiles] == ["mlflow.Dockerfile", "worker.Dockerfile"]
+    dockerfiles = _dockerfiles()
+    assert [p.name for p in dockerfiles] == [
+        "mlflow.Dockerfile",
+        "worker.Dockerfile",
+        "postgres.Dockerfile",
+        "prefect.Dockerfile",
+        "s3.Dockerfile",
+    ]
     result = _hadolint(*dockerfiles)
     assert result.returncode == 0, result.stdout + result.stderr
     bad = tmp_path / "bad.Dockerfile"
@@ -170,7 +193,7 @@ def test_worker_image_copies_files_that_exist_and_are_not_docker_ignored():
         for line in (REPO / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]
-    for dockerfile in (INFRA / "docker").glob("*.Dockerfile"):
+    for dockerfile in _dockerfiles():
         for line in dockerfile.read_text().splitlines():
             if line.startswith("COPY "):
                 for source in line.split()[1:-1]:
@@ -284,6 +307,106 @@ def test_pytorchjob_matches_the_kubeflow_api_and_runs_the_rank_module():
     load_config(REPO / "params.yaml", args.overrides)
 
 
+def _trainjob_docs() -> dict[str, dict]:
+    return {d["kind"]: d for d in yaml.safe_load_all(TRAINJOB.read_text())}
+
+
+def _round_trip(model, doc: dict) -> dict:
+    """`doc` read into a kubeflow-trainer-api model and written back (unknown fields drop out)."""
+    return model.from_dict(doc).to_dict()
+
+
+def test_trainjob_matches_the_kubeflow_trainer_api_and_runs_the_rank_module():
+    from kubeflow_trainer_api.models import (
+        TrainerV1alpha1TrainingRuntime,
+        TrainerV1alpha1TrainJob,
+    )
+
+    docs = _trainjob_docs()
+    assert set(docs) == {"TrainingRuntime", "TrainJob"}
+    runtime, job = docs["TrainingRuntime"], docs["TrainJob"]
+    # A round trip through the API's models keeps every field: none is unknown to the API.
+    assert _round_trip(TrainerV1alpha1TrainingRuntime, runtime) == runtime
+    assert _round_trip(TrainerV1alpha1TrainJob, job) == job
+    for doc, model, path in (
+        (job, TrainerV1alpha1TrainJob, ("spec", "trainer")),
+        (runtime, TrainerV1alpha1TrainingRuntime, ("spec", "mlPolicy")),
+    ):
+        misspelt = copy.deepcopy(doc)
+        misspelt[path[0]][path[1]]["numNode"] = 8
+        assert _round_trip(model, misspelt) != misspelt, path
+    for doc in docs.values():
+        assert doc["apiVersion"] == "trainer.kubeflow.org/v1alpha1"
+
+    # The job names this runtime, in its namespace.
+    ref = job["spec"]["runtimeRef"]
+    assert ref == {
+        "apiGroup": "trainer.kubeflow.org",
+        "kind": "TrainingRuntime",
+        "name": runtime["metadata"]["name"],
+    }
+    assert job["metadata"]["namespace"] == runtime["metadata"]["namespace"]
+    # torch policy: torchrun's PET_* variables go to the trainer's replicated job, "node"
+    assert "torch" in runtime["spec"]["mlPolicy"]
+    (node,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+    assert node["name"] == "node"
+    assert node["template"]["metadata"]["labels"] == {
+        "trainer.kubeflow.org/trainjob-ancestor-step": "trainer"
+    }
+    # The pod template is a valid Kubernetes pod template (strict schema).
+    template = node["template"]["spec"]["template"]
+    pod_template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "n"}}
+    assert _validate_k8s({**pod_template, "template": template}) == []
+    (container,) = template["spec"]["containers"]
+    assert container["name"] == "node"
+    # the shared claim and the Secret by reference, the names of the other manifests
+    secret = yaml.safe_load((INFRA / "k8s" / "secret.example.yaml").read_text())
+    claim = yaml.safe_load((INFRA / "k8s" / "workdir-pvc.yaml").read_text())
+    assert container["envFrom"] == [{"secretRef": {"name": secret["metadata"]["name"]}}]
+    volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+    assert volumes["work"]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert "ReadWriteMany" in claim["spec"]["accessModes"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts == {"work": "/var/lib/vae-pipeline", "shm": "/dev/shm"}
+
+    # GPUs stated per node, requested as limited; several nodes
+    trainer = job["spec"]["trainer"]
+    resources = trainer["resourcesPerNode"]
+    gpus = resources["limits"]["nvidia.com/gpu"]
+    assert int(gpus) >= 1 and resources["requests"]["nvidia.com/gpu"] == gpus
+    assert trainer["numNodes"] >= 2
+    assert "numProcPerNode" not in trainer  # the torch runtime's auto: one rank per GPU
+    # torchrun runs the rank module with arguments its own parser and the params accept.
+    assert trainer["command"] == ["torchrun"]
+    assert trainer["args"][:2] == ["-m", "vae_pipeline.worker"]
+    from vae_pipeline.worker import parse_args
+
+    args = parse_args(trainer["args"][2:])
+    assert args.params == Path("/srv/vae-pipeline/params.yaml")
+    load_config(REPO / "params.yaml", args.overrides)
+    # the same image and working folder as the legacy PyTorchJob's
+    legacy = yaml.safe_load(PYTORCHJOB.read_text())["spec"]["pytorchReplicaSpecs"]["Worker"]
+    (legacy_container,) = legacy["template"]["spec"]["containers"]
+    assert trainer["image"] == container["image"] == legacy_container["image"]
+    assert trainer["args"] == legacy_container["args"]
+
+
+def test_prefect_base_job_template_uses_every_variable_it_declares():
+    template = json.loads(BASE_JOB_TEMPLATE.read_text())
+    declared = set(template["variables"]["properties"])
+    text = json.dumps(template["job_configuration"])
+    referenced = set(re.findall(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}", text))
+    assert referenced == declared, {
+        "unused": declared - referenced,
+        "undeclared": referenced - declared,
+    }
+    # and Prefect's own parser finds the same placeholders
+    from prefect.utilities.templating import find_placeholders
+
+    found = {p.name for p in find_placeholders(template["job_configuration"])}
+    assert found == declared
+
+
 # --- environment variables -------------------------------------------------------------------
 
 
@@ -310,6 +433,10 @@ def _names_set_by_the_manifests() -> dict[str, set[str]]:
     torch_container = yaml.safe_load(PYTORCHJOB.read_text())["spec"]["pytorchReplicaSpecs"][
         "Worker"
     ]["template"]["spec"]["containers"][0]
+    runtime = _trainjob_docs()["TrainingRuntime"]["spec"]["template"]["spec"]
+    trainjob_container = runtime["replicatedJobs"][0]["template"]["spec"]["template"]["spec"][
+        "containers"
+    ][0]
     secret = yaml.safe_load((INFRA / "k8s" / "secret.example.yaml").read_text())
     # ENV NAME=value lines and their continuation lines
     dockerfile = (INFRA / "docker" / "worker.Dockerfile").read_text()
@@ -324,6 +451,7 @@ def _names_set_by_the_manifests() -> dict[str, set[str]]:
         "compose worker": set(services["worker"]["environment"]),
         "k8s base job template": set(template["variables"]["properties"]["env"]["default"]),
         "PyTorchJob": {e["name"] for e in torch_container["env"]},
+        "TrainJob's runtime": {e["name"] for e in trainjob_container["env"]},
         "k8s Secret": set(secret["stringData"]),
         "worker.Dockerfile": dockerfile_env - GENERIC,
     }

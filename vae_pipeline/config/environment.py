@@ -46,6 +46,11 @@ QUIET_OFFLINE = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    # Artifacts stream through the MLflow server rather than from presigned URLs of its S3
+    # store, whose endpoint is often one only the server reaches (compose's http://minio:9000);
+    # MLflow 3 servers with S3 artifacts offer presigned downloads and clients use them unless
+    # this says no.
+    "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false",
     "DO_NOT_TRACK": "true",
     "DVC_NO_ANALYTICS": "1",
     "AWS_EC2_METADATA_DISABLED": "true",
