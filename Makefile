@@ -80,8 +80,8 @@ stack-containers-up: install images  ## the compose stack in containers with pod
 stack-containers-down:  ## stop the compose stack's containers (its volumes stay)
 	$(COMPOSE_LOCAL) down
 
-test-containers: install data podman  ## the container tests (tests/test_containers.py; they build the images first)
-	CONTAINERS_CONF=$(CURDIR)/infra/podman/containers.conf $(BIN)/python -m pytest -q -m containers tests/test_containers.py
+test-containers: install data podman  ## the container tests (tests/test_containers.py, tests/test_compose_stack.py; they build the images first)
+	CONTAINERS_CONF=$(CURDIR)/infra/podman/containers.conf $(BIN)/python -m pytest -q -m containers --durations=5 tests/test_containers.py tests/test_compose_stack.py
 
 test: install data cxx  ## the linter, then the test suite
 	$(BIN)/ruff check vae_pipeline flows tests bench infra

@@ -6,8 +6,10 @@
 set -euo pipefail
 export CONTAINERS_CONF=$PWD/infra/podman/containers.conf VAE_IMAGE_TAG=bench
 if [ "${1:-}" = --cold ]; then
-  podman rmi --force localhost/vae-pipeline-worker:bench localhost/vae-pipeline-mlflow:bench \
-    localhost/vae-pipeline-base:bookworm >/dev/null 2>&1 || true
+  for image in worker mlflow postgres prefect s3; do
+    podman rmi --force "localhost/vae-pipeline-$image:bench" >/dev/null 2>&1 || true
+  done
+  podman rmi --force localhost/vae-pipeline-base:bookworm >/dev/null 2>&1 || true
   podman image prune --force >/dev/null
   rm -rf /var/tmp/buildah-cache /var/tmp/buildah-cache-*  # build cache mounts: pip's downloads
 fi
@@ -16,4 +18,4 @@ echo "## first build"
 infra/podman/images.sh
 echo "## again, nothing changed"
 infra/podman/images.sh
-podman images --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep -E 'vae-pipeline-(base|mlflow|worker)' | grep -E 'bench|bookworm'
+podman images --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep -E 'vae-pipeline-(base|mlflow|worker|postgres|prefect|s3)' | grep -E 'bench|bookworm'

@@ -2,7 +2,9 @@
 infra/podman/images.sh): two worker containers on a container network, each a node with its
 own hostname, train as one job (`vae-pipeline train --nnodes 2`, c10d rendezvous, gloo) on a
 shared volume; the weights equal a one-node run of the same global batch bit for bit, and a
-node's container killed mid-epoch, then both restarted, ends with the same weights.
+node's container killed mid-epoch, then both restarted, ends with the same weights. And the
+same two-node job launched through Kubeflow's Python SDK (`TrainerClient`, its container
+backend on podman), the code path a user points at a cluster, ends with the same weights too.
 
 Deselected by default (`-m containers`: `make test-containers`), since the first image build
 takes minutes."""
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import time
 import uuid
@@ -25,7 +28,7 @@ from vae_pipeline.data.sources import snapshot_source
 from vae_pipeline.train.checkpoint import load_model
 
 from .conftest import tiny_params
-from .container_helpers import TAG, podman
+from .container_helpers import TAG, podman, podman_env
 
 # a first build of the worker image (PyPI's torch with its CUDA libraries) takes minutes
 pytestmark = [pytest.mark.slow, pytest.mark.containers, pytest.mark.timeout(1800)]
@@ -156,3 +159,89 @@ def test_a_node_killed_mid_epoch_then_both_restarted_ends_with_the_same_weights(
     torch.testing.assert_close(
         _weights(out / "model.pt"), _weights(workspace / "nodes" / "model.pt"), rtol=0, atol=0
     )
+
+
+# --- the same job through Kubeflow's SDK (TrainerClient, container backend on podman) ---------
+
+
+def _train_in_kubeflow_container():
+    """What TrainerClient runs under torchrun in each node's container: the rank module, on the
+    job's folder (the SDK mounts it at /workspace). Self-contained: the SDK ships its source."""
+    from vae_pipeline.worker import main
+
+    main(["--params", "/workspace/params.yaml", "--out-dir", "/workspace/kubeflow"])
+
+
+@pytest.fixture(scope="module")
+def podman_api(tmp_path_factory):
+    """podman's REST API on a socket of its own, which the SDK's podman adapter talks to."""
+    sock = tmp_path_factory.mktemp("podman-api") / "podman.sock"
+    service = subprocess.Popen(
+        ["podman", "system", "service", "--time=0", f"unix://{sock}"],
+        env=podman_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not sock.exists():
+        assert service.poll() is None and time.monotonic() < deadline, (
+            "podman service did not start"
+        )
+        time.sleep(0.1)
+    yield f"unix://{sock}"
+    service.terminate()
+    service.wait(timeout=30)
+
+
+def test_kubeflow_trainer_client_runs_the_two_node_job_like_one_node(
+    podman_api, workspace, one_node, tmp_path, monkeypatch
+):
+    from kubeflow.trainer import CustomTrainer, TrainerClient
+    from kubeflow.trainer.backends.container.types import (
+        ContainerBackendConfig,
+        TrainingRuntimeSource,
+    )
+    from kubeflow.trainer.options.common import Name
+
+    # The SDK keeps each job's folder in ~/.kubeflow/trainer/containers/<job>, mounted at
+    # /workspace in every node: the prepared data goes there, writable by the image's user.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    job_name = "vae" + uuid.uuid4().hex[:8]
+    folder = tmp_path / ".kubeflow" / "trainer" / "containers" / job_name
+    folder.mkdir(parents=True)
+    shutil.copytree(workspace / "data", folder / "data")
+    shutil.copy2(workspace / "params.yaml", folder / "params.yaml")
+    for path in [folder, *folder.rglob("*")]:
+        os.chown(path, IMAGE_USER, IMAGE_USER)
+
+    client = TrainerClient(
+        backend_config=ContainerBackendConfig(
+            container_runtime="podman",
+            container_host=podman_api,
+            pull_policy="Never",  # the local image; no registry
+            runtime_source=TrainingRuntimeSource(sources=[]),  # the SDK's built-in runtimes
+        )
+    )
+    job = client.train(
+        trainer=CustomTrainer(
+            func=_train_in_kubeflow_container,
+            num_nodes=2,
+            image=WORKER,
+            env={"OMP_NUM_THREADS": "1"},  # as the other two-node runs (module docstring)
+        ),
+        options=[Name(name=job_name)],
+    )
+    try:
+        done = client.wait_for_job_status(job, status={"Complete", "Failed"}, timeout=600)
+        # get_job_logs without follow prints a generator's repr with podman-py 5 (SDK 0.5.0)
+        logs = "".join(client.get_job_logs(job, step="node-0", follow=True))
+        assert done.status == "Complete", logs[-3000:]
+        assert [(s.name, s.status) for s in done.steps] == [
+            ("node-0", "Complete"),
+            ("node-1", "Complete"),
+        ]
+        assert done.num_nodes == 2
+        torch.testing.assert_close(
+            _weights(folder / "kubeflow" / "model.pt"), one_node, rtol=0, atol=0
+        )  # bit for bit, as the plain two-container run
+    finally:
+        client.delete_job(job)  # its containers and network
+    assert podman("ps", "-a", "-q", "--filter", f"name={job_name}").stdout.strip() == ""

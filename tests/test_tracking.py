@@ -52,3 +52,24 @@ def test_each_epoch_is_a_logged_model_with_its_metrics(prepared, tmp_path):
     with torch.no_grad():
         mu, _ = trainer.model.cpu().eval().encode(torch.from_numpy(x))
     np.testing.assert_allclose(loaded.predict(x), mu.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_model_uri_the_registry_lacks_is_named_as_missing(tmp_path):
+    """No champion promoted yet, an unknown model or version: a clear error, no traceback."""
+    from mlflow.tracking import MlflowClient
+
+    from vae_pipeline.errors import UserError
+    from vae_pipeline.tracking import download_weights
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(uri, registry_uri=uri).create_registered_model("conv-vae")
+    for model_uri, says in (
+        ("models:/conv-vae@champion", "alias champion not found"),
+        ("models:/conv-vae/3", "not found"),
+        ("models:/no-such-model/1", "not found"),
+    ):
+        with pytest.raises(UserError) as caught:
+            download_weights(uri, model_uri, tmp_path / "dl")
+        message = str(caught.value)
+        assert message.startswith(f"{model_uri} is not in the registry at sqlite:///"), message
+        assert says in message.lower() and "vae-pipeline history" in message

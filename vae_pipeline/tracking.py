@@ -19,6 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 import mlflow
 import numpy as np
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from vae_pipeline.config import Config
@@ -50,9 +51,6 @@ class TrackingAuthError(UserError):
 
 
 def _check_access(uri: str, shown: str) -> None:
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
     try:
         MlflowClient(uri).search_experiments(max_results=1)
     except MlflowException as exc:
@@ -461,7 +459,23 @@ def download_weights(uri: str, model_uri: str, dest: Path | None = None) -> Path
 
     client_for(uri)
     dest = Path(dest or tempfile.mkdtemp(prefix="vae-model-"))
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dest)))
+    try:
+        local = Path(
+            mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dest))
+        )
+    except MlflowException as exc:
+        # an alias no version has (no champion promoted yet), a model or version not registered
+        if model_uri.startswith("models:/") and exc.error_code in (
+            "RESOURCE_DOES_NOT_EXIST",
+            "INVALID_PARAMETER_VALUE",
+        ):
+            said = exc.message.removeprefix(f"{exc.error_code}: ").rstrip(".")
+            raise UserError(
+                f"{model_uri} is not in the registry at {redact(uri)}: {said}; see which "
+                "version has which alias with `vae-pipeline history`, or name a version "
+                "(models:/NAME/VERSION)"
+            ) from None
+        raise
     found = sorted(local.rglob(WEIGHTS_FILE))
     if found:
         return found[0]
