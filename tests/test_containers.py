@@ -11,6 +11,7 @@ takes minutes."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -243,5 +244,10 @@ def test_kubeflow_trainer_client_runs_the_two_node_job_like_one_node(
             _weights(folder / "kubeflow" / "model.pt"), one_node, rtol=0, atol=0
         )  # bit for bit, as the plain two-container run
     finally:
+        # the nodes' anonymous volumes (the image's VOLUME), which delete_job leaves behind
+        nodes = podman("inspect", f"{job_name}-node-0", f"{job_name}-node-1", check=False)
+        mounts = json.loads(nodes.stdout or "[]")
+        volumes = [m["Name"] for c in mounts for m in c["Mounts"] if m["Type"] == "volume"]
         client.delete_job(job)  # its containers and network
+        podman("volume", "rm", "--force", *volumes, check=False)
     assert podman("ps", "-a", "-q", "--filter", f"name={job_name}").stdout.strip() == ""

@@ -9,7 +9,7 @@ COPY constraints.txt /tmp/constraints.txt
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip install -c /tmp/constraints.txt "moto[server]" boto3
 COPY infra/local_stack.py infra/podman/s3_server.py /opt/s3/
-VOLUME ["/data"]
+# no VOLUME: compose mounts the `minio` volume at /data, and minio-init (this image too) needs none
 EXPOSE 9000
 ENTRYPOINT ["python", "/opt/s3/s3_server.py"]
 CMD ["serve", "--port", "9000", "--data", "/data"]
