@@ -102,11 +102,10 @@ class Stack:
         return f"{self.project}_{service}_1"
 
     def logs(self) -> str:
-        return "".join(
-            podman("logs", self.container(s), check=False).stdout
-            + podman("logs", self.container(s), check=False).stderr
-            for s in (*SERVICES, "minio-init")
-        )
+        outputs = [
+            podman("logs", self.container(s), check=False) for s in (*SERVICES, "minio-init")
+        ]
+        return "".join(out.stdout + out.stderr for out in outputs)
 
     def client_env(self, **extra: str) -> dict[str, str]:
         """What docs/deployment.md gives a client machine (MLflow's three variables), and no
@@ -125,7 +124,7 @@ class Stack:
     def wait_ready(self, timeout: float = 600) -> None:
         """MLflow, Prefect and S3 answer from the host, and the worker created the deployments."""
         deadline = time.monotonic() + timeout
-        checks = {
+        pending = {
             "mlflow": lambda: requests.get(self.mlflow + "/health", timeout=3).ok,
             "s3": lambda: requests.get(self.s3, timeout=3).status_code < 500,
             "deployments": lambda: {
@@ -136,7 +135,6 @@ class Stack:
                 ).json()
             } >= {"retrain", "monitor"},
         }  # fmt: skip
-        pending = dict(checks)
         while pending and time.monotonic() < deadline:
             for name, check in list(pending.items()):
                 try:
